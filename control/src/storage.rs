@@ -1,0 +1,559 @@
+//! Objects in etcd.
+//!
+//! Each object is its Kubernetes JSON under its key; its resourceVersion is
+//! the key's etcd `mod_revision` and is never stored in the value. Writes are
+//! etcd transactions guarded by the expected revision, so a stale write fails
+//! with [`StorageError::Conflict`] and nothing half-written reaches etcd.
+//! Writes may also claim and release side keys (allocated ClusterIPs and
+//! NodePorts) in the same transaction, so an allocation can neither leak nor
+//! be handed out twice, across restarts and across API server replicas.
+
+use std::time::Duration;
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KvClient, Txn, TxnOp,
+    TxnOpResponse, WatchClient, WatchOptions,
+};
+use futures::Stream;
+use serde_json::Value;
+
+/// How long one etcd request may take before the API server answers 503.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Errors from the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// etcd could not be reached or did not answer in time.
+    #[error("etcd is unavailable: {source}")]
+    Unavailable {
+        /// The client error.
+        #[source]
+        source: etcd_client::Error,
+    },
+    /// A create found the key already there.
+    #[error("key {key} already exists")]
+    AlreadyExists {
+        /// The object's key.
+        key: String,
+    },
+    /// The object is not there.
+    #[error("key {key} not found")]
+    NotFound {
+        /// The object's key.
+        key: String,
+    },
+    /// The object changed since the expected revision.
+    #[error("key {key} was modified since revision {expected}")]
+    Conflict {
+        /// The object's key.
+        key: String,
+        /// The revision the writer expected.
+        expected: i64,
+    },
+    /// A side key the write claims is held already.
+    #[error("{key} is already allocated")]
+    ClaimTaken {
+        /// The side key.
+        key: String,
+    },
+    /// A stored value is not JSON.
+    #[error("stored value at {key} is not valid json: {source}")]
+    Corrupt {
+        /// The object's key.
+        key: String,
+        /// The parse error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The requested revision has been compacted away.
+    #[error("the requested revision {requested} has been compacted (oldest available {compacted})")]
+    Compacted {
+        /// The revision asked for.
+        requested: i64,
+        /// The compaction revision.
+        compacted: i64,
+    },
+}
+
+impl From<etcd_client::Error> for StorageError {
+    fn from(source: etcd_client::Error) -> Self {
+        StorageError::Unavailable { source }
+    }
+}
+
+/// An object read from the store, with its revision.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    /// The object, with `metadata.resourceVersion` set to `revision`.
+    pub value: Value,
+    /// The key's mod revision.
+    pub revision: i64,
+}
+
+/// The kind of change a watch reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangeKind {
+    /// The key was created.
+    Added,
+    /// The key was updated.
+    Modified,
+    /// The key was deleted.
+    Deleted,
+}
+
+/// One change seen by a watch.
+#[derive(Debug, Clone)]
+pub struct Change {
+    /// What happened.
+    pub kind: ChangeKind,
+    /// The object's key.
+    pub key: String,
+    /// The object after the change; for a deletion, the last state, with the
+    /// deletion's revision as its resourceVersion.
+    pub object: Value,
+    /// The object before the change, when there was one.
+    pub previous: Option<Value>,
+    /// The revision of the change.
+    pub revision: i64,
+}
+
+/// One item of a watch stream.
+#[derive(Debug, Clone)]
+pub enum WatchItem {
+    /// A change.
+    Change(Change),
+    /// Everything up to this revision has been delivered (a progress notification).
+    Progress(i64),
+}
+
+/// A handle on etcd; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    kv: KvClient,
+    watch: WatchClient,
+    client: Client,
+}
+
+impl Store {
+    /// Connect to `endpoints`. The connection is lazy and re-established by
+    /// the client after etcd restarts.
+    pub async fn connect(endpoints: &[String]) -> Result<Store, StorageError> {
+        let options = ConnectOptions::new()
+            .with_timeout(REQUEST_TIMEOUT)
+            .with_connect_timeout(Duration::from_secs(2))
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
+            .with_keep_alive_while_idle(true);
+        let client = Client::connect(endpoints, Some(options)).await?;
+        Ok(Store {
+            kv: client.kv_client(),
+            watch: client.watch_client(),
+            client,
+        })
+    }
+
+    /// Whether etcd answers now.
+    pub async fn healthy(&self) -> bool {
+        let mut kv = self.kv.clone();
+        matches!(
+            tokio::time::timeout(REQUEST_TIMEOUT, kv.get("/registry/health", None)).await,
+            Ok(Ok(_))
+        )
+    }
+
+    /// The current revision of the store.
+    pub async fn current_revision(&self) -> Result<i64, StorageError> {
+        let mut kv = self.kv.clone();
+        let resp = kv
+            .get("/registry/health", Some(GetOptions::new().with_count_only()))
+            .await?;
+        Ok(resp.header().map(|h| h.revision()).unwrap_or(0))
+    }
+
+    /// Read one object.
+    pub async fn get(&self, key: &str) -> Result<Option<Stored>, StorageError> {
+        let mut kv = self.kv.clone();
+        let resp = kv.get(key, None).await?;
+        match resp.kvs().first() {
+            Some(entry) => Ok(Some(decode(key, entry.value(), entry.mod_revision())?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Read every object under `prefix`, in key order, with the store's
+    /// revision at the time of the read.
+    pub async fn list(&self, prefix: &str) -> Result<(Vec<Stored>, i64), StorageError> {
+        let mut kv = self.kv.clone();
+        let resp = kv.get(prefix, Some(GetOptions::new().with_prefix())).await?;
+        let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+        let mut out = Vec::with_capacity(resp.kvs().len());
+        for entry in resp.kvs() {
+            let key = String::from_utf8_lossy(entry.key());
+            out.push(decode(&key, entry.value(), entry.mod_revision())?);
+        }
+        Ok((out, revision))
+    }
+
+    /// The keys under `prefix` (side keys, without their values).
+    pub async fn keys(&self, prefix: &str) -> Result<Vec<String>, StorageError> {
+        let mut kv = self.kv.clone();
+        let resp = kv
+            .get(prefix, Some(GetOptions::new().with_prefix().with_keys_only()))
+            .await?;
+        Ok(resp
+            .kvs()
+            .iter()
+            .map(|e| String::from_utf8_lossy(e.key()).into_owned())
+            .collect())
+    }
+
+    /// Create `key` with `value`, claiming every key of `claims` in the same
+    /// transaction. Returns the new revision.
+    pub async fn create(
+        &self,
+        key: &str,
+        value: &Value,
+        claims: &[String],
+    ) -> Result<i64, StorageError> {
+        let mut compares = vec![Compare::create_revision(key, CompareOp::Equal, 0)];
+        let mut ops = vec![TxnOp::put(key, encode(value), None)];
+        for claim in claims {
+            compares.push(Compare::create_revision(claim.as_str(), CompareOp::Equal, 0));
+            ops.push(TxnOp::put(claim.as_str(), key, None));
+        }
+        let reads = std::iter::once(key)
+            .chain(claims.iter().map(String::as_str))
+            .map(|k| TxnOp::get(k, None))
+            .collect::<Vec<_>>();
+        let txn = Txn::new().when(compares).and_then(ops).or_else(reads);
+        let mut kv = self.kv.clone();
+        let resp = kv.txn(txn).await?;
+        let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+        if resp.succeeded() {
+            return Ok(revision);
+        }
+        let found = found_keys(&resp.op_responses());
+        if found.iter().any(|k| k == key) {
+            return Err(StorageError::AlreadyExists { key: key.into() });
+        }
+        let taken = claims
+            .iter()
+            .find(|c| found.contains(c))
+            .cloned()
+            .unwrap_or_else(|| key.to_string());
+        Err(StorageError::ClaimTaken { key: taken })
+    }
+
+    /// Replace `key` with `value` if its revision is still `expected`,
+    /// claiming `claims` and releasing `releases` in the same transaction.
+    /// Returns the new revision.
+    pub async fn update(
+        &self,
+        key: &str,
+        value: &Value,
+        expected: i64,
+        claims: &[String],
+        releases: &[String],
+    ) -> Result<i64, StorageError> {
+        let mut compares = vec![Compare::mod_revision(key, CompareOp::Equal, expected)];
+        let mut ops = vec![TxnOp::put(key, encode(value), None)];
+        for claim in claims {
+            compares.push(Compare::create_revision(claim.as_str(), CompareOp::Equal, 0));
+            ops.push(TxnOp::put(claim.as_str(), key, None));
+        }
+        for release in releases {
+            ops.push(TxnOp::delete(release.as_str(), None));
+        }
+        self.guarded(key, expected, claims, compares, ops).await
+    }
+
+    /// Delete `key` if its revision is still `expected`, releasing `releases`
+    /// in the same transaction. Returns the deletion's revision.
+    pub async fn delete(
+        &self,
+        key: &str,
+        expected: i64,
+        releases: &[String],
+    ) -> Result<i64, StorageError> {
+        let compares = vec![Compare::mod_revision(key, CompareOp::Equal, expected)];
+        let mut ops = vec![TxnOp::delete(key, None)];
+        for release in releases {
+            ops.push(TxnOp::delete(release.as_str(), None));
+        }
+        self.guarded(key, expected, &[], compares, ops).await
+    }
+
+    async fn guarded(
+        &self,
+        key: &str,
+        expected: i64,
+        claims: &[String],
+        compares: Vec<Compare>,
+        ops: Vec<TxnOp>,
+    ) -> Result<i64, StorageError> {
+        let reads = std::iter::once(key)
+            .chain(claims.iter().map(String::as_str))
+            .map(|k| TxnOp::get(k, None))
+            .collect::<Vec<_>>();
+        let txn = Txn::new().when(compares).and_then(ops).or_else(reads);
+        let mut kv = self.kv.clone();
+        let resp = kv.txn(txn).await?;
+        let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+        if resp.succeeded() {
+            return Ok(revision);
+        }
+        let responses = resp.op_responses();
+        let current = match responses.first() {
+            Some(TxnOpResponse::Get(get)) => get.kvs().first().map(|e| e.mod_revision()),
+            _ => None,
+        };
+        match current {
+            None => Err(StorageError::NotFound { key: key.into() }),
+            Some(rev) if rev != expected => Err(StorageError::Conflict {
+                key: key.into(),
+                expected,
+            }),
+            Some(_) => {
+                let found = found_keys(&responses[1..]);
+                let taken = found.into_iter().next().unwrap_or_else(|| key.to_string());
+                Err(StorageError::ClaimTaken { key: taken })
+            }
+        }
+    }
+
+    /// Compact the history before `revision`.
+    pub async fn compact(&self, revision: i64) -> Result<(), StorageError> {
+        let mut kv = self.kv.clone();
+        kv.compact(revision, None).await?;
+        Ok(())
+    }
+
+    /// Watch every key under `prefix` for changes after `after` (a
+    /// resourceVersion; 0 = from now). The stream ends with an error when
+    /// etcd goes away or the revision was compacted.
+    pub async fn watch(
+        &self,
+        prefix: &str,
+        after: i64,
+    ) -> Result<impl Stream<Item = Result<WatchItem, StorageError>> + Send + 'static, StorageError>
+    {
+        let mut options = WatchOptions::new()
+            .with_prefix()
+            .with_prev_key()
+            .with_progress_notify();
+        if after > 0 {
+            options = options.with_start_revision(after + 1);
+        }
+        let mut watch = self.watch.clone();
+        let stream = watch.watch(prefix, Some(options)).await?;
+        let (mut sender, mut responses) = stream.split();
+        let stream = async_stream(move |tx| async move {
+            // Ask for a progress notification now and then, so idle watches
+            // learn the current revision for bookmarks.
+            let mut tick = tokio::time::interval(Duration::from_secs(20));
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        if sender.request_progress().await.is_err() {
+                            return;
+                        }
+                    }
+                    message = responses.message() => {
+                        let resp = match message {
+                            Ok(Some(resp)) => resp,
+                            Ok(None) => {
+                                let _ = tx.send(Err(StorageError::Unavailable {
+                                    source: etcd_client::Error::WatchError("watch stream closed".into()),
+                                })).await;
+                                return;
+                            }
+                            Err(source) => {
+                                let _ = tx.send(Err(StorageError::Unavailable { source })).await;
+                                return;
+                            }
+                        };
+                        if resp.compact_revision() > 0 {
+                            let _ = tx
+                                .send(Err(StorageError::Compacted {
+                                    requested: after,
+                                    compacted: resp.compact_revision(),
+                                }))
+                                .await;
+                            return;
+                        }
+                        if resp.canceled() {
+                            let _ = tx.send(Err(StorageError::Unavailable {
+                                source: etcd_client::Error::WatchError(format!("watch canceled: {}", resp.cancel_reason())),
+                            })).await;
+                            return;
+                        }
+                        if resp.events().is_empty() && !resp.created() {
+                            let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+                            if tx.send(Ok(WatchItem::Progress(revision))).await.is_err() {
+                                return;
+                            }
+                            continue;
+                        }
+                        for event in resp.events() {
+                            let item = match change(event) {
+                                Ok(Some(change)) => Ok(WatchItem::Change(change)),
+                                Ok(None) => continue,
+                                Err(e) => Err(e),
+                            };
+                            if tx.send(item).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            }
+        });
+        Ok(stream)
+    }
+
+    /// The underlying client, for maintenance calls.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+}
+
+fn change(event: &etcd_client::Event) -> Result<Option<Change>, StorageError> {
+    let Some(kv) = event.kv() else {
+        return Ok(None);
+    };
+    let key = String::from_utf8_lossy(kv.key()).into_owned();
+    let previous = match event.prev_kv() {
+        Some(prev) if !prev.value().is_empty() => {
+            Some(decode(&key, prev.value(), prev.mod_revision())?.value)
+        }
+        _ => None,
+    };
+    match event.event_type() {
+        EventType::Put => {
+            let kind = if kv.create_revision() == kv.mod_revision() {
+                ChangeKind::Added
+            } else {
+                ChangeKind::Modified
+            };
+            let object = decode(&key, kv.value(), kv.mod_revision())?.value;
+            Ok(Some(Change {
+                kind,
+                key,
+                object,
+                previous,
+                revision: kv.mod_revision(),
+            }))
+        }
+        EventType::Delete => {
+            let Some(mut object) = previous.clone() else {
+                return Ok(None);
+            };
+            set_resource_version(&mut object, kv.mod_revision());
+            Ok(Some(Change {
+                kind: ChangeKind::Deleted,
+                key,
+                object,
+                previous,
+                revision: kv.mod_revision(),
+            }))
+        }
+    }
+}
+
+/// Spawn `body` with a channel and return the receiving end as a stream.
+fn async_stream<T, F, Fut>(body: F) -> impl Stream<Item = T> + Send + 'static
+where
+    T: Send + 'static,
+    F: FnOnce(tokio::sync::mpsc::Sender<T>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let task = tokio::spawn(body(tx));
+    AbortOnDrop {
+        inner: tokio_stream::wrappers::ReceiverStream::new(rx),
+        task,
+    }
+}
+
+/// A stream that stops its producing task when dropped, so a client that
+/// goes away releases its etcd watch.
+struct AbortOnDrop<S> {
+    inner: S,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl<S: Stream + Unpin> Stream for AbortOnDrop<S> {
+    type Item = S::Item;
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        std::pin::Pin::new(&mut self.inner).poll_next(cx)
+    }
+}
+
+impl<S> Drop for AbortOnDrop<S> {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn found_keys(responses: &[TxnOpResponse]) -> Vec<String> {
+    responses
+        .iter()
+        .filter_map(|r| match r {
+            TxnOpResponse::Get(get) => get
+                .kvs()
+                .first()
+                .map(|e| String::from_utf8_lossy(e.key()).into_owned()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn encode(value: &Value) -> Vec<u8> {
+    let mut value = value.clone();
+    if let Some(meta) = value.get_mut("metadata").and_then(Value::as_object_mut) {
+        meta.remove("resourceVersion");
+    }
+    serde_json::to_vec(&value).unwrap_or_default()
+}
+
+fn decode(key: &str, bytes: &[u8], revision: i64) -> Result<Stored, StorageError> {
+    let mut value: Value = serde_json::from_slice(bytes).map_err(|source| StorageError::Corrupt {
+        key: key.into(),
+        source,
+    })?;
+    set_resource_version(&mut value, revision);
+    Ok(Stored { value, revision })
+}
+
+/// Set `metadata.resourceVersion` of `object` to `revision`.
+pub fn set_resource_version(object: &mut Value, revision: i64) {
+    if let Some(meta) = object.get_mut("metadata").and_then(Value::as_object_mut) {
+        meta.insert("resourceVersion".into(), Value::String(revision.to_string()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn resource_version_is_never_stored() {
+        let obj = json!({"metadata": {"name": "a", "resourceVersion": "12"}});
+        let bytes = encode(&obj);
+        let back: Value = serde_json::from_slice(&bytes).expect("encoded json");
+        assert_eq!(back, json!({"metadata": {"name": "a"}}));
+        let stored = decode("/k", &bytes, 34).expect("decodes");
+        assert_eq!(stored.value["metadata"]["resourceVersion"], "34");
+        assert_eq!(stored.revision, 34);
+    }
+
+    #[test]
+    fn corrupt_values_name_their_key() {
+        let err = decode("/registry/core/pods/a/b", b"{nope", 1).expect_err("not json");
+        assert!(err.to_string().contains("/registry/core/pods/a/b"), "{err}");
+    }
+}
