@@ -3089,7 +3089,7 @@ mod tests {
             err.message,
             "Service \"s\" is invalid: spec.ports[0].nodePort: Invalid value: 80: provided port is not in the valid range. The range of valid ports is 30000-32767"
         );
-        assert_eq!(err.causes[0].field, "spec.ports[0].nodePort");
+        assert_eq!(err.details.causes[0].field, "spec.ports[0].nodePort");
         let taken: HashSet<String> =
             [ServiceAllocator::ip_key(&"10.96.0.10".parse().expect("ip"))].into();
         let mut svc = json!({"metadata": {"name": "s"}, "spec": {"clusterIP": "10.96.0.10", "ports": [{"port": 53}]}});

@@ -207,9 +207,19 @@ async fn resource(
     method: Method,
     uri: Uri,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
     let path = uri.path().to_string();
+    // One byte over the limit is enough to know the body is too large.
+    let body = match axum::body::to_bytes(body, MAX_BODY_BYTES + 1).await {
+        Ok(body) if body.len() <= MAX_BODY_BYTES => body,
+        _ => {
+            return ApiError::too_large(format!(
+                "the request body is over the limit of {MAX_BODY_BYTES} bytes"
+            ))
+            .into_response();
+        }
+    };
     // Group-version documents answer before resources.
     if let Some(list) = discovery_path(&path) {
         return list;
@@ -1476,9 +1486,8 @@ pub fn decode_body(headers: &HeaderMap, body: &[u8]) -> Result<Value, ApiError> 
         "application/json" | "" | "*/*" => serde_json::from_slice(body).map_err(|e| {
             ApiError::bad_request(format!("error decoding JSON: {e}"))
         })?,
-        "application/vnd.kubernetes.protobuf" => {
-            return Err(ApiError::unsupported_media_type(content_type));
-        }
+        "application/vnd.kubernetes.protobuf" => crate::protobuf::decode(body)
+            .map_err(|e| ApiError::bad_request(format!("error decoding protobuf: {e}")))?,
         _ => serde_json::from_slice(body)
             .map_err(|_| ApiError::unsupported_media_type(content_type))?,
     };

@@ -921,7 +921,7 @@ mod tests {
             err.message,
             "pods \"web\" is forbidden: User \"x\" cannot update resource \"pods/status\" in API group \"\" in the namespace \"ns\": no way"
         );
-        assert_eq!(err.name.as_deref(), Some("web"));
+        assert_eq!(err.details.name.as_deref(), Some("web"));
         let err = forbidden(&user, &attrs(Method::GET, "/metrics"), "");
         assert_eq!(
             err.message,

@@ -22,8 +22,33 @@ pub struct Cli {
 pub enum Command {
     /// The API server: Kubernetes REST over etcd.
     Apiserver(ApiserverArgs),
-    /// Every control-plane daemon in one process.
-    All(ApiserverArgs),
+    /// The scheduler: binds unscheduled pods to nodes.
+    Scheduler(crate::scheduler::SchedulerArgs),
+    /// The controller manager: ReplicaSets, Deployments, endpoints, nodes…
+    ControllerManager(crate::controllers::ControllerManagerArgs),
+    /// The API server, the controller manager and the scheduler in one
+    /// process (the two talk to the API server over loopback HTTPS).
+    All(AllArgs),
+}
+
+/// Flags of `skiff-control all`.
+#[derive(Debug, Clone, Args)]
+pub struct AllArgs {
+    /// The API server's flags.
+    #[command(flatten)]
+    pub apiserver: ApiserverArgs,
+    /// The controllers' configuration.
+    #[command(flatten)]
+    pub controllers: crate::controllers::ControllerOptions,
+    /// The scheduler's configuration.
+    #[command(flatten)]
+    pub scheduler: crate::scheduler::SchedulerOptions,
+    /// Take part in leader election (for several `all` replicas on one etcd).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub leader_elect: bool,
+    /// Election timing.
+    #[command(flatten)]
+    pub timing: crate::leader::ElectionTiming,
 }
 
 /// Flags of the API server.

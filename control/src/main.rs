@@ -2,17 +2,19 @@
 
 use clap::Parser;
 use skiff_control::cli::{Cli, Command};
+use skiff_control::server;
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    skiff_control::server::init_tracing(&cli.log);
+    server::init_tracing(&cli.log);
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
-        let shutdown = skiff_control::server::shutdown_on_signal();
+        let shutdown = server::shutdown_on_signal();
         match cli.command {
-            Command::Apiserver(args) | Command::All(args) => {
-                skiff_control::server::run_apiserver(args, shutdown).await?;
-            }
+            Command::Apiserver(args) => server::run_apiserver(args, shutdown).await?,
+            Command::Scheduler(args) => server::run_scheduler(args, shutdown).await?,
+            Command::ControllerManager(args) => server::run_controller_manager(args, shutdown).await?,
+            Command::All(args) => server::run_all(args, shutdown).await?,
         }
         Ok(())
     })

@@ -293,8 +293,27 @@ impl Pki {
 /// created): cluster "skiff" at `server_url` trusting the CA, user
 /// "skiff-admin" with the admin client certificate, context "skiff" current.
 pub fn write_kubeconfig(path: &Path, server_url: &str, pki: &Pki) -> Result<(), PkiError> {
-    let b64 = |pem: &str| base64::engine::general_purpose::STANDARD.encode(pem.as_bytes());
     let (cert, key) = pki.admin_cert();
+    write_kubeconfig_for(path, server_url, pki, ADMIN_USER, cert, key)
+}
+
+/// Write a kubeconfig for a control-plane daemon: a client certificate
+/// with common name `user` (e.g. `system:kube-scheduler`), freshly issued
+/// by the CA.
+pub fn write_daemon_kubeconfig(path: &Path, server_url: &str, pki: &Pki, user: &str) -> Result<(), PkiError> {
+    let (cert, key) = pki.issue_client_cert(user, &[])?;
+    write_kubeconfig_for(path, server_url, pki, user, &cert, &key)
+}
+
+fn write_kubeconfig_for(
+    path: &Path,
+    server_url: &str,
+    pki: &Pki,
+    user: &str,
+    cert: &str,
+    key: &str,
+) -> Result<(), PkiError> {
+    let b64 = |pem: &str| base64::engine::general_purpose::STANDARD.encode(pem.as_bytes());
     let config = serde_json::json!({
         "apiVersion": "v1",
         "kind": "Config",
@@ -306,7 +325,7 @@ pub fn write_kubeconfig(path: &Path, server_url: &str, pki: &Pki) -> Result<(), 
             },
         }],
         "users": [{
-            "name": ADMIN_USER,
+            "name": user,
             "user": {
                 "client-certificate-data": b64(cert),
                 "client-key-data": b64(key),
@@ -314,7 +333,7 @@ pub fn write_kubeconfig(path: &Path, server_url: &str, pki: &Pki) -> Result<(), 
         }],
         "contexts": [{
             "name": "skiff",
-            "context": {"cluster": "skiff", "user": ADMIN_USER},
+            "context": {"cluster": "skiff", "user": user},
         }],
         "current-context": "skiff",
         "preferences": {},

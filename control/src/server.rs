@@ -7,7 +7,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::DefaultBodyLimit;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -109,6 +108,23 @@ pub fn shutdown_on_signal() -> CancellationToken {
 
 /// Run the API server until `shutdown` is cancelled.
 pub async fn run_apiserver(args: ApiserverArgs, shutdown: CancellationToken) -> Result<(), ServerError> {
+    run_apiserver_with(args, shutdown, None).await
+}
+
+/// What a started API server tells the daemons that run beside it.
+pub struct Ready {
+    /// The URL it serves on.
+    pub url: String,
+    /// Its certificates, to issue the daemons' client certificates.
+    pub pki: Pki,
+}
+
+/// Run the API server, telling `ready` once it listens.
+pub async fn run_apiserver_with(
+    args: ApiserverArgs,
+    shutdown: CancellationToken,
+    ready: Option<tokio::sync::oneshot::Sender<Ready>>,
+) -> Result<(), ServerError> {
     std::fs::create_dir_all(&args.data_dir).map_err(|source| ServerError::DataDir {
         path: args.data_dir.clone(),
         source,
@@ -174,12 +190,17 @@ pub async fn run_apiserver(args: ApiserverArgs, shutdown: CancellationToken) -> 
         server_addr: format!("{host}:{}", local.port()),
     });
     let app = api::router(state)
-        .layer(DefaultBodyLimit::max(api::MAX_BODY_BYTES + 1))
         .layer(axum::middleware::from_fn_with_state(auth_state, auth::middleware))
         .layer(axum::middleware::from_fn_with_state(metrics, metrics::middleware));
     let tls = pki.server_config().map_err(|source| ServerError::Pki { source })?;
     tracing::info!("listening on {server_url}");
     eprintln!("listening on {server_url}");
+    if let Some(ready) = ready {
+        let _ = ready.send(Ready {
+            url: server_url.clone(),
+            pki: pki.clone(),
+        });
+    }
     let stop = shutdown.clone();
     let served = crate::serve::serve_tls(listener, tls, app, async move { stop.cancelled().await }).await;
     shutdown.cancel();
@@ -217,5 +238,80 @@ async fn bootstrap(store: &Store, shutdown: &CancellationToken) {
                 }
             }
         }
+    }
+}
+
+/// Errors of the daemons that run beside or apart from the API server.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// The API server failed.
+    #[error(transparent)]
+    Server(#[from] ServerError),
+    /// The client could not be built.
+    #[error(transparent)]
+    Client(#[from] crate::client::ClientError),
+    /// The daemon's credentials could not be written.
+    #[error("cannot write the {daemon} kubeconfig: {source}")]
+    Credentials {
+        /// Which daemon.
+        daemon: &'static str,
+        /// The cause.
+        #[source]
+        source: pki::PkiError,
+    },
+}
+
+/// `skiff-control scheduler`.
+pub async fn run_scheduler(args: crate::scheduler::SchedulerArgs, shutdown: CancellationToken) -> Result<(), DaemonError> {
+    let client = crate::client::client(args.daemon.kubeconfig.as_deref()).await?;
+    crate::scheduler::run(client, args.options, args.daemon.leader_elect, args.daemon.timing, shutdown).await;
+    Ok(())
+}
+
+/// `skiff-control controller-manager`.
+pub async fn run_controller_manager(
+    args: crate::controllers::ControllerManagerArgs,
+    shutdown: CancellationToken,
+) -> Result<(), DaemonError> {
+    let client = crate::client::client(args.daemon.kubeconfig.as_deref()).await?;
+    crate::controllers::run(client, args.options, args.daemon.leader_elect, args.daemon.timing, shutdown).await;
+    Ok(())
+}
+
+/// `skiff-control all`: the API server, then the controller manager and
+/// the scheduler, each with its own client certificate, over loopback.
+pub async fn run_all(args: crate::cli::AllArgs, shutdown: CancellationToken) -> Result<(), DaemonError> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let data_dir = args.apiserver.data_dir.clone();
+    let server = tokio::spawn(run_apiserver_with(args.apiserver.clone(), shutdown.clone(), Some(tx)));
+    let Ok(ready) = rx.await else {
+        // The server stopped before it listened: its error says why.
+        return match server.await {
+            Ok(result) => result.map_err(DaemonError::from),
+            Err(_) => Ok(()),
+        };
+    };
+    let mut daemons = tokio::task::JoinSet::new();
+    for (daemon, user) in [
+        ("controller-manager", "system:kube-controller-manager"),
+        ("scheduler", "system:kube-scheduler"),
+    ] {
+        let path = data_dir.join(format!("{daemon}.kubeconfig"));
+        pki::write_daemon_kubeconfig(&path, &ready.url, &ready.pki, user)
+            .map_err(|source| DaemonError::Credentials { daemon, source })?;
+        let client = crate::client::client(Some(&path)).await?;
+        let token = shutdown.clone();
+        if daemon == "scheduler" {
+            daemons.spawn(crate::scheduler::run(client, args.scheduler.clone(), args.leader_elect, args.timing, token));
+        } else {
+            daemons.spawn(crate::controllers::run(client, args.controllers.clone(), args.leader_elect, args.timing, token));
+        }
+    }
+    let result = server.await;
+    shutdown.cancel();
+    while daemons.join_next().await.is_some() {}
+    match result {
+        Ok(result) => result.map_err(DaemonError::from),
+        Err(_) => Ok(()),
     }
 }

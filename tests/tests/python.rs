@@ -1,0 +1,256 @@
+//! Issue 2 end to end: the official Python `kubernetes` client (PyPI) against `skiff-control
+//! apiserver`: list, create, patch, watch, errors and watch resumption.
+//!
+//! The tests share one server (it stops when the last of them finishes), each in a namespace of
+//! its own. Each Python script prints one JSON document on its last line, which the test checks.
+
+use std::sync::{Arc, Mutex, Weak};
+
+use serde_json::Value;
+use skiff_tests::ApiServer;
+
+static SERVER: Mutex<Weak<ApiServer>> = Mutex::new(Weak::new());
+
+fn server() -> Arc<ApiServer> {
+    ApiServer::shared(&SERVER)
+}
+
+/// Common prelude: clients, and `ns(name)` creating a namespace.
+const PRELUDE: &str = r#"
+import json, threading, time
+from kubernetes import client, config, watch
+from kubernetes.client.rest import ApiException
+config.load_kube_config()
+core = client.CoreV1Api()
+apps = client.AppsV1Api()
+def ns(name):
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
+def cm(name, data):
+    return client.V1ConfigMap(metadata=client.V1ObjectMeta(name=name), data=data)
+"#;
+
+/// Runs `body` after [`PRELUDE`] and parses the JSON on the last line of its output.
+fn run(server: &ApiServer, body: &str) -> Value {
+    let script = format!("{PRELUDE}\n{body}");
+    let out = server.python(&script);
+    let last = out.lines().last().unwrap_or_default();
+    serde_json::from_str(last)
+        .unwrap_or_else(|e| panic!("the script's last line is JSON ({e}):\n{out}"))
+}
+
+#[test]
+fn lists_creates_and_patches() {
+    let server = server();
+    let result = run(
+        &server,
+        r#"
+ns("py-crud")
+created = core.create_namespaced_config_map("py-crud", cm("settings", {"a": "1"}))
+dep = client.V1Deployment(
+    metadata=client.V1ObjectMeta(name="web", labels={"app": "web"}),
+    spec=client.V1DeploymentSpec(
+        replicas=1,
+        selector=client.V1LabelSelector(match_labels={"app": "web"}),
+        template=client.V1PodTemplateSpec(
+            metadata=client.V1ObjectMeta(labels={"app": "web"}),
+            spec=client.V1PodSpec(containers=[client.V1Container(name="web", image="nginx:1.27")]))))
+d1 = apps.create_namespaced_deployment("py-crud", dep)
+d2 = apps.patch_namespaced_deployment("web", "py-crud", {"spec": {"replicas": 3}})
+c2 = core.patch_namespaced_config_map("settings", "py-crud", {"data": {"b": "2"}})
+cms = core.list_namespaced_config_map("py-crud")
+deps = apps.list_namespaced_deployment("py-crud", label_selector="app=web")
+none = apps.list_namespaced_deployment("py-crud", label_selector="app=other")
+nss = [n.metadata.name for n in core.list_namespace().items]
+print(json.dumps({
+    "created_rv": created.metadata.resource_version,
+    "created_uid": created.metadata.uid,
+    "gen1": d1.metadata.generation, "gen2": d2.metadata.generation,
+    "replicas": d2.spec.replicas,
+    "image": d2.spec.template.spec.containers[0].image,
+    "strategy": d2.spec.strategy.type,
+    "cm_data": c2.data,
+    "cm_rv": c2.metadata.resource_version,
+    "cm_names": [c.metadata.name for c in cms.items],
+    "list_rv": cms.metadata.resource_version,
+    "deps": [d.metadata.name for d in deps.items],
+    "none": len(none.items),
+    "has_ns": "py-crud" in nss,
+}))
+"#,
+    );
+    assert!(
+        result["created_uid"]
+            .as_str()
+            .is_some_and(|u| !u.is_empty()),
+        "uid: {result:#}"
+    );
+    assert_eq!(result["gen1"], 1, "generation at create: {result:#}");
+    assert_eq!(
+        result["gen2"], 2,
+        "generation after a spec patch: {result:#}"
+    );
+    assert_eq!(result["replicas"], 3, "patched replicas: {result:#}");
+    assert_eq!(
+        result["image"], "nginx:1.27",
+        "image kept by the patch: {result:#}"
+    );
+    assert_eq!(
+        result["strategy"], "RollingUpdate",
+        "defaulted strategy: {result:#}"
+    );
+    assert_eq!(
+        result["cm_data"],
+        serde_json::json!({"a": "1", "b": "2"}),
+        "merged configmap data: {result:#}"
+    );
+    assert_ne!(
+        result["cm_rv"], result["created_rv"],
+        "resourceVersion changed: {result:#}"
+    );
+    assert!(
+        result["cm_names"]
+            .as_array()
+            .is_some_and(|n| n.contains(&Value::from("settings"))),
+        "configmap listed: {result:#}"
+    );
+    assert!(
+        result["list_rv"].as_str().is_some_and(|r| !r.is_empty()),
+        "list resourceVersion: {result:#}"
+    );
+    assert_eq!(
+        result["deps"],
+        serde_json::json!(["web"]),
+        "label selector: {result:#}"
+    );
+    assert_eq!(result["none"], 0, "non-matching selector: {result:#}");
+    assert_eq!(result["has_ns"], true, "namespace listed: {result:#}");
+}
+
+#[test]
+fn watch_receives_added_then_modified() {
+    let server = server();
+    let result = run(
+        &server,
+        r#"
+ns("py-watch")
+def writer():
+    time.sleep(1.0)
+    core.create_namespaced_config_map("py-watch", cm("live", {"v": "1"}))
+    time.sleep(0.3)
+    core.patch_namespaced_config_map("live", "py-watch", {"data": {"v": "2"}})
+threading.Thread(target=writer).start()
+events = []
+w = watch.Watch()
+for ev in w.stream(core.list_namespaced_config_map, "py-watch", timeout_seconds=20):
+    events.append([ev["type"], ev["object"].metadata.name, (ev["object"].data or {}).get("v")])
+    if ev["type"] == "MODIFIED":
+        w.stop()
+print(json.dumps(events))
+"#,
+    );
+    assert_eq!(
+        result,
+        serde_json::json!([["ADDED", "live", "1"], ["MODIFIED", "live", "2"]]),
+        "watch events"
+    );
+}
+
+#[test]
+fn not_found_is_an_api_exception_404() {
+    let server = server();
+    let result = run(
+        &server,
+        r#"
+ns("py-404")
+out = {}
+try:
+    core.read_namespaced_config_map("nope", "py-404")
+    out["read"] = "no exception"
+except ApiException as e:
+    body = json.loads(e.body)
+    out["read"] = [e.status, body["kind"], body["reason"], body["code"], body["details"]["name"], body["message"]]
+try:
+    core.delete_namespaced_config_map("nope", "py-404")
+    out["delete"] = "no exception"
+except ApiException as e:
+    out["delete"] = e.status
+try:
+    core.create_namespaced_config_map("py-404", cm("dup", {}))
+    core.create_namespaced_config_map("py-404", cm("dup", {}))
+    out["dup"] = "no exception"
+except ApiException as e:
+    out["dup"] = [e.status, json.loads(e.body)["reason"]]
+print(json.dumps(out))
+"#,
+    );
+    assert_eq!(
+        result["read"],
+        serde_json::json!([
+            404,
+            "Status",
+            "NotFound",
+            404,
+            "nope",
+            "configmaps \"nope\" not found"
+        ]),
+        "read of a missing configmap: {result:#}"
+    );
+    assert_eq!(
+        result["delete"], 404,
+        "delete of a missing configmap: {result:#}"
+    );
+    assert_eq!(
+        result["dup"],
+        serde_json::json!([409, "AlreadyExists"]),
+        "second create: {result:#}"
+    );
+}
+
+#[test]
+fn watch_resumes_from_a_resource_version() {
+    let server = server();
+    let result = run(
+        &server,
+        r#"
+ns("py-resume")
+core.create_namespaced_config_map("py-resume", cm("before", {"v": "1"}))
+rv = core.list_namespaced_config_map("py-resume").metadata.resource_version
+core.create_namespaced_config_map("py-resume", cm("after", {"v": "1"}))
+core.patch_namespaced_config_map("before", "py-resume", {"data": {"v": "2"}})
+core.delete_namespaced_config_map("after", "py-resume")
+events = []
+w = watch.Watch()
+for ev in w.stream(core.list_namespaced_config_map, "py-resume", resource_version=rv, timeout_seconds=20):
+    events.append([ev["type"], ev["object"].metadata.name])
+    if ev["type"] == "DELETED":
+        w.stop()
+# A second watch from the version of the first event sees only what came after it.
+first_rv = None
+w = watch.Watch()
+for ev in w.stream(core.list_namespaced_config_map, "py-resume", resource_version=rv, timeout_seconds=20):
+    first_rv = ev["object"].metadata.resource_version
+    w.stop()
+later = []
+w = watch.Watch()
+for ev in w.stream(core.list_namespaced_config_map, "py-resume", resource_version=first_rv, timeout_seconds=20):
+    later.append([ev["type"], ev["object"].metadata.name])
+    if ev["type"] == "DELETED":
+        w.stop()
+print(json.dumps({"events": events, "later": later}))
+"#,
+    );
+    assert_eq!(
+        result["events"],
+        serde_json::json!([
+            ["ADDED", "after"],
+            ["MODIFIED", "before"],
+            ["DELETED", "after"]
+        ]),
+        "events after the listed resourceVersion: {result:#}"
+    );
+    assert_eq!(
+        result["later"],
+        serde_json::json!([["MODIFIED", "before"], ["DELETED", "after"]]),
+        "events after the first event's resourceVersion: {result:#}"
+    );
+}
