@@ -52,6 +52,7 @@ const MAX_SECRET_SIZE: usize = 1024 * 1024;
 /// `status` gets phase `Pending` and its QoS class when they are missing; the
 /// caller resets `status` on create as upstream's strategy does.
 pub fn default_object(info: &ResourceInfo, obj: &mut Value) {
+    drop_template_server_metadata(obj);
     let Some(root) = obj.as_object_mut() else {
         return;
     };
@@ -93,6 +94,40 @@ pub fn default_object(info: &ResourceInfo, obj: &mut Value) {
         ("apps", "Deployment") => default_deployment(root),
         ("apps", "ReplicaSet") => default_replicaset(root),
         _ => {}
+    }
+}
+
+/// Where an embedded object template's metadata sits, in every kind that
+/// has one (workloads, PodTemplate, CronJob's job and pod templates).
+const TEMPLATE_METADATA: &[&str] = &[
+    "/spec/template/metadata",
+    "/template/metadata",
+    "/spec/jobTemplate/metadata",
+    "/spec/jobTemplate/spec/template/metadata",
+];
+
+/// Metadata the server owns, which has no meaning inside a template.
+const SERVER_OWNED_METADATA: &[&str] = &[
+    "generation",
+    "resourceVersion",
+    "uid",
+    "selfLink",
+    "managedFields",
+    "deletionTimestamp",
+    "deletionGracePeriodSeconds",
+];
+
+/// Drops server-owned metadata from the templates of `obj`: upstream never
+/// writes it there (a protobuf body carries `generation: 0` for an unset
+/// template generation, which upstream's JSON leaves out), and nothing
+/// created from a template inherits it.
+fn drop_template_server_metadata(obj: &mut Value) {
+    for pointer in TEMPLATE_METADATA {
+        if let Some(Value::Object(meta)) = obj.pointer_mut(pointer) {
+            for field in SERVER_OWNED_METADATA {
+                meta.shift_remove(*field);
+            }
+        }
     }
 }
 
@@ -412,6 +447,10 @@ fn default_replicaset(root: &mut Map<String, Value>) {
 
 fn default_service(root: &mut Map<String, Value>) {
     if let Some(spec) = child_mut(root, "spec") {
+        // An `omitempty` int32: 0 is unset (a protobuf body carries it).
+        if spec.get("healthCheckNodePort").is_some_and(|h| h == 0) {
+            spec.shift_remove("healthCheckNodePort");
+        }
         set_default(spec, "type", json!("ClusterIP"));
         set_default(spec, "sessionAffinity", json!("None"));
         match spec.get("sessionAffinity").and_then(Value::as_str) {
@@ -2637,6 +2676,67 @@ mod tests {
             .build()
             .expect("runtime")
             .block_on(f)
+    }
+
+    #[test]
+    fn protobuf_zero_values_are_unset() {
+        // What `kubectl create deployment` sends as protobuf, decoded.
+        let deploy = defaulted(
+            "apps/v1",
+            "Deployment",
+            json!({
+                "apiVersion": "apps/v1", "kind": "Deployment",
+                "metadata": {"name": "dd", "namespace": "default", "generation": 0},
+                "spec": {
+                    "selector": {"matchLabels": {"app": "dd"}},
+                    "template": {
+                        "metadata": {"labels": {"app": "dd"}, "generation": 0, "resourceVersion": "",
+                            "uid": "", "annotations": {"a": "b"}},
+                        "spec": {"containers": [{"name": "nginx", "image": "nginx"}]}
+                    }
+                }
+            }),
+        );
+        assert_eq!(
+            deploy["spec"]["template"]["metadata"],
+            json!({"labels": {"app": "dd"}, "annotations": {"a": "b"}})
+        );
+        // Every template location is cleaned, whatever the kind.
+        let mut cron = json!({"spec": {"jobTemplate": {"metadata": {"generation": 0},
+            "spec": {"template": {"metadata": {"uid": "x", "labels": {"a": "b"}}}}}}});
+        drop_template_server_metadata(&mut cron);
+        assert_eq!(cron["spec"]["jobTemplate"]["metadata"], json!({}));
+        assert_eq!(
+            cron["spec"]["jobTemplate"]["spec"]["template"]["metadata"],
+            json!({"labels": {"a": "b"}})
+        );
+
+        // What `kubectl create service nodeport np --tcp=80:8080` sends.
+        let mut svc = defaulted(
+            "v1",
+            "Service",
+            json!({
+                "apiVersion": "v1", "kind": "Service",
+                "metadata": {"name": "np", "namespace": "default"},
+                "spec": {"type": "NodePort", "healthCheckNodePort": 0,
+                    "ports": [{"name": "80-8080", "port": 80, "targetPort": 8080, "nodePort": 0}],
+                    "selector": {"app": "np"}}
+            }),
+        );
+        assert!(svc["spec"].get("healthCheckNodePort").is_none(), "{svc:#}");
+        let claims = HashSet::new();
+        let allocation = run(allocator().allocate_in(&claims, &mut svc, None)).expect("allocates");
+        assert!(svc["spec"].get("healthCheckNodePort").is_none(), "{svc:#}");
+        let node_port = svc["spec"]["ports"][0]["nodePort"]
+            .as_u64()
+            .expect("a node port was allocated");
+        assert!((30000..=32767).contains(&node_port), "{svc:#}");
+        assert_eq!(
+            allocation.claims.len(),
+            2,
+            "one cluster IP and one node port"
+        );
+        assert!(validate(info("v1", "Service"), &svc, None).is_empty());
     }
 
     #[test]

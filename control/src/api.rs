@@ -18,6 +18,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use futures::StreamExt;
 use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
 
 use crate::admission::{self, ServiceAllocator};
 use crate::apply;
@@ -29,7 +30,7 @@ use crate::patch::{self, PatchType};
 use crate::registry::{self, ResourceInfo, Subresource};
 use crate::selector::{FieldSelector, LabelSelector};
 use crate::status::{self, ApiError, Cause};
-use crate::storage::{ChangeKind, Store, StorageError, Stored, WatchItem};
+use crate::storage::{ChangeKind, StorageError, Store, Stored, WatchItem};
 use crate::table::{self, IncludeObject};
 
 /// The largest request body accepted (upstream's limit for writes).
@@ -51,13 +52,19 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// The address clients reach this server at, for `/api`.
     pub server_addr: String,
+    /// Cancelled when the server shuts down; open watches end their
+    /// streams then, so that graceful shutdown need not wait for them.
+    pub shutdown: CancellationToken,
 }
 
 /// The API server's routes (authentication and metrics are layered on by
 /// the caller).
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
-        .route("/version", get(|| async { axum::Json(discovery::version()) }))
+        .route(
+            "/version",
+            get(|| async { axum::Json(discovery::version()) }),
+        )
         .route("/healthz", get(health))
         .route("/livez", get(|| async { "ok" }))
         .route("/readyz", get(health))
@@ -74,13 +81,20 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
     if state.store.healthy().await {
         "ok".into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "[-]etcd failed: etcd is unavailable\nreadyz check failed").into_response()
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "[-]etcd failed: etcd is unavailable\nreadyz check failed",
+        )
+            .into_response()
     }
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         state.metrics.render(),
     )
         .into_response()
@@ -187,12 +201,7 @@ pub fn parse_path(path: &str) -> Option<Target> {
     let info = find(plural)?;
     let subresource = match sub {
         None => None,
-        Some(s) => Some(
-            *info
-                .subresources
-                .iter()
-                .find(|r| r.name() == s)?,
-        ),
+        Some(s) => Some(*info.subresources.iter().find(|r| r.name() == s)?),
     };
     Some(Target {
         info,
@@ -335,13 +344,20 @@ impl Request<'_> {
                 ApiError::already_exists(info.group, info.plural, self.name())
             }
             StorageError::NotFound { .. } => self.not_found(),
-            StorageError::Conflict { .. } => ApiError::conflict(info.group, info.plural, self.name()),
-            StorageError::ClaimTaken { key } => ApiError::conflict(info.group, info.plural, self.name())
-                .with_message(format!("{key} was allocated concurrently; retry")),
+            StorageError::Conflict { .. } => {
+                ApiError::conflict(info.group, info.plural, self.name())
+            }
+            StorageError::ClaimTaken { key } => {
+                ApiError::conflict(info.group, info.plural, self.name())
+                    .with_message(format!("{key} was allocated concurrently; retry"))
+            }
             StorageError::Corrupt { key, source } => {
                 ApiError::internal(format!("stored object {key} is corrupt: {source}"))
             }
-            StorageError::Compacted { requested, compacted } => ApiError::expired(format!(
+            StorageError::Compacted {
+                requested,
+                compacted,
+            } => ApiError::expired(format!(
                 "too old resource version: {requested} ({compacted})"
             )),
         }
@@ -368,8 +384,9 @@ impl Request<'_> {
     }
 
     fn selectors(&self) -> Result<(LabelSelector, FieldSelector), ApiError> {
-        let labels = LabelSelector::parse(self.query.get("labelSelector").map_or("", String::as_str))
-            .map_err(|e| e.into_api_error())?;
+        let labels =
+            LabelSelector::parse(self.query.get("labelSelector").map_or("", String::as_str))
+                .map_err(|e| e.into_api_error())?;
         let fields = FieldSelector::parse(
             self.info(),
             self.query.get("fieldSelector").map_or("", String::as_str),
@@ -384,7 +401,8 @@ impl Request<'_> {
         let info = self.info();
         if let Some(api_version) = table::wants_table(accept(&self.headers)) {
             let include = IncludeObject::parse(self.query.get("includeObject").map(String::as_str));
-            let mut table = table::table(info, &items, include, api_version, jiff::Timestamp::now());
+            let mut table =
+                table::table(info, &items, include, api_version, jiff::Timestamp::now());
             table["metadata"] = json!({"resourceVersion": revision.to_string()});
             return Ok(json_response(StatusCode::OK, &table));
         }
@@ -498,9 +516,8 @@ impl Request<'_> {
         let after: i64 = if rv.is_empty() || rv == "0" {
             0
         } else {
-            rv.parse().map_err(|_| {
-                ApiError::bad_request(format!("invalid resource version {rv:?}"))
-            })?
+            rv.parse()
+                .map_err(|_| ApiError::bad_request(format!("invalid resource version {rv:?}")))?
         };
         let timeout = self
             .query
@@ -540,8 +557,8 @@ impl Request<'_> {
                 }
                 _ => object,
             };
-            let mut line = serde_json::to_vec(&json!({"type": kind, "object": object}))
-                .unwrap_or_default();
+            let mut line =
+                serde_json::to_vec(&json!({"type": kind, "object": object})).unwrap_or_default();
             line.push(b'\n');
             Bytes::from(line)
         };
@@ -554,22 +571,38 @@ impl Request<'_> {
         };
         let upstream = match store.watch(&prefix, start).await {
             Ok(stream) => Some(stream),
-            Err(StorageError::Compacted { requested, compacted }) => {
+            Err(StorageError::Compacted {
+                requested,
+                compacted,
+            }) => {
                 let _ = compacted;
-                return Ok(error_watch(render("ERROR", ApiError::expired(format!("too old resource version: {requested}")).to_status())));
+                return Ok(error_watch(render(
+                    "ERROR",
+                    ApiError::expired(format!("too old resource version: {requested}")).to_status(),
+                )));
             }
             Err(e) => return Err(self.storage_error(e)),
         };
         let guard = self.state.metrics.watching(info.plural);
+        let shutdown = self.state.shutdown.clone();
         let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(256);
         tokio::spawn(async move {
             let _guard = guard;
             for item in initial_items {
-                if tx.send(render("ADDED", item)).await.is_err() {
+                let sent = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    sent = tx.send(render("ADDED", item)) => sent,
+                };
+                if sent.is_err() {
                     return;
                 }
             }
-            if send_initial_param.as_deref() == Some("true") && tx.send(render("BOOKMARK", bookmark(start, true))).await.is_err() {
+            if send_initial_param.as_deref() == Some("true")
+                && tx
+                    .send(render("BOOKMARK", bookmark(start, true)))
+                    .await
+                    .is_err()
+            {
                 return;
             }
             let Some(mut upstream) = upstream else {
@@ -580,6 +613,7 @@ impl Request<'_> {
             loop {
                 let item = tokio::select! {
                     _ = &mut deadline => return,
+                    _ = shutdown.cancelled() => return,
                     _ = tx.closed() => return,
                     item = upstream.next() => item,
                 };
@@ -632,12 +666,14 @@ impl Request<'_> {
             tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok::<Bytes, std::io::Error>),
         );
         let mut response = Response::new(body);
-        response
-            .headers_mut()
-            .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        response
-            .headers_mut()
-            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache, private"));
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        response.headers_mut().insert(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("no-cache, private"),
+        );
         Ok(response)
     }
 
@@ -647,22 +683,35 @@ impl Request<'_> {
         decode_body(&self.headers, &self.body)
     }
 
-    /// Check fields unknown to the schema per `fieldValidation`.
-    fn field_validation(&self, obj: &Value) -> Result<Vec<String>, ApiError> {
+    /// Typed decoding of a request object, as upstream's: a value of the
+    /// wrong JSON type fails the request (400), and fields unknown to the
+    /// schema are dropped from `obj` in every `fieldValidation` mode —
+    /// silently for `Ignore`, with a warning each for `Warn` (the default),
+    /// while `Strict` fails the request instead.
+    fn field_validation(&self, obj: &mut Value) -> Result<Vec<String>, ApiError> {
         // A Scale body is checked against nothing but its own few fields.
         if self.target.subresource == Some(Subresource::Scale) {
             return Ok(Vec::new());
+        }
+        let info = self.info();
+        if let Some(error) = self.state.openapi.type_error(info, obj) {
+            return Err(ApiError::bad_request(format!(
+                "{kind} in version \"{version}\" cannot be handled as a {kind}: {error}",
+                kind = info.kind,
+                version = info.version,
+            )));
         }
         let mode = self
             .query
             .get("fieldValidation")
             .map(String::as_str)
             .unwrap_or("Warn");
-        if mode == "Ignore" {
-            return Ok(Vec::new());
-        }
-        let unknown = self.state.openapi.unknown_fields(self.info(), obj);
-        if unknown.is_empty() {
+        let unknown = if mode == "Strict" {
+            self.state.openapi.unknown_fields(info, obj)
+        } else {
+            self.state.openapi.prune_unknown_fields(info, obj)
+        };
+        if unknown.is_empty() || mode == "Ignore" {
             return Ok(Vec::new());
         }
         let messages: Vec<String> = unknown
@@ -728,7 +777,7 @@ impl Request<'_> {
     async fn create(&self) -> Result<Response, ApiError> {
         let info = self.info();
         let mut object = self.decode()?;
-        let warnings = self.field_validation(&object)?;
+        let warnings = self.field_validation(&mut object)?;
         meta::prepare_create(info, &mut object, self.target.namespace.as_deref())?;
         let manager = self.manager();
         let written = self.create_object(object, &manager, warnings).await?;
@@ -787,10 +836,13 @@ impl Request<'_> {
     async fn update(&self) -> Result<Response, ApiError> {
         let info = self.info();
         let mut body = self.decode()?;
-        let warnings = self.field_validation(&body)?;
+        let warnings = self.field_validation(&mut body)?;
         if let Some(Subresource::Scale) = self.target.subresource {
             let current = self.read().await?;
-            let replicas = body.pointer("/spec/replicas").and_then(Value::as_i64).unwrap_or(0);
+            let replicas = body
+                .pointer("/spec/replicas")
+                .and_then(Value::as_i64)
+                .unwrap_or(0);
             let precondition = body
                 .pointer("/metadata/resourceVersion")
                 .and_then(Value::as_str)
@@ -811,9 +863,8 @@ impl Request<'_> {
             .and_then(Value::as_str)
             .filter(|v| !v.is_empty())
             .map(|v| {
-                v.parse::<i64>().map_err(|_| {
-                    ApiError::bad_request(format!("invalid resourceVersion {v:?}"))
-                })
+                v.parse::<i64>()
+                    .map_err(|_| ApiError::bad_request(format!("invalid resourceVersion {v:?}")))
             })
             .transpose()?;
         if meta::name(&body).is_some_and(|n| n != self.name()) {
@@ -883,7 +934,14 @@ impl Request<'_> {
         meta::prepare_update(info, &current.value, &mut next)?;
         let (claims, releases) = self.admit(&mut next, Some(&current.value)).await?;
         if subresource != Some("apply") {
-            apply::record_update(info, Some(&current.value), &mut next, manager, subresource, &meta::now());
+            apply::record_update(
+                info,
+                Some(&current.value),
+                &mut next,
+                manager,
+                subresource,
+                &meta::now(),
+            );
         }
         if self.dry_run() {
             return Ok(Written {
@@ -891,8 +949,15 @@ impl Request<'_> {
                 warnings,
             });
         }
-        // The last finalizer removed from an object being deleted deletes it.
-        if meta::is_deleting(&next) && meta::finalizers(&next).is_empty() {
+        // The last finalizer removed from an object being deleted deletes it
+        // (for a Namespace, also the last of `spec.finalizers`).
+        let namespace_finalizers = info.kind == "Namespace"
+            && info.group.is_empty()
+            && next
+                .pointer("/spec/finalizers")
+                .and_then(Value::as_array)
+                .is_some_and(|f| !f.is_empty());
+        if meta::is_deleting(&next) && meta::finalizers(&next).is_empty() && !namespace_finalizers {
             let mut releases = releases;
             if info.kind == "Service" && info.group.is_empty() {
                 releases.extend(self.state.allocator.releases_for(&current.value));
@@ -941,10 +1006,10 @@ impl Request<'_> {
                 Some(Subresource::Scale) => scale_of(&current.value),
                 _ => current.value.clone(),
             };
-            let patched = patch::apply_patch(info, ty, &view, &self.body).map_err(|e| {
+            let mut patched = patch::apply_patch(info, ty, &view, &self.body).map_err(|e| {
                 ApiError::new(e.http_code(), reason_for(e.http_code()), e.to_string())
             })?;
-            let warnings = self.field_validation(&patched)?;
+            let warnings = self.field_validation(&mut patched)?;
             let precondition = patched
                 .pointer("/metadata/resourceVersion")
                 .and_then(Value::as_str)
@@ -955,7 +1020,10 @@ impl Request<'_> {
             let (next, sub) = match self.target.subresource {
                 Some(Subresource::Scale) => {
                     let mut next = current.value.clone();
-                    let replicas = patched.pointer("/spec/replicas").cloned().unwrap_or(json!(0));
+                    let replicas = patched
+                        .pointer("/spec/replicas")
+                        .cloned()
+                        .unwrap_or(json!(0));
                     next["spec"]["replicas"] = replicas;
                     (next, Some("scale"))
                 }
@@ -985,10 +1053,12 @@ impl Request<'_> {
 
     async fn server_side_apply(&self) -> Result<Response, ApiError> {
         let info = self.info();
-        let applied: Value = serde_yaml::from_slice(&self.body)
+        let mut applied: Value = serde_yaml::from_slice(&self.body)
             .map_err(|e| ApiError::bad_request(format!("error decoding YAML: {e}")))?;
         if !applied.is_object() {
-            return Err(ApiError::bad_request("the body of an apply patch must be an object"));
+            return Err(ApiError::bad_request(
+                "the body of an apply patch must be an object",
+            ));
         }
         let Some(manager) = self.query.get("fieldManager").filter(|m| !m.is_empty()) else {
             return Err(ApiError::bad_request(
@@ -996,7 +1066,7 @@ impl Request<'_> {
             ));
         };
         let force = self.flag("force");
-        let warnings = self.field_validation(&applied)?;
+        let warnings = self.field_validation(&mut applied)?;
         for _ in 0..WRITE_RETRIES {
             let live = self
                 .state
@@ -1013,9 +1083,8 @@ impl Request<'_> {
                 &meta::now(),
             )
             .map_err(|e| match e {
-                apply::ApplyError::Conflicts { .. } => {
-                    ApiError::new(409, "Conflict", e.message()).with_details(info.group, info.plural, self.name())
-                }
+                apply::ApplyError::Conflicts { .. } => ApiError::new(409, "Conflict", e.message())
+                    .with_details(info.group, info.plural, self.name()),
                 other => ApiError::new(422, "Invalid", other.message()),
             })?;
             match live {
@@ -1035,7 +1104,11 @@ impl Request<'_> {
                     if let Some(managed) = managed {
                         written.object["metadata"]["managedFields"] = managed;
                     }
-                    return Ok(self.render_one(StatusCode::CREATED, written.object, written.warnings));
+                    return Ok(self.render_one(
+                        StatusCode::CREATED,
+                        written.object,
+                        written.warnings,
+                    ));
                 }
                 Some(current) => {
                     let next = self.merge_subresource(&current.value, result);
@@ -1044,7 +1117,11 @@ impl Request<'_> {
                         .await
                     {
                         Ok(written) => {
-                            return Ok(self.render_one(StatusCode::OK, written.object, written.warnings));
+                            return Ok(self.render_one(
+                                StatusCode::OK,
+                                written.object,
+                                written.warnings,
+                            ));
                         }
                         Err(e) if e.reason == "Conflict" => continue,
                         Err(e) => return Err(e),
@@ -1066,17 +1143,23 @@ impl Request<'_> {
                     "",
                     "Binding",
                     self.name(),
-                    vec![Cause::new("FieldValueRequired", "target.name", "Required value")],
+                    vec![Cause::new(
+                        "FieldValueRequired",
+                        "target.name",
+                        "Required value",
+                    )],
                 )
             })?
             .to_string();
         for _ in 0..WRITE_RETRIES {
             let current = self.read().await?;
             if meta::is_deleting(&current.value) {
-                return Err(ApiError::conflict("", "pods", self.name()).with_message(format!(
-                    "pod {} is being deleted, cannot be assigned to a host",
-                    self.name()
-                )));
+                return Err(
+                    ApiError::conflict("", "pods", self.name()).with_message(format!(
+                        "pod {} is being deleted, cannot be assigned to a host",
+                        self.name()
+                    )),
+                );
             }
             if let Some(existing) = current
                 .value
@@ -1084,10 +1167,12 @@ impl Request<'_> {
                 .and_then(Value::as_str)
                 .filter(|n| !n.is_empty())
             {
-                return Err(ApiError::conflict("", "pods", self.name()).with_message(format!(
-                    "pod {} is already assigned to node \"{existing}\"",
-                    self.name()
-                )));
+                return Err(
+                    ApiError::conflict("", "pods", self.name()).with_message(format!(
+                        "pod {} is already assigned to node \"{existing}\"",
+                        self.name()
+                    )),
+                );
             }
             let mut next = current.value.clone();
             next["spec"]["nodeName"] = json!(node);
@@ -1145,13 +1230,17 @@ impl Request<'_> {
         let info = self.info();
         for _ in 0..WRITE_RETRIES {
             let current = self.read().await?;
-            if let Some(uid) = options.pointer("/preconditions/uid").and_then(Value::as_str)
+            if let Some(uid) = options
+                .pointer("/preconditions/uid")
+                .and_then(Value::as_str)
                 && meta::uid(&current.value) != Some(uid)
             {
-                return Err(ApiError::conflict(info.group, info.plural, self.name()).with_message(format!(
-                    "Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
-                    meta::uid(&current.value).unwrap_or("")
-                )));
+                return Err(
+                    ApiError::conflict(info.group, info.plural, self.name()).with_message(format!(
+                        "Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
+                        meta::uid(&current.value).unwrap_or("")
+                    )),
+                );
             }
             if let Some(rv) = options
                 .pointer("/preconditions/resourceVersion")
@@ -1380,7 +1469,12 @@ fn label_selector_string(selector: &Value) -> String {
         let values = expr
             .get("values")
             .and_then(Value::as_array)
-            .map(|v| v.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(","))
+            .map(|v| {
+                v.iter()
+                    .filter_map(Value::as_str)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
             .unwrap_or_default();
         match expr.get("operator").and_then(Value::as_str) {
             Some("In") => parts.push(format!("{key} in ({values})")),
@@ -1395,7 +1489,8 @@ fn label_selector_string(selector: &Value) -> String {
 
 fn set_condition(object: &mut Value, kind: &str, status: &str, reason: Option<&str>) {
     let now = meta::now();
-    let mut condition = json!({"type": kind, "status": status, "lastProbeTime": null, "lastTransitionTime": now});
+    let mut condition =
+        json!({"type": kind, "status": status, "lastProbeTime": null, "lastTransitionTime": now});
     if let Some(reason) = reason {
         condition["reason"] = json!(reason);
     }
@@ -1408,7 +1503,10 @@ fn set_condition(object: &mut Value, kind: &str, status: &str, reason: Option<&s
         .entry("conditions")
         .or_insert_with(|| json!([]));
     if let Some(list) = conditions.as_array_mut() {
-        match list.iter_mut().find(|c| c.get("type").and_then(Value::as_str) == Some(kind)) {
+        match list
+            .iter_mut()
+            .find(|c| c.get("type").and_then(Value::as_str) == Some(kind))
+        {
             Some(existing) => *existing = condition,
             None => list.push(condition),
         }
@@ -1461,9 +1559,10 @@ fn reason_for(code: u16) -> &'static str {
 
 fn error_watch(line: Bytes) -> Response {
     let mut response = Response::new(Body::from(line));
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     response
 }
 
@@ -1483,16 +1582,17 @@ pub fn decode_body(headers: &HeaderMap, body: &[u8]) -> Result<Value, ApiError> 
     let value: Value = match essence {
         "application/yaml" | "application/x-yaml" | "text/yaml" => serde_yaml::from_slice(body)
             .map_err(|e| ApiError::bad_request(format!("error decoding YAML: {e}")))?,
-        "application/json" | "" | "*/*" => serde_json::from_slice(body).map_err(|e| {
-            ApiError::bad_request(format!("error decoding JSON: {e}"))
-        })?,
+        "application/json" | "" | "*/*" => serde_json::from_slice(body)
+            .map_err(|e| ApiError::bad_request(format!("error decoding JSON: {e}")))?,
         "application/vnd.kubernetes.protobuf" => crate::protobuf::decode(body)
             .map_err(|e| ApiError::bad_request(format!("error decoding protobuf: {e}")))?,
         _ => serde_json::from_slice(body)
             .map_err(|_| ApiError::unsupported_media_type(content_type))?,
     };
     if !value.is_object() {
-        return Err(ApiError::bad_request("the body of the request must be a json object"));
+        return Err(ApiError::bad_request(
+            "the body of the request must be a json object",
+        ));
     }
     Ok(value)
 }
@@ -1576,12 +1676,26 @@ mod tests {
     #[test]
     fn bodies_decode_from_json_and_yaml_and_refuse_garbage() {
         let mut headers = HeaderMap::new();
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/yaml"));
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/yaml"),
+        );
         let v = decode_body(&headers, b"kind: Pod\nmetadata:\n  name: a\n").expect("yaml");
         assert_eq!(v["metadata"]["name"], "a");
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        assert_eq!(decode_body(&headers, b"{nope").expect_err("bad json").code, 400);
-        assert_eq!(decode_body(&headers, b"[1]").expect_err("not an object").code, 400);
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        assert_eq!(
+            decode_body(&headers, b"{nope").expect_err("bad json").code,
+            400
+        );
+        assert_eq!(
+            decode_body(&headers, b"[1]")
+                .expect_err("not an object")
+                .code,
+            400
+        );
         let big = vec![b' '; MAX_BODY_BYTES + 1];
         assert_eq!(decode_body(&headers, &big).expect_err("too big").code, 413);
     }

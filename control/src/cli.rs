@@ -61,6 +61,10 @@ pub struct ApiserverArgs {
     /// The address to serve HTTPS on.
     #[arg(long, default_value = "127.0.0.1")]
     pub bind_address: IpAddr,
+    /// The address published in the `default/kubernetes` endpoints: the
+    /// bind address, or 127.0.0.1 when binding every address.
+    #[arg(long)]
+    pub advertise_address: Option<IpAddr>,
     /// The HTTPS port (0 picks a free one).
     #[arg(long, default_value_t = 6443)]
     pub secure_port: u16,
@@ -86,6 +90,11 @@ pub struct ApiserverArgs {
     /// Extra names and addresses for the serving certificate.
     #[arg(long, value_delimiter = ',')]
     pub tls_san: Vec<String>,
+    /// The key service-account tokens are verified with (a public key, or
+    /// a private key whose public half is used); default
+    /// `<data-dir>/pki/sa.pub`, generated with `sa.key` when missing.
+    #[arg(long)]
+    pub service_account_key_file: Option<PathBuf>,
 }
 
 /// Parse `first-last` into a port range.

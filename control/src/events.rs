@@ -84,7 +84,9 @@ impl EventRecorder {
         let object_name = object.name.clone().unwrap_or_default();
         let event = Event {
             metadata: ObjectMeta {
-                generate_name: Some(format!("{object_name}.")),
+                // client-go's event names: the object's name and the time
+                // in hexadecimal nanoseconds.
+                name: Some(format!("{object_name}.{:x}", now.as_nanosecond())),
                 namespace: Some(namespace.clone()),
                 ..ObjectMeta::default()
             },
@@ -114,7 +116,7 @@ impl EventRecorder {
                 }
                 seen.insert(key, (namespace, name, 1));
             }
-            Err(error) => tracing::debug!(%error, reason, "cannot record event"),
+            Err(error) => tracing::warn!(%error, reason, "cannot record event"),
         }
     }
 }

@@ -19,6 +19,7 @@ use schemars::{JsonSchema, Schema};
 use serde_json::{Map, Value, json};
 use sha2::{Digest as _, Sha512};
 
+use crate::patch::{self, ListStrategy};
 use crate::registry::{self, ResourceInfo, Subresource};
 
 /// Where the documents' schemas live, as `$ref` prefixes.
@@ -586,6 +587,147 @@ fn optional_metadata_and_spec(schemas: &mut Map<String, Value>, name: &str) {
     }
 }
 
+/// Fields upstream tags `patchStrategy:"retainKeys"` (a union whose
+/// unset members a client-side patch clears with `$retainKeys`), as
+/// `(component schema, property)`. List merging is not here: that comes
+/// from [`patch`]'s merge table.
+const RETAIN_KEYS: &[(&str, &str)] = &[
+    ("io.k8s.api.apps.v1.DeploymentSpec", "strategy"),
+    ("io.k8s.api.core.v1.PodSpec", "volumes"),
+];
+
+/// How deep [`annotate_lists`] follows nested schemas; deeper than any
+/// list in the merge table, and a guard against reference cycles.
+const MAX_ANNOTATE_DEPTH: usize = 16;
+
+/// The component a property schema stands for: its `$ref`, or the
+/// `$ref` of its single `allOf` wrapper.
+fn component_name(schema: &Value) -> Option<&str> {
+    let target = match schema.get("$ref") {
+        Some(r) => r,
+        None => match schema
+            .get("allOf")
+            .and_then(Value::as_array)
+            .map(Vec::as_slice)
+        {
+            Some([only]) => only.get("$ref")?,
+            _ => return None,
+        },
+    };
+    target.as_str()?.strip_prefix(SCHEMA_REF)
+}
+
+/// The list extensions of one array property, as upstream publishes them:
+/// `x-kubernetes-patch-strategy`/`x-kubernetes-patch-merge-key` for
+/// strategic merge patch, `x-kubernetes-list-type`/`x-kubernetes-list-map-keys`
+/// for server-side apply. Empty for a list that is atomic for both (such
+/// lists carry no extension here, which clients read as "replace").
+fn list_extensions(smp: ListStrategy, ssa: ListStrategy) -> Map<String, Value> {
+    let mut ext = Map::new();
+    if smp == ListStrategy::Atomic && ssa == ListStrategy::Atomic {
+        return ext;
+    }
+    match smp {
+        ListStrategy::MergeByKey(keys) => {
+            ext.insert("x-kubernetes-patch-strategy".into(), json!("merge"));
+            if let Some(key) = keys.first() {
+                ext.insert("x-kubernetes-patch-merge-key".into(), json!(key));
+            }
+        }
+        ListStrategy::Set => {
+            ext.insert("x-kubernetes-patch-strategy".into(), json!("merge"));
+        }
+        ListStrategy::Atomic => {}
+    }
+    match ssa {
+        ListStrategy::MergeByKey(keys) => {
+            ext.insert("x-kubernetes-list-type".into(), json!("map"));
+            ext.insert("x-kubernetes-list-map-keys".into(), json!(keys));
+        }
+        ListStrategy::Set => {
+            ext.insert("x-kubernetes-list-type".into(), json!("set"));
+        }
+        ListStrategy::Atomic => {
+            ext.insert("x-kubernetes-list-type".into(), json!("atomic"));
+        }
+    }
+    ext
+}
+
+/// Walks the schema of kind `info` from component `name` (at object path
+/// `path`) and collects, per `(component, property)`, the extensions the
+/// merge table of [`patch`] gives the lists below it.
+fn collect_list_extensions(
+    schemas: &Map<String, Value>,
+    info: &ResourceInfo,
+    name: &str,
+    path: &mut Vec<String>,
+    out: &mut BTreeMap<(String, String), Map<String, Value>>,
+) {
+    if path.len() > MAX_ANNOTATE_DEPTH {
+        return;
+    }
+    let Some(properties) = schemas
+        .get(name)
+        .and_then(|s| s.get("properties"))
+        .and_then(Value::as_object)
+    else {
+        return;
+    };
+    for (field, schema) in properties {
+        path.push(field.clone());
+        let nested = if schema.get("type").and_then(Value::as_str) == Some("array") {
+            let ext = list_extensions(
+                patch::list_strategy(info, &path.iter().map(String::as_str).collect::<Vec<_>>()),
+                patch::apply_list_strategy(info, path),
+            );
+            if !ext.is_empty() {
+                // The first kind to reach a shared component decides; the
+                // table gives the same answer wherever it has a rule.
+                out.entry((name.to_string(), field.clone())).or_insert(ext);
+            }
+            schema.get("items").and_then(component_name)
+        } else {
+            component_name(schema)
+        };
+        if let Some(nested) = nested {
+            collect_list_extensions(schemas, info, nested, path, out);
+        }
+        path.pop();
+    }
+}
+
+/// Adds upstream's list-merge and `retainKeys` extensions to the
+/// properties of `schemas`, for the served kinds `kinds`.
+fn annotate_lists(schemas: &mut Map<String, Value>, kinds: &[(&ResourceInfo, String)]) {
+    let mut found = BTreeMap::new();
+    for (info, name) in kinds {
+        collect_list_extensions(schemas, info, name, &mut Vec::new(), &mut found);
+    }
+    for (schema, field) in RETAIN_KEYS {
+        let ext = found
+            .entry(((*schema).to_string(), (*field).to_string()))
+            .or_default();
+        let strategy = match ext
+            .get("x-kubernetes-patch-strategy")
+            .and_then(Value::as_str)
+        {
+            Some("merge") => "merge,retainKeys",
+            _ => "retainKeys",
+        };
+        ext.insert("x-kubernetes-patch-strategy".into(), json!(strategy));
+    }
+    for ((schema, field), ext) in found {
+        if let Some(Value::Object(property)) = schemas
+            .get_mut(&schema)
+            .and_then(|s| s.get_mut("properties"))
+            .and_then(|p| p.get_mut(&field))
+        {
+            property.extend(ext);
+        }
+    }
+}
+
 /// Builds the document of one group-version: its JSON and its schemas.
 fn build_document(
     types: &[KnownType],
@@ -622,6 +764,14 @@ fn build_document(
         }
     }
     let mut schemas = generator.take_definitions(true);
+    let annotated: Vec<(&ResourceInfo, String)> = infos
+        .iter()
+        .filter_map(|info| {
+            let (_, _, name) = kinds.iter().find(|(_, k, _)| k == &info.kind)?;
+            Some((*info, name.clone()))
+        })
+        .collect();
+    annotate_lists(&mut schemas, &annotated);
 
     let mut paths = BTreeMap::new();
     let root = format!("/{}/", gv_path(group, version));
@@ -755,31 +905,71 @@ impl OpenApi {
     /// `unknown field "<path>"`). Maps (labels, annotations, data) and
     /// free-form fields never count. Empty for a kind without a schema.
     pub fn unknown_fields(&self, info: &ResourceInfo, obj: &Value) -> Vec<String> {
+        let findings = self.check(info, obj);
+        findings.unknown.iter().map(|f| display(f)).collect()
+    }
+
+    /// Removes from `obj` every field [`OpenApi::unknown_fields`] reports,
+    /// as upstream's typed decoding drops them in every `fieldValidation`
+    /// mode, and returns their paths (in the same format). Fields under
+    /// `x-kubernetes-preserve-unknown-fields` and free-form fields such as
+    /// `managedFields[].fieldsV1` are kept.
+    pub fn prune_unknown_fields(&self, info: &ResourceInfo, obj: &mut Value) -> Vec<String> {
+        let findings = self.check(info, obj);
+        // Deepest and last first, so earlier locations stay valid.
+        for location in findings.unknown.iter().rev() {
+            remove_at(obj, location);
+        }
+        findings.unknown.iter().map(|f| display(f)).collect()
+    }
+
+    /// The first value of `obj` whose JSON type upstream's typed decoding
+    /// cannot take, e.g. a boolean label value that YAML 1.1 read from
+    /// `app: y`, as upstream's decoding error: `json: cannot unmarshal bool
+    /// into Go struct field ObjectMeta.metadata.labels of type string`.
+    /// Only plain string fields are checked (quantities, times and
+    /// int-or-string fields accept more than strings). `None` when every
+    /// checked field is well typed.
+    pub fn type_error(&self, info: &ResourceInfo, obj: &Value) -> Option<String> {
+        self.check(info, obj).mistyped
+    }
+
+    fn check(&self, info: &ResourceInfo, obj: &Value) -> Findings {
         let api_version = info.api_version();
-        let mut out = Vec::new();
+        let mut findings = Findings::default();
         if let Some((_, _, name)) = self
             .kind_schemas
             .iter()
             .find(|(v, k, _)| *v == api_version && *k == info.kind)
             && let Some(schema) = self.schemas.get(name)
         {
-            self.walk(schema, obj, String::new(), &mut out);
+            let mut walk = Walk {
+                api: self,
+                location: Vec::new(),
+                fields: Vec::new(),
+                findings: &mut findings,
+            };
+            walk.value(schema, obj, info.kind);
         }
-        out
+        findings
     }
 
     /// Follows `$ref` and single-element `allOf` wrappers to the schema
-    /// they stand for.
-    fn resolve<'a>(&'a self, mut schema: &'a Value) -> &'a Value {
+    /// they stand for, and the name of the last component on the way.
+    fn resolve<'a>(&'a self, mut schema: &'a Value) -> (&'a Value, Option<&'a str>) {
+        let mut component = None;
         // A bound on the hops guards against a reference cycle.
         for _ in 0..32 {
             if let Some(target) = schema.get("$ref").and_then(Value::as_str) {
                 match target
                     .strip_prefix(SCHEMA_REF)
-                    .and_then(|name| self.schemas.get(name))
+                    .and_then(|name| Some((name, self.schemas.get(name)?)))
                 {
-                    Some(next) => schema = next,
-                    None => return schema,
+                    Some((name, next)) => {
+                        component = Some(name);
+                        schema = next;
+                    }
+                    None => break,
                 }
             } else if schema.get("properties").is_none()
                 && let Some([only]) = schema
@@ -792,11 +982,102 @@ impl OpenApi {
                 break;
             }
         }
-        schema
+        (schema, component)
     }
+}
 
-    fn walk(&self, schema: &Value, value: &Value, path: String, out: &mut Vec<String>) {
-        let schema = self.resolve(schema);
+/// One step into a JSON value.
+#[derive(Debug, Clone)]
+enum Step {
+    Key(String),
+    Index(usize),
+}
+
+/// What a schema walk found.
+#[derive(Debug, Default)]
+struct Findings {
+    /// The locations of undeclared fields, in document order.
+    unknown: Vec<Vec<Step>>,
+    /// The first type mismatch, as upstream's decoding error.
+    mistyped: Option<String>,
+}
+
+/// A location as upstream prints it: `spec.containers[0].bogus`.
+fn display(location: &[Step]) -> String {
+    let mut out = String::new();
+    for step in location {
+        match step {
+            Step::Key(key) => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push_str(key);
+            }
+            Step::Index(i) => out.push_str(&format!("[{i}]")),
+        }
+    }
+    out
+}
+
+/// Removes the field at `location` (whose last step is a key) from `obj`.
+fn remove_at(obj: &mut Value, location: &[Step]) {
+    let Some((Step::Key(last), parents)) = location.split_last() else {
+        return;
+    };
+    let mut node = obj;
+    for step in parents {
+        let next = match (step, node) {
+            (Step::Key(k), Value::Object(map)) => map.get_mut(k),
+            (Step::Index(i), Value::Array(items)) => items.get_mut(*i),
+            _ => None,
+        };
+        match next {
+            Some(n) => node = n,
+            None => return,
+        }
+    }
+    if let Value::Object(map) = node {
+        map.shift_remove(last);
+    }
+}
+
+/// The JSON type name Go's decoder reports for a value.
+fn json_type(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "bool",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}
+
+/// One walk of a value against its schema.
+struct Walk<'a, 'f> {
+    api: &'a OpenApi,
+    /// Where the walk is, map keys and list indices included.
+    location: Vec<Step>,
+    /// The struct field names on the way, as Go's decoder reports them.
+    fields: Vec<String>,
+    findings: &'f mut Findings,
+}
+
+impl Walk<'_, '_> {
+    /// Walks `value` against `schema`; `owner` is the Go struct the value
+    /// is a field (or map value, or list item) of.
+    fn value(&mut self, schema: &Value, value: &Value, owner: &str) {
+        if self.findings.mistyped.is_none()
+            && schema.get("type").and_then(Value::as_str) == Some("string")
+            && !matches!(value, Value::String(_) | Value::Null)
+        {
+            self.findings.mistyped = Some(format!(
+                "json: cannot unmarshal {} into Go struct field {owner}.{} of type string",
+                json_type(value),
+                self.fields.join(".")
+            ));
+        }
+        let (schema, component) = self.api.resolve(schema);
         if schema
             .get("x-kubernetes-preserve-unknown-fields")
             .and_then(Value::as_bool)
@@ -812,22 +1093,33 @@ impl OpenApi {
                     // A free-form object such as FieldsV1 or RawExtension.
                     return;
                 }
+                // A struct's fields are reported against that struct.
+                let struct_name = match (properties, component) {
+                    (Some(_), Some(c)) => c.rsplit('.').next().unwrap_or(c),
+                    _ => owner,
+                };
                 for (key, field) in fields {
-                    let child = if path.is_empty() {
-                        key.clone()
-                    } else {
-                        format!("{path}.{key}")
-                    };
-                    match properties.and_then(|p| p.get(key)).or(additional) {
-                        Some(sub) => self.walk(sub, field, child, out),
-                        None => out.push(child),
+                    self.location.push(Step::Key(key.clone()));
+                    match properties.and_then(|p| p.get(key)) {
+                        Some(sub) => {
+                            self.fields.push(key.clone());
+                            self.value(sub, field, struct_name);
+                            self.fields.pop();
+                        }
+                        None => match additional {
+                            Some(sub) => self.value(sub, field, struct_name),
+                            None => self.findings.unknown.push(self.location.clone()),
+                        },
                     }
+                    self.location.pop();
                 }
             }
             Value::Array(items) => {
                 if let Some(item_schema) = schema.get("items") {
                     for (i, item) in items.iter().enumerate() {
-                        self.walk(item_schema, item, format!("{path}[{i}]"), out);
+                        self.location.push(Step::Index(i));
+                        self.value(item_schema, item, owner);
+                        self.location.pop();
                     }
                 }
             }
@@ -1137,6 +1429,128 @@ mod tests {
             API.unknown_fields(info("v1", "ConfigMap"), &bad_cm),
             ["date"]
         );
+    }
+
+    #[test]
+    fn schemas_carry_list_merge_extensions_from_the_merge_table() {
+        let apps = doc("apis/apps/v1");
+        let schemas = &apps["components"]["schemas"];
+        let pod_spec = &schemas["io.k8s.api.core.v1.PodSpec"]["properties"];
+        assert_eq!(
+            pod_spec["containers"]["x-kubernetes-patch-strategy"],
+            "merge"
+        );
+        assert_eq!(
+            pod_spec["containers"]["x-kubernetes-patch-merge-key"],
+            "name"
+        );
+        assert_eq!(pod_spec["containers"]["x-kubernetes-list-type"], "map");
+        assert_eq!(
+            pod_spec["containers"]["x-kubernetes-list-map-keys"],
+            json!(["name"])
+        );
+        assert_eq!(
+            pod_spec["volumes"]["x-kubernetes-patch-strategy"],
+            "merge,retainKeys"
+        );
+        assert_eq!(pod_spec["volumes"]["x-kubernetes-patch-merge-key"], "name");
+        assert!(
+            pod_spec["tolerations"]
+                .get("x-kubernetes-patch-strategy")
+                .is_none()
+        );
+        let container = &schemas["io.k8s.api.core.v1.Container"]["properties"];
+        assert_eq!(
+            container["ports"]["x-kubernetes-patch-merge-key"],
+            "containerPort"
+        );
+        assert_eq!(
+            container["ports"]["x-kubernetes-list-map-keys"],
+            json!(["containerPort", "protocol"])
+        );
+        assert_eq!(container["env"]["x-kubernetes-patch-merge-key"], "name");
+        let meta = &schemas["io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"]["properties"];
+        assert_eq!(meta["finalizers"]["x-kubernetes-patch-strategy"], "merge");
+        assert_eq!(meta["finalizers"]["x-kubernetes-list-type"], "set");
+        assert_eq!(
+            meta["ownerReferences"]["x-kubernetes-patch-merge-key"],
+            "uid"
+        );
+        assert_eq!(
+            schemas["io.k8s.api.apps.v1.DeploymentSpec"]["properties"]["strategy"]["x-kubernetes-patch-strategy"],
+            "retainKeys"
+        );
+        assert_eq!(
+            schemas["io.k8s.api.apps.v1.DeploymentStatus"]["properties"]["conditions"]["x-kubernetes-patch-merge-key"],
+            "type"
+        );
+        let core = doc("api/v1");
+        let service =
+            &core["components"]["schemas"]["io.k8s.api.core.v1.ServiceSpec"]["properties"];
+        assert_eq!(service["ports"]["x-kubernetes-patch-merge-key"], "port");
+        assert_eq!(
+            service["ports"]["x-kubernetes-list-map-keys"],
+            json!(["port", "protocol"])
+        );
+        // Every annotated list agrees with the merge table for a kind that reaches it.
+        let deploy = info("apps/v1", "Deployment");
+        assert_eq!(
+            patch::list_strategy(deploy, &["spec", "template", "spec", "containers", "env"]),
+            ListStrategy::MergeByKey(&["name"])
+        );
+    }
+
+    #[test]
+    fn prune_drops_unknown_fields_and_keeps_free_form_ones() {
+        let info = info("apps/v1", "Deployment");
+        let mut bad = deployment();
+        bad["spec"]["replicaz"] = json!(3);
+        bad["spec"]["template"]["spec"]["containers"][0]["imagez"] = json!("x");
+        bad["metadata"]["bogus"] = json!(true);
+        bad["extra"] = json!({"x": 1});
+        let removed = API.prune_unknown_fields(info, &mut bad);
+        assert_eq!(
+            removed,
+            [
+                "metadata.bogus",
+                "spec.template.spec.containers[0].imagez",
+                "spec.replicaz",
+                "extra"
+            ]
+        );
+        // What is left is the valid object, managedFields' free-form fieldsV1 included.
+        assert_eq!(bad, deployment());
+        let mut clean = deployment();
+        assert!(API.prune_unknown_fields(info, &mut clean).is_empty());
+        assert_eq!(clean, deployment());
+    }
+
+    #[test]
+    fn type_error_reports_non_string_labels_like_go() {
+        let info = info("apps/v1", "Deployment");
+        assert_eq!(API.type_error(info, &deployment()), None);
+        let mut bad = deployment();
+        bad["spec"]["template"]["metadata"]["labels"]["app"] = json!(true);
+        assert_eq!(
+            API.type_error(info, &bad).as_deref(),
+            Some(
+                "json: cannot unmarshal bool into Go struct field ObjectMeta.spec.template.metadata.labels of type string"
+            )
+        );
+        let mut image = deployment();
+        image["spec"]["template"]["spec"]["containers"][0]["image"] = json!(5);
+        assert_eq!(
+            API.type_error(info, &image).as_deref(),
+            Some(
+                "json: cannot unmarshal number into Go struct field Container.spec.template.spec.containers.image of type string"
+            )
+        );
+        // Quantities and int-or-strings take numbers.
+        let mut numbers = deployment();
+        numbers["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"] =
+            json!(1);
+        numbers["spec"]["strategy"]["rollingUpdate"]["maxSurge"] = json!(2);
+        assert_eq!(API.type_error(info, &numbers), None);
     }
 
     #[test]

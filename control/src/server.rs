@@ -47,6 +47,13 @@ pub enum ServerError {
         #[source]
         source: auth::AuthError,
     },
+    /// The service-account token key could not be loaded or made.
+    #[error("service-account key: {source}")]
+    ServiceAccountKey {
+        /// The cause.
+        #[source]
+        source: crate::controllers::serviceaccount::TokenError,
+    },
     /// The embedded etcd did not start.
     #[error("embedded etcd: {source}")]
     Etcd {
@@ -87,15 +94,16 @@ pub fn shutdown_on_signal() -> CancellationToken {
     let token = CancellationToken::new();
     let cancel = token.clone();
     tokio::spawn(async move {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(term) => term,
-            Err(error) => {
-                tracing::warn!(%error, "cannot listen for SIGTERM");
-                let _ = tokio::signal::ctrl_c().await;
-                cancel.cancel();
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(error) => {
+                    tracing::warn!(%error, "cannot listen for SIGTERM");
+                    let _ = tokio::signal::ctrl_c().await;
+                    cancel.cancel();
+                    return;
+                }
+            };
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
@@ -107,7 +115,10 @@ pub fn shutdown_on_signal() -> CancellationToken {
 }
 
 /// Run the API server until `shutdown` is cancelled.
-pub async fn run_apiserver(args: ApiserverArgs, shutdown: CancellationToken) -> Result<(), ServerError> {
+pub async fn run_apiserver(
+    args: ApiserverArgs,
+    shutdown: CancellationToken,
+) -> Result<(), ServerError> {
     run_apiserver_with(args, shutdown, None).await
 }
 
@@ -149,9 +160,6 @@ pub async fn run_apiserver_with(
     let store = Store::connect(&endpoints)
         .await
         .map_err(|source| ServerError::Storage { source })?;
-    let bootstrap_store = store.clone();
-    let bootstrap_shutdown = shutdown.clone();
-    tokio::spawn(async move { bootstrap(&bootstrap_store, &bootstrap_shutdown).await });
 
     let addr = SocketAddr::new(args.bind_address, args.secure_port);
     let listener = tokio::net::TcpListener::bind(addr)
@@ -170,13 +178,35 @@ pub async fn run_apiserver_with(
     } else {
         format!("https://{host}:{}", local.port())
     };
+    let bootstrap_store = store.clone();
+    let bootstrap_shutdown = shutdown.clone();
+    let service = BootstrapService {
+        cluster_ip: first_service_ip(args.service_cluster_ip_range),
+        advertise: args
+            .advertise_address
+            .unwrap_or(if args.bind_address.is_unspecified() {
+                std::net::IpAddr::from([127, 0, 0, 1])
+            } else {
+                args.bind_address
+            }),
+        port: local.port(),
+    };
+    tokio::spawn(async move { bootstrap(&bootstrap_store, &bootstrap_shutdown, service).await });
     if let Some(path) = &args.write_kubeconfig {
-        pki::write_kubeconfig(path, &server_url, &pki).map_err(|source| ServerError::Pki { source })?;
+        pki::write_kubeconfig(path, &server_url, &pki)
+            .map_err(|source| ServerError::Pki { source })?;
         tracing::info!(path = %path.display(), "wrote admin kubeconfig");
     }
 
-    let authenticator = Authenticator::new(args.token_auth_file.as_deref())
+    let mut authenticator = Authenticator::new(args.token_auth_file.as_deref())
         .map_err(|source| ServerError::Auth { source })?;
+    let service_accounts =
+        crate::controllers::serviceaccount::ServiceAccountTokenAuthenticator::for_apiserver(
+            args.service_account_key_file.as_deref(),
+            &args.data_dir,
+        )
+        .map_err(|source| ServerError::ServiceAccountKey { source })?;
+    authenticator.add_token_authenticator(Box::new(service_accounts));
     let auth_state = Arc::new(AuthState {
         authenticator,
         authorizer: Box::new(AllowAuthenticated),
@@ -185,14 +215,26 @@ pub async fn run_apiserver_with(
     let state = Arc::new(AppState {
         store,
         openapi: OpenApi::build(),
-        allocator: ServiceAllocator::new(args.service_cluster_ip_range, args.service_node_port_range.clone()),
+        allocator: ServiceAllocator::new(
+            args.service_cluster_ip_range,
+            args.service_node_port_range.clone(),
+        ),
         metrics: metrics.clone(),
         server_addr: format!("{host}:{}", local.port()),
+        shutdown: shutdown.clone(),
     });
     let app = api::router(state)
-        .layer(axum::middleware::from_fn_with_state(auth_state, auth::middleware))
-        .layer(axum::middleware::from_fn_with_state(metrics, metrics::middleware));
-    let tls = pki.server_config().map_err(|source| ServerError::Pki { source })?;
+        .layer(axum::middleware::from_fn_with_state(
+            auth_state,
+            auth::middleware,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            metrics,
+            metrics::middleware,
+        ));
+    let tls = pki
+        .server_config()
+        .map_err(|source| ServerError::Pki { source })?;
     tracing::info!("listening on {server_url}");
     eprintln!("listening on {server_url}");
     if let Some(ready) = ready {
@@ -202,7 +244,8 @@ pub async fn run_apiserver_with(
         });
     }
     let stop = shutdown.clone();
-    let served = crate::serve::serve_tls(listener, tls, app, async move { stop.cancelled().await }).await;
+    let served =
+        crate::serve::serve_tls(listener, tls, app, async move { stop.cancelled().await }).await;
     shutdown.cancel();
     if let Some(etcd) = etcd {
         etcd.stop().await;
@@ -210,27 +253,102 @@ pub async fn run_apiserver_with(
     served.map_err(|source| ServerError::Listen { addr, source })
 }
 
-/// Create what every cluster has: the four system namespaces. Retries
-/// until etcd answers, since the server starts serving (with 503s) before.
-async fn bootstrap(store: &Store, shutdown: &CancellationToken) {
-    let namespaces = registry::find("", "v1", "namespaces").expect("namespaces are served");
+/// The first usable address of the service range, upstream's address of
+/// the `kubernetes` Service (10.96.0.1 for 10.96.0.0/12).
+fn first_service_ip(range: ipnetwork::IpNetwork) -> std::net::IpAddr {
+    match range {
+        ipnetwork::IpNetwork::V4(v4) => v4.nth(1).map(std::net::IpAddr::V4),
+        ipnetwork::IpNetwork::V6(v6) => v6.nth(1).map(std::net::IpAddr::V6),
+    }
+    .unwrap_or(range.ip())
+}
+
+/// What the bootstrap writes besides namespaces: the `default/kubernetes`
+/// Service that in-cluster clients use, and its endpoints.
+struct BootstrapService {
+    /// The first address of the service range.
+    cluster_ip: std::net::IpAddr,
+    /// Where clients reach this API server.
+    advertise: std::net::IpAddr,
+    /// The HTTPS port.
+    port: u16,
+}
+
+/// Create what every cluster has: the four system namespaces and the
+/// `default/kubernetes` Service with its Endpoints and EndpointSlice, as
+/// upstream's bootstrap controller does. Existing objects are left alone.
+/// Retries until etcd answers, since the server starts serving (with 503s)
+/// before.
+async fn bootstrap(store: &Store, shutdown: &CancellationToken, service: BootstrapService) {
+    let find = |group: &str, plural: &str| {
+        registry::find(group, "v1", plural).expect("bootstrap kinds are served")
+    };
+    let mut objects = Vec::new();
     for name in ["default", "kube-system", "kube-public", "kube-node-lease"] {
-        let key = crate::meta::key(namespaces, None, name);
-        loop {
-            let mut object = json!({
+        objects.push((
+            find("", "namespaces"),
+            json!({
                 "kind": "Namespace",
                 "apiVersion": "v1",
                 "metadata": {"name": name, "labels": {"kubernetes.io/metadata.name": name}},
                 "spec": {"finalizers": ["kubernetes"]},
                 "status": {"phase": "Active"},
-            });
-            if crate::meta::prepare_create(namespaces, &mut object, None).is_err() {
-                break;
-            }
-            match store.create(&key, &object, &[]).await {
-                Ok(_) | Err(StorageError::AlreadyExists { .. }) => break,
+            }),
+            Vec::new(),
+        ));
+    }
+    let ip = service.cluster_ip.to_string();
+    let family = if service.cluster_ip.is_ipv4() {
+        "IPv4"
+    } else {
+        "IPv6"
+    };
+    let labels = json!({"component": "apiserver", "provider": "kubernetes"});
+    objects.push((find("", "services"), json!({
+        "kind": "Service",
+        "apiVersion": "v1",
+        "metadata": {"name": "kubernetes", "namespace": "default", "labels": labels},
+        "spec": {
+            "type": "ClusterIP",
+            "clusterIP": ip,
+            "clusterIPs": [ip],
+            "ipFamilies": [family],
+            "ipFamilyPolicy": "SingleStack",
+            "sessionAffinity": "None",
+            "internalTrafficPolicy": "Cluster",
+            "ports": [{"name": "https", "port": 443, "protocol": "TCP", "targetPort": service.port}],
+        },
+        "status": {"loadBalancer": {}},
+    }), vec![crate::admission::ServiceAllocator::ip_key(&service.cluster_ip)]));
+    let address = service.advertise.to_string();
+    objects.push((find("", "endpoints"), json!({
+        "kind": "Endpoints",
+        "apiVersion": "v1",
+        "metadata": {"name": "kubernetes", "namespace": "default", "labels": {"endpointslice.kubernetes.io/skip-mirror": "true"}},
+        "subsets": [{"addresses": [{"ip": address}], "ports": [{"name": "https", "port": service.port, "protocol": "TCP"}]}],
+    }), Vec::new()));
+    objects.push((find("discovery.k8s.io", "endpointslices"), json!({
+        "kind": "EndpointSlice",
+        "apiVersion": "discovery.k8s.io/v1",
+        "metadata": {"name": "kubernetes", "namespace": "default", "labels": {"kubernetes.io/service-name": "kubernetes"}},
+        "addressType": family,
+        "endpoints": [{"addresses": [address], "conditions": {"ready": true}}],
+        "ports": [{"name": "https", "port": service.port, "protocol": "TCP"}],
+    }), Vec::new()));
+    for (info, mut object, claims) in objects {
+        let namespace = crate::meta::namespace(&object).map(str::to_string);
+        let name = crate::meta::name(&object).unwrap_or_default().to_string();
+        if crate::meta::prepare_create(info, &mut object, namespace.as_deref()).is_err() {
+            continue;
+        }
+        let key = crate::meta::key(info, namespace.as_deref(), &name);
+        loop {
+            match store.create(&key, &object, &claims).await {
+                Ok(_)
+                | Err(StorageError::AlreadyExists { .. })
+                | Err(StorageError::ClaimTaken { .. }) => break,
                 Err(error) => {
-                    tracing::warn!(%error, namespace = name, "bootstrap waits for etcd");
+                    tracing::warn!(%error, %key, "bootstrap waits for etcd");
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
                         _ = tokio::time::sleep(Duration::from_secs(1)) => {}
@@ -262,9 +380,19 @@ pub enum DaemonError {
 }
 
 /// `skiff-control scheduler`.
-pub async fn run_scheduler(args: crate::scheduler::SchedulerArgs, shutdown: CancellationToken) -> Result<(), DaemonError> {
+pub async fn run_scheduler(
+    args: crate::scheduler::SchedulerArgs,
+    shutdown: CancellationToken,
+) -> Result<(), DaemonError> {
     let client = crate::client::client(args.daemon.kubeconfig.as_deref()).await?;
-    crate::scheduler::run(client, args.options, args.daemon.leader_elect, args.daemon.timing, shutdown).await;
+    crate::scheduler::run(
+        client,
+        args.options,
+        args.daemon.leader_elect,
+        args.daemon.timing,
+        shutdown,
+    )
+    .await;
     Ok(())
 }
 
@@ -274,16 +402,36 @@ pub async fn run_controller_manager(
     shutdown: CancellationToken,
 ) -> Result<(), DaemonError> {
     let client = crate::client::client(args.daemon.kubeconfig.as_deref()).await?;
-    crate::controllers::run(client, args.options, args.daemon.leader_elect, args.daemon.timing, shutdown).await;
+    crate::controllers::run(
+        client,
+        args.options,
+        args.daemon.leader_elect,
+        args.daemon.timing,
+        shutdown,
+    )
+    .await;
     Ok(())
 }
 
 /// `skiff-control all`: the API server, then the controller manager and
 /// the scheduler, each with its own client certificate, over loopback.
-pub async fn run_all(args: crate::cli::AllArgs, shutdown: CancellationToken) -> Result<(), DaemonError> {
+pub async fn run_all(
+    args: crate::cli::AllArgs,
+    shutdown: CancellationToken,
+) -> Result<(), DaemonError> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     let data_dir = args.apiserver.data_dir.clone();
-    let server = tokio::spawn(run_apiserver_with(args.apiserver.clone(), shutdown.clone(), Some(tx)));
+    let mut args = args;
+    // The token controller signs with the key the API server verifies with.
+    if args.controllers.service_account_private_key_file.is_none() {
+        let (private, _) = crate::controllers::serviceaccount::default_key_paths(&data_dir);
+        args.controllers.service_account_private_key_file = Some(private);
+    }
+    let server = tokio::spawn(run_apiserver_with(
+        args.apiserver.clone(),
+        shutdown.clone(),
+        Some(tx),
+    ));
     let Ok(ready) = rx.await else {
         // The server stopped before it listened: its error says why.
         return match server.await {
@@ -302,9 +450,21 @@ pub async fn run_all(args: crate::cli::AllArgs, shutdown: CancellationToken) -> 
         let client = crate::client::client(Some(&path)).await?;
         let token = shutdown.clone();
         if daemon == "scheduler" {
-            daemons.spawn(crate::scheduler::run(client, args.scheduler.clone(), args.leader_elect, args.timing, token));
+            daemons.spawn(crate::scheduler::run(
+                client,
+                args.scheduler.clone(),
+                args.leader_elect,
+                args.timing,
+                token,
+            ));
         } else {
-            daemons.spawn(crate::controllers::run(client, args.controllers.clone(), args.leader_elect, args.timing, token));
+            daemons.spawn(crate::controllers::run(
+                client,
+                args.controllers.clone(),
+                args.leader_elect,
+                args.timing,
+                token,
+            ));
         }
     }
     let result = server.await;

@@ -7,7 +7,15 @@
 //! Writes may also claim and release side keys (allocated ClusterIPs and
 //! NodePorts) in the same transaction, so an allocation can neither leak nor
 //! be handed out twice, across restarts and across API server replicas.
+//!
+//! A background probe keeps a health flag: while etcd is known to be down,
+//! reads and writes fail at once with [`StorageError::Unavailable`] instead
+//! of each waiting out the client's timeout, and `/readyz` reports the flag.
+//! A successful probe (or call) marks etcd healthy again.
 
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use etcd_client::{
@@ -19,6 +27,15 @@ use serde_json::Value;
 
 /// How long one etcd request may take before the API server answers 503.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How often the background probe checks etcd.
+const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How long one probe may take before etcd counts as down.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(800);
+
+/// The key the probe reads (it need not exist).
+const PROBE_KEY: &str = "/registry/health";
 
 /// Errors from the store.
 #[derive(Debug, thiserror::Error)]
@@ -126,12 +143,79 @@ pub enum WatchItem {
     Progress(i64),
 }
 
+/// Whether etcd answered the last probe or call.
+#[derive(Debug)]
+struct Health {
+    healthy: AtomicBool,
+}
+
+impl Health {
+    fn set(&self, healthy: bool) {
+        let was = self.healthy.swap(healthy, Ordering::Relaxed);
+        if was != healthy {
+            if healthy {
+                tracing::info!("etcd is reachable again");
+            } else {
+                tracing::warn!("etcd is unreachable; failing requests fast until it answers");
+            }
+        }
+    }
+}
+
+/// Whether a client error means etcd cannot be reached (rather than a
+/// refused request, such as a compacted revision).
+fn is_connection_error(error: &etcd_client::Error) -> bool {
+    match error {
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+        // gRPC codes CANCELLED (the client's timeout), DEADLINE_EXCEEDED and
+        // UNAVAILABLE, by their numbers (tonic is not a direct dependency).
+        etcd_client::Error::GRpcStatus(status) => matches!(status.code() as i32, 1 | 4 | 14),
+        _ => false,
+    }
+}
+
+/// The error of a call refused because etcd failed its last probe.
+fn known_down() -> StorageError {
+    StorageError::Unavailable {
+        source: etcd_client::Error::IoError(std::io::Error::new(
+            std::io::ErrorKind::NotConnected,
+            "etcd did not answer the last health check",
+        )),
+    }
+}
+
+/// Probes etcd every [`PROBE_INTERVAL`] until the store is dropped.
+async fn probe_loop(mut kv: KvClient, health: Weak<Health>) {
+    let mut tick = tokio::time::interval(PROBE_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let ok = probe(&mut kv).await;
+        match health.upgrade() {
+            Some(health) => health.set(ok),
+            None => return,
+        }
+    }
+}
+
+async fn probe(kv: &mut KvClient) -> bool {
+    matches!(
+        tokio::time::timeout(
+            PROBE_TIMEOUT,
+            kv.get(PROBE_KEY, Some(GetOptions::new().with_count_only()))
+        )
+        .await,
+        Ok(Ok(_))
+    )
+}
+
 /// A handle on etcd; cheap to clone.
 #[derive(Clone)]
 pub struct Store {
     kv: KvClient,
     watch: WatchClient,
     client: Client,
+    health: Arc<Health>,
 }
 
 impl Store {
@@ -144,27 +228,53 @@ impl Store {
             .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
             .with_keep_alive_while_idle(true);
         let client = Client::connect(endpoints, Some(options)).await?;
+        let mut kv = client.kv_client();
+        let health = Arc::new(Health {
+            healthy: AtomicBool::new(probe(&mut kv).await),
+        });
+        tokio::spawn(probe_loop(kv.clone(), Arc::downgrade(&health)));
         Ok(Store {
-            kv: client.kv_client(),
+            kv,
             watch: client.watch_client(),
             client,
+            health,
         })
     }
 
-    /// Whether etcd answers now.
+    /// Whether etcd answered the last probe (at most [`PROBE_INTERVAL`]
+    /// ago) or the last call since; for `/readyz`.
     pub async fn healthy(&self) -> bool {
-        let mut kv = self.kv.clone();
-        matches!(
-            tokio::time::timeout(REQUEST_TIMEOUT, kv.get("/registry/health", None)).await,
-            Ok(Ok(_))
-        )
+        self.health.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Runs one etcd call: refused at once while etcd is known to be down,
+    /// and its outcome updates the health flag.
+    async fn call<T>(
+        &self,
+        call: impl Future<Output = Result<T, etcd_client::Error>>,
+    ) -> Result<T, StorageError> {
+        if !self.health.healthy.load(Ordering::Relaxed) {
+            return Err(known_down());
+        }
+        match call.await {
+            Ok(out) => {
+                self.health.set(true);
+                Ok(out)
+            }
+            Err(error) => {
+                if is_connection_error(&error) {
+                    self.health.set(false);
+                }
+                Err(error.into())
+            }
+        }
     }
 
     /// The current revision of the store.
     pub async fn current_revision(&self) -> Result<i64, StorageError> {
         let mut kv = self.kv.clone();
-        let resp = kv
-            .get("/registry/health", Some(GetOptions::new().with_count_only()))
+        let resp = self
+            .call(kv.get(PROBE_KEY, Some(GetOptions::new().with_count_only())))
             .await?;
         Ok(resp.header().map(|h| h.revision()).unwrap_or(0))
     }
@@ -172,7 +282,7 @@ impl Store {
     /// Read one object.
     pub async fn get(&self, key: &str) -> Result<Option<Stored>, StorageError> {
         let mut kv = self.kv.clone();
-        let resp = kv.get(key, None).await?;
+        let resp = self.call(kv.get(key, None)).await?;
         match resp.kvs().first() {
             Some(entry) => Ok(Some(decode(key, entry.value(), entry.mod_revision())?)),
             None => Ok(None),
@@ -183,7 +293,9 @@ impl Store {
     /// revision at the time of the read.
     pub async fn list(&self, prefix: &str) -> Result<(Vec<Stored>, i64), StorageError> {
         let mut kv = self.kv.clone();
-        let resp = kv.get(prefix, Some(GetOptions::new().with_prefix())).await?;
+        let resp = self
+            .call(kv.get(prefix, Some(GetOptions::new().with_prefix())))
+            .await?;
         let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
         let mut out = Vec::with_capacity(resp.kvs().len());
         for entry in resp.kvs() {
@@ -196,8 +308,11 @@ impl Store {
     /// The keys under `prefix` (side keys, without their values).
     pub async fn keys(&self, prefix: &str) -> Result<Vec<String>, StorageError> {
         let mut kv = self.kv.clone();
-        let resp = kv
-            .get(prefix, Some(GetOptions::new().with_prefix().with_keys_only()))
+        let resp = self
+            .call(kv.get(
+                prefix,
+                Some(GetOptions::new().with_prefix().with_keys_only()),
+            ))
             .await?;
         Ok(resp
             .kvs()
@@ -217,7 +332,11 @@ impl Store {
         let mut compares = vec![Compare::create_revision(key, CompareOp::Equal, 0)];
         let mut ops = vec![TxnOp::put(key, encode(value), None)];
         for claim in claims {
-            compares.push(Compare::create_revision(claim.as_str(), CompareOp::Equal, 0));
+            compares.push(Compare::create_revision(
+                claim.as_str(),
+                CompareOp::Equal,
+                0,
+            ));
             ops.push(TxnOp::put(claim.as_str(), key, None));
         }
         let reads = std::iter::once(key)
@@ -226,7 +345,7 @@ impl Store {
             .collect::<Vec<_>>();
         let txn = Txn::new().when(compares).and_then(ops).or_else(reads);
         let mut kv = self.kv.clone();
-        let resp = kv.txn(txn).await?;
+        let resp = self.call(kv.txn(txn)).await?;
         let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
         if resp.succeeded() {
             return Ok(revision);
@@ -257,7 +376,11 @@ impl Store {
         let mut compares = vec![Compare::mod_revision(key, CompareOp::Equal, expected)];
         let mut ops = vec![TxnOp::put(key, encode(value), None)];
         for claim in claims {
-            compares.push(Compare::create_revision(claim.as_str(), CompareOp::Equal, 0));
+            compares.push(Compare::create_revision(
+                claim.as_str(),
+                CompareOp::Equal,
+                0,
+            ));
             ops.push(TxnOp::put(claim.as_str(), key, None));
         }
         for release in releases {
@@ -296,7 +419,7 @@ impl Store {
             .collect::<Vec<_>>();
         let txn = Txn::new().when(compares).and_then(ops).or_else(reads);
         let mut kv = self.kv.clone();
-        let resp = kv.txn(txn).await?;
+        let resp = self.call(kv.txn(txn)).await?;
         let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
         if resp.succeeded() {
             return Ok(revision);
@@ -323,7 +446,7 @@ impl Store {
     /// Compact the history before `revision`.
     pub async fn compact(&self, revision: i64) -> Result<(), StorageError> {
         let mut kv = self.kv.clone();
-        kv.compact(revision, None).await?;
+        self.call(kv.compact(revision, None)).await?;
         Ok(())
     }
 
@@ -344,7 +467,7 @@ impl Store {
             options = options.with_start_revision(after + 1);
         }
         let mut watch = self.watch.clone();
-        let stream = watch.watch(prefix, Some(options)).await?;
+        let stream = self.call(watch.watch(prefix, Some(options))).await?;
         let (mut sender, mut responses) = stream.split();
         let stream = async_stream(move |tx| async move {
             // Ask for a progress notification now and then, so idle watches
@@ -520,10 +643,11 @@ fn encode(value: &Value) -> Vec<u8> {
 }
 
 fn decode(key: &str, bytes: &[u8], revision: i64) -> Result<Stored, StorageError> {
-    let mut value: Value = serde_json::from_slice(bytes).map_err(|source| StorageError::Corrupt {
-        key: key.into(),
-        source,
-    })?;
+    let mut value: Value =
+        serde_json::from_slice(bytes).map_err(|source| StorageError::Corrupt {
+            key: key.into(),
+            source,
+        })?;
     set_resource_version(&mut value, revision);
     Ok(Stored { value, revision })
 }
@@ -531,7 +655,10 @@ fn decode(key: &str, bytes: &[u8], revision: i64) -> Result<Stored, StorageError
 /// Set `metadata.resourceVersion` of `object` to `revision`.
 pub fn set_resource_version(object: &mut Value, revision: i64) {
     if let Some(meta) = object.get_mut("metadata").and_then(Value::as_object_mut) {
-        meta.insert("resourceVersion".into(), Value::String(revision.to_string()));
+        meta.insert(
+            "resourceVersion".into(),
+            Value::String(revision.to_string()),
+        );
     }
 }
 
@@ -549,6 +676,54 @@ mod tests {
         let stored = decode("/k", &bytes, 34).expect("decodes");
         assert_eq!(stored.value["metadata"]["resourceVersion"], "34");
         assert_eq!(stored.revision, 34);
+    }
+
+    #[test]
+    fn a_store_whose_etcd_is_down_fails_fast() {
+        // A port nothing listens on.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("bind a free port")
+            .local_addr()
+            .expect("local address")
+            .port();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            let store = match Store::connect(&[format!("http://127.0.0.1:{port}")]).await {
+                Ok(store) => store,
+                // The client may refuse outright; that is fast too.
+                Err(StorageError::Unavailable { .. }) => return,
+                Err(other) => panic!("unexpected error: {other}"),
+            };
+            assert!(!store.healthy().await, "nothing answers on {port}");
+            let start = std::time::Instant::now();
+            for _ in 0..3 {
+                let err = store.get("/registry/x").await.expect_err("etcd is down");
+                assert!(matches!(err, StorageError::Unavailable { .. }), "{err}");
+                let err = store
+                    .create("/registry/x", &json!({}), &[])
+                    .await
+                    .expect_err("etcd is down");
+                assert!(matches!(err, StorageError::Unavailable { .. }), "{err}");
+            }
+            assert!(
+                start.elapsed() < Duration::from_millis(500),
+                "six refused calls took {:?}",
+                start.elapsed()
+            );
+        });
+    }
+
+    #[test]
+    fn connection_errors_are_told_from_refusals() {
+        let down = etcd_client::Error::IoError(std::io::Error::other("reset"));
+        assert!(is_connection_error(&down));
+        let refused = etcd_client::Error::InvalidArgs("bad".into());
+        assert!(!is_connection_error(&refused));
+        assert!(matches!(known_down(), StorageError::Unavailable { .. }));
     }
 
     #[test]

@@ -335,6 +335,9 @@ pub struct ApiServer {
     extra_args: Vec<String>,
     kubectl: PathBuf,
     server: Option<ProcessGroup>,
+    /// The `skiff-control` subcommand: `apiserver`, or `all` (with the
+    /// controller manager and the scheduler).
+    subcommand: &'static str,
 }
 
 impl ApiServer {
@@ -346,6 +349,16 @@ impl ApiServer {
     /// Starts a server with extra command-line flags (e.g. `["--etcd-servers", &etcd.url()]`) and
     /// waits until `/readyz` answers 200.
     pub fn start_with(args: &[&str]) -> ApiServer {
+        ApiServer::start_subcommand("apiserver", args)
+    }
+
+    /// Starts `skiff-control all` (the API server with the controller manager and the
+    /// scheduler) with extra flags and waits until `/readyz` answers 200.
+    pub fn start_all(args: &[&str]) -> ApiServer {
+        ApiServer::start_subcommand("all", args)
+    }
+
+    fn start_subcommand(subcommand: &'static str, args: &[&str]) -> ApiServer {
         let dir = tempfile::Builder::new()
             .prefix("skiff-test-")
             .tempdir()
@@ -357,6 +370,7 @@ impl ApiServer {
             extra_args: args.iter().map(|a| a.to_string()).collect(),
             kubectl: kubectl_path(),
             server: None,
+            subcommand,
         };
         server.launch();
         server
@@ -400,7 +414,7 @@ impl ApiServer {
         log_marker(&log, &format!("starting {}", bin.display()));
         let (out, err) = log_handles(&log);
         let mut cmd = Command::new(&bin);
-        cmd.arg("apiserver")
+        cmd.arg(self.subcommand)
             .arg("--data-dir")
             .arg(self.data_dir())
             .args(["--bind-address", "127.0.0.1"])
@@ -599,6 +613,123 @@ impl Drop for ApiServer {
         if let Some(group) = self.server.take() {
             group.terminate(Duration::from_secs(2));
         }
+    }
+}
+
+/// A `skiff-agent --hollow` process: `count` hollow nodes registered with an [`ApiServer`]
+/// (started with [`ApiServer::start_all`], whose node IPAM gives them pod CIDRs).
+///
+/// Dropping it (or [`HollowNodes::kill`]) kills the agent at once, which is how a test makes its
+/// nodes stop heartbeating.
+pub struct HollowNodes {
+    process: Option<ProcessGroup>,
+    log: PathBuf,
+    names: Vec<String>,
+}
+
+impl HollowNodes {
+    /// Starts `count` hollow nodes with the server's admin kubeconfig and `args` (e.g.
+    /// `["--name-prefix", "a-", "--node-lease-renew-interval", "1s"]`), logging to a file in the
+    /// server's directory. Does not wait for them: see [`HollowNodes::wait_ready`].
+    pub fn start(server: &ApiServer, count: u32, args: &[&str]) -> HollowNodes {
+        static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let log = server.dir().join(format!("agent-{n}.log"));
+        let flag = |name: &str| {
+            args.iter()
+                .position(|a| *a == name)
+                .and_then(|i| args.get(i + 1))
+                .map(|v| v.to_string())
+        };
+        let prefix = flag("--name-prefix").unwrap_or_else(|| "hollow-".to_string());
+        let first: u32 = flag("--first-index").map_or(0, |v| v.parse().expect("a numeric --first-index"));
+        let names = (first..first + count).map(|i| format!("{prefix}{i}")).collect();
+        let bin = bin_path("skiff-agent");
+        log_marker(&log, &format!("starting {}", bin.display()));
+        let (out, err) = log_handles(&log);
+        let mut cmd = Command::new(&bin);
+        cmd.arg("--hollow")
+            .arg("--count")
+            .arg(count.to_string())
+            .arg("--kubeconfig")
+            .arg(server.kubeconfig())
+            .args(args)
+            .env("RUST_BACKTRACE", "1")
+            .stdout(out)
+            .stderr(err);
+        HollowNodes {
+            process: Some(ProcessGroup::spawn_or_panic(cmd, "skiff-agent --hollow")),
+            log,
+            names,
+        }
+    }
+
+    /// The names of the nodes (from `--name-prefix`, `--first-index` and the count).
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+
+    /// Everything the agent printed.
+    pub fn logs(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until every node of this agent is Ready with a pod CIDR; panics with the agent's and
+    /// the server's logs after `timeout`.
+    pub fn wait_ready(&mut self, server: &ApiServer, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.process.as_mut().and_then(ProcessGroup::exited) {
+                panic!(
+                    "skiff-agent exited with {status}\n--- agent log ---\n{}",
+                    tail(&self.logs(), LOG_TAIL_LINES)
+                );
+            }
+            let out = server.kubectl(&["get", "nodes", "-o", "json"]);
+            let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            let ready = |name: &str| {
+                list["items"].as_array().into_iter().flatten().any(|node| {
+                    node["metadata"]["name"] == name
+                        && node["spec"]["podCIDR"].is_string()
+                        && node["status"]["conditions"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .any(|c| c["type"] == "Ready" && c["status"] == "True")
+                })
+            };
+            if self.names.iter().all(|n| ready(n)) {
+                return;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "hollow nodes {:?} not Ready with a pod CIDR after {timeout:?}\n--- agent log ---\n{}\n--- server log ---\n{}",
+                    self.names,
+                    tail(&self.logs(), LOG_TAIL_LINES),
+                    server.log_excerpt()
+                );
+            }
+            thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    /// Whether the agent runs.
+    pub fn is_running(&mut self) -> bool {
+        self.process.as_mut().is_some_and(|g| g.exited().is_none())
+    }
+
+    /// Kills the agent at once (SIGKILL to its group): its nodes stop heartbeating.
+    pub fn kill(&mut self) {
+        if let Some(group) = self.process.take() {
+            group.terminate(Duration::ZERO);
+            log_marker(&self.log, "killed");
+        }
+    }
+}
+
+impl Drop for HollowNodes {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 

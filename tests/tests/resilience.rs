@@ -385,13 +385,24 @@ fn service(name: &str, extra: &str) -> String {
     )
 }
 
-/// (clusterIP, nodePort) of every Service in `default`.
+/// (name, clusterIP, nodePort) of every Service in `default` but the API
+/// server's own `kubernetes` Service.
 fn allocations(server: &ApiServer) -> Vec<(String, String, u64)> {
     let list = server.kubectl_json(&["get", "svc", "-n", "default"]);
-    list["items"]
+    let items = list["items"]
         .as_array()
-        .unwrap_or_else(|| panic!("items in {list:#}"))
+        .unwrap_or_else(|| panic!("items in {list:#}"));
+    let own = items
         .iter()
+        .find(|s| s["metadata"]["name"] == "kubernetes")
+        .unwrap_or_else(|| panic!("the bootstrap creates default/kubernetes: {list:#}"));
+    assert_eq!(
+        own["spec"]["clusterIP"], "10.96.0.1",
+        "the kubernetes Service holds the first address of the range: {own:#}"
+    );
+    items
+        .iter()
+        .filter(|s| s["metadata"]["name"] != "kubernetes")
         .map(|s| {
             (
                 s["metadata"]["name"]

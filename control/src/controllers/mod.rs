@@ -18,6 +18,17 @@ use tokio_util::sync::CancellationToken;
 use crate::events::EventRecorder;
 use crate::leader::{self, ElectionTiming, LeaderElection};
 
+pub mod endpoints;
+pub mod gc;
+pub mod lbipam;
+pub mod namespace;
+pub mod node_ipam;
+pub mod node_lifecycle;
+pub mod pods;
+pub mod replicaset;
+pub mod deployment;
+pub mod serviceaccount;
+
 /// What the controllers are configured with (upstream's
 /// kube-controller-manager flags of the same names).
 #[derive(Debug, Clone, clap::Args)]
@@ -96,6 +107,15 @@ pub async fn run_controllers(ctx: Arc<Context>, shutdown: CancellationToken) {
     let mut tasks: JoinSet<()> = JoinSet::new();
     // One line per controller; each returns when `shutdown` is cancelled.
     let _ = (&ctx, &mut tasks);
+    tasks.spawn(endpoints::run(ctx.clone(), shutdown.clone()));
+    tasks.spawn(serviceaccount::run(ctx.clone(), shutdown.clone()));
+    tasks.spawn(namespace::run(ctx.clone(), shutdown.clone()));
+    tasks.spawn(gc::run(ctx.clone(), shutdown.clone()));
+    tasks.spawn(lbipam::run(ctx.clone(), shutdown.clone()));
+    tasks.spawn(replicaset::run(ctx.clone(), shutdown.clone()));
+    tasks.spawn(deployment::run(ctx.clone(), shutdown.clone()));
+    tasks.spawn(node_ipam::run(ctx.clone(), shutdown.clone()));
+    tasks.spawn(node_lifecycle::run(ctx.clone(), shutdown.clone()));
     shutdown.cancelled().await;
     while tasks.join_next().await.is_some() {}
 }

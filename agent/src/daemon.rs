@@ -1,0 +1,90 @@
+//! What every mode of the agent shares: the one tracing subscriber, the one
+//! shutdown token, and the API client.
+
+use std::path::Path;
+
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use tokio_util::sync::CancellationToken;
+
+/// Errors building a client.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The kubeconfig could not be read or used.
+    #[error("cannot use kubeconfig {path}: {source}")]
+    Kubeconfig {
+        /// The file.
+        path: String,
+        /// The cause.
+        #[source]
+        source: kube::config::KubeconfigError,
+    },
+    /// No kubeconfig was given and none could be inferred.
+    #[error("no kubeconfig given and none could be inferred: {source}")]
+    Infer {
+        /// The cause.
+        #[source]
+        source: kube::config::InferConfigError,
+    },
+    /// The client could not be built.
+    #[error("cannot build a client: {source}")]
+    Build {
+        /// The cause.
+        #[source]
+        source: kube::Error,
+    },
+}
+
+/// Set up the one tracing subscriber of the process (stderr, `filter` as
+/// RUST_LOG; `info` if it does not parse).
+pub fn init_tracing(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// The process's shutdown token, cancelled on SIGINT or SIGTERM.
+pub fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let cancel = token.clone();
+    tokio::spawn(async move {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGTERM");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+        tracing::info!("shutting down");
+        cancel.cancel();
+    });
+    token
+}
+
+/// A client from `kubeconfig`, or from the environment (`$KUBECONFIG`,
+/// in-cluster) when `None`.
+pub async fn client(kubeconfig: Option<&Path>) -> Result<kube::Client, ClientError> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let wrap = |source| ClientError::Kubeconfig {
+                path: path.display().to_string(),
+                source,
+            };
+            let file = Kubeconfig::read_from(path).map_err(wrap)?;
+            kube::Config::from_custom_kubeconfig(file, &KubeConfigOptions::default())
+                .await
+                .map_err(wrap)?
+        }
+        None => kube::Config::infer()
+            .await
+            .map_err(|source| ClientError::Infer { source })?,
+    };
+    kube::Client::try_from(config).map_err(|source| ClientError::Build { source })
+}
