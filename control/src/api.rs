@@ -55,6 +55,8 @@ pub struct AppState {
     /// Cancelled when the server shuts down; open watches end their
     /// streams then, so that graceful shutdown need not wait for them.
     pub shutdown: CancellationToken,
+    /// Active namespaces, so creates need not read theirs from etcd.
+    pub namespaces: Arc<crate::nscache::NamespaceCache>,
 }
 
 /// The API server's routes (authentication and metrics are layered on by
@@ -756,6 +758,9 @@ impl Request<'_> {
         let Some(ns) = self.target.namespace.as_deref() else {
             return Ok(());
         };
+        if self.state.namespaces.is_active(ns) {
+            return Ok(());
+        }
         let namespaces = registry::find("", "v1", "namespaces").expect("namespaces are served");
         let stored = self
             .state
@@ -1010,11 +1015,14 @@ impl Request<'_> {
                 ApiError::new(e.http_code(), reason_for(e.http_code()), e.to_string())
             })?;
             let warnings = self.field_validation(&mut patched)?;
+            // The patched object keeps the current resourceVersion unless the
+            // patch itself names another one: that is a precondition.
             let precondition = patched
                 .pointer("/metadata/resourceVersion")
                 .and_then(Value::as_str)
-                .and_then(|v| v.parse::<i64>().ok());
-            if precondition.is_some_and(|p| p != current.revision) {
+                .and_then(|v| v.parse::<i64>().ok())
+                .filter(|p| *p != current.revision);
+            if precondition.is_some() {
                 return Err(ApiError::conflict(info.group, info.plural, self.name()));
             }
             let (next, sub) = match self.target.subresource {
@@ -1044,7 +1052,8 @@ impl Request<'_> {
                     };
                     return Ok(self.render_one(StatusCode::OK, object, written.warnings));
                 }
-                Err(e) if e.reason == "Conflict" && precondition.is_none() => continue,
+                // Lost a race with another writer: patch the new state.
+                Err(e) if e.reason == "Conflict" => continue,
                 Err(e) => return Err(e),
             }
         }

@@ -28,12 +28,18 @@ impl EventType {
     }
 }
 
+/// An event already written: (object uid, reason, message).
+type EventKey = (String, String, String);
+
+/// Where that event lives and how often it was seen: (namespace, name, count).
+type EventSeen = (String, String, i32);
+
 /// Writes Events for one component (e.g. `default-scheduler`).
 pub struct EventRecorder {
     client: kube::Client,
     component: String,
-    /// Events already written: (object uid, reason, message) → (namespace, name, count).
-    seen: Mutex<HashMap<(String, String, String), (String, String, i32)>>,
+    /// Events already written.
+    seen: Mutex<HashMap<EventKey, EventSeen>>,
 }
 
 impl EventRecorder {

@@ -212,7 +212,9 @@ pub async fn run_apiserver_with(
         authorizer: Box::new(AllowAuthenticated),
     });
     let metrics = Arc::new(Metrics::new());
+    let namespaces = crate::nscache::NamespaceCache::spawn(store.clone(), shutdown.clone());
     let state = Arc::new(AppState {
+        namespaces,
         store,
         openapi: OpenApi::build(),
         allocator: ServiceAllocator::new(

@@ -25,6 +25,10 @@ use etcd_client::{
 use futures::Stream;
 use serde_json::Value;
 
+/// The largest etcd response the API server reads: a list of every object
+/// of a kind is one response.
+const MAX_RESPONSE_BYTES: usize = 1 << 30;
+
 /// How long one etcd request may take before the API server answers 503.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -228,14 +232,19 @@ impl Store {
             .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
             .with_keep_alive_while_idle(true);
         let client = Client::connect(endpoints, Some(options)).await?;
-        let mut kv = client.kv_client();
+        // Lists of thousands of objects exceed gRPC's default 4 MiB limit.
+        let mut kv = client
+            .kv_client()
+            .max_decoding_message_size(MAX_RESPONSE_BYTES);
         let health = Arc::new(Health {
             healthy: AtomicBool::new(probe(&mut kv).await),
         });
         tokio::spawn(probe_loop(kv.clone(), Arc::downgrade(&health)));
         Ok(Store {
             kv,
-            watch: client.watch_client(),
+            watch: client
+                .watch_client()
+                .max_decoding_message_size(MAX_RESPONSE_BYTES),
             client,
             health,
         })

@@ -108,7 +108,7 @@ fn failed_scheduling(server: &ApiServer, name: &str) -> Option<String> {
         .iter()
         .filter(|e| e["involvedObject"]["name"] == name && e["reason"] == "FailedScheduling")
         .filter_map(|e| e["message"].as_str())
-        .last()
+        .next_back()
         .map(str::to_string)
 }
 

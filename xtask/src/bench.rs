@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, anyhow, bail, ensure};
+use anyhow::{Context, Result, bail, ensure};
 use bytes::Bytes;
 use clap::{Args, ValueEnum};
 use http::header::{ACCEPT, CONTENT_TYPE, HOST};
@@ -207,6 +207,14 @@ fn apiserver(ws: &Path, args: &BenchArgs) -> Result<()> {
         bin.display(),
         data.display()
     ));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("could not start the tokio runtime")?;
+    let mut interrupts = {
+        let _context = runtime.enter();
+        Interrupts::install()?
+    };
     let group =
         ProcessGroup::spawn(cmd).with_context(|| format!("could not start {}", bin.display()))?;
     let mut server = Server {
@@ -214,14 +222,10 @@ fn apiserver(ws: &Path, args: &BenchArgs) -> Result<()> {
         log,
     };
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("could not start the tokio runtime")?;
     let outcome = runtime.block_on(async {
         tokio::select! {
-            result = measure(&mut server, &data, port, args) => result,
-            signal = interrupted() => Err(anyhow!("interrupted by {signal}")),
+            result = measure(&mut server, &data, port, args) => Ok(result),
+            signal = interrupts.recv() => Err(signal),
         }
     });
     // Watch connections may still be open: drop every task before the server goes.
@@ -230,7 +234,13 @@ fn apiserver(ws: &Path, args: &BenchArgs) -> Result<()> {
     say("stopping skiff-control");
     server.stop();
     drop(dir);
-    let report = outcome.map_err(|e| e.context(format!("--- server log ---\n{tail}")))?;
+    let report = match outcome {
+        Ok(Ok(report)) => report,
+        Ok(Err(e)) => bail!("{e:#}\n--- server log (last lines) ---\n{tail}"),
+        Err(signal) => {
+            bail!("interrupted by {signal}; the server is stopped and its files removed")
+        }
+    };
 
     let machine = Machine::describe(ws);
     println!("{}", report.table(&machine));
@@ -254,23 +264,33 @@ fn apiserver(ws: &Path, args: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// Resolves on SIGINT, SIGTERM or SIGHUP, with the signal's name.
-async fn interrupted() -> &'static str {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut int), Ok(mut term), Ok(mut hup)) = (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-        signal(SignalKind::hangup()),
-    ) else {
-        // Without handlers the default action (exit) still stops us; the process group of the
-        // server is then killed by nobody, so say so.
-        say("could not install signal handlers: Ctrl-C would leave the server running");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = int.recv() => "SIGINT",
-        _ = term.recv() => "SIGTERM",
-        _ = hup.recv() => "SIGHUP",
+/// SIGINT, SIGTERM and SIGHUP handlers, installed before the server starts so that none of
+/// them can kill us (the default action) and leave the server running.
+struct Interrupts(
+    tokio::signal::unix::Signal,
+    tokio::signal::unix::Signal,
+    tokio::signal::unix::Signal,
+);
+
+impl Interrupts {
+    /// Installs the handlers; needs a runtime context.
+    fn install() -> Result<Interrupts> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let install = |kind: SignalKind| signal(kind).context("could not install a signal handler");
+        Ok(Interrupts(
+            install(SignalKind::interrupt())?,
+            install(SignalKind::terminate())?,
+            install(SignalKind::hangup())?,
+        ))
+    }
+
+    /// Resolves on the next signal, with its name.
+    async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.0.recv() => "SIGINT",
+            _ = self.1.recv() => "SIGTERM",
+            _ = self.2.recv() => "SIGHUP",
+        }
     }
 }
 

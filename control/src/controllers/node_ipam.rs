@@ -29,6 +29,9 @@ use crate::events::{EventType, reference};
 /// The most subnets the allocator manages (a /8 into /24s is 65,536).
 const MAX_SUBNETS: u32 = 24;
 
+/// How long new Nodes are gathered before their CIDRs are written.
+const BATCH_DELAY: Duration = Duration::from_millis(100);
+
 /// How many Nodes' CIDRs are written at once.
 const CONCURRENT_WRITES: usize = 16;
 
@@ -257,16 +260,17 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
     let mut ipam: Option<Ipam> = None;
     let mut retry = tokio::time::interval(RETRY);
     retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // Nodes wait for a CIDR; they are given one, in a batch, once no more
-    // events are ready, so that a burst of new Nodes is written concurrently.
-    let mut dirty = false;
+    // Nodes wait for a CIDR; they are given one in batches, at most
+    // `BATCH_DELAY` after the first of a batch was seen, so that a burst of
+    // new Nodes is written concurrently.
+    let mut dirty: Option<tokio::time::Instant> = None;
     loop {
         let event = tokio::select! {
             biased;
             _ = shutdown.cancelled() => return,
             event = stream.next() => event,
-            _ = std::future::ready(()), if dirty => {
-                dirty = false;
+            _ = tokio::time::sleep_until(dirty.unwrap_or_else(tokio::time::Instant::now)), if dirty.is_some() => {
+                dirty = None;
                 if let Some(ipam) = ipam.as_mut() {
                     assign_waiting(&ctx, &api, ipam).await;
                 }
@@ -288,20 +292,24 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
                 let fresh = Ipam::rebuild(&allocator, &listing);
                 listing.clear();
                 tracing::info!(used = fresh.allocator.used(), capacity = %fresh.allocator.capacity(), "node IPAM state rebuilt");
-                dirty = !fresh.waiting.is_empty();
+                if !fresh.waiting.is_empty() {
+                    dirty = Some(tokio::time::Instant::now());
+                }
                 ipam = Some(fresh);
             }
             Some(Ok(watcher::Event::Apply(node))) => {
                 if let Some(ipam) = ipam.as_mut()
                     && ipam.observe(&node)
                 {
-                    dirty = true;
+                    dirty.get_or_insert_with(|| tokio::time::Instant::now() + BATCH_DELAY);
                 }
             }
             Some(Ok(watcher::Event::Delete(node))) => {
                 if let Some(ipam) = ipam.as_mut() {
                     ipam.forget(node.metadata.name.as_deref().unwrap_or_default());
-                    dirty |= !ipam.waiting.is_empty();
+                    if !ipam.waiting.is_empty() {
+                        dirty.get_or_insert_with(|| tokio::time::Instant::now() + BATCH_DELAY);
+                    }
                 }
             }
         }
