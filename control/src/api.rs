@@ -443,19 +443,7 @@ impl Request<'_> {
             Some(api_version) if self.target.subresource.is_none() => {
                 let include =
                     IncludeObject::parse(self.query.get("includeObject").map(String::as_str));
-                let rv = object
-                    .pointer("/metadata/resourceVersion")
-                    .cloned()
-                    .unwrap_or(Value::Null);
-                let mut t = table::table(
-                    self.info(),
-                    std::slice::from_ref(&object),
-                    include,
-                    api_version,
-                    jiff::Timestamp::now(),
-                );
-                t["metadata"] = json!({"resourceVersion": rv});
-                json_response(code, &t)
+                json_response(code, &one_row_table(self.info(), &object, include, api_version))
             }
             _ => json_response(code, &object),
         };
@@ -543,19 +531,7 @@ impl Request<'_> {
         let render = move |kind: &str, object: Value| -> Bytes {
             let object = match table_version {
                 Some(v) if kind != "BOOKMARK" && kind != "ERROR" => {
-                    let rv = object
-                        .pointer("/metadata/resourceVersion")
-                        .cloned()
-                        .unwrap_or(Value::Null);
-                    let mut t = table::table(
-                        info,
-                        std::slice::from_ref(&object),
-                        include,
-                        v,
-                        jiff::Timestamp::now(),
-                    );
-                    t["metadata"] = json!({"resourceVersion": rv});
-                    t
+                    one_row_table(info, &object, include, v)
                 }
                 _ => object,
             };
@@ -1573,6 +1549,29 @@ fn error_watch(line: Bytes) -> Response {
         HeaderValue::from_static("application/json"),
     );
     response
+}
+
+/// A Table of one object carrying that object's resourceVersion, as a
+/// single GET and each watch event answer under `kubectl get`.
+fn one_row_table(
+    info: &ResourceInfo,
+    object: &Value,
+    include: IncludeObject,
+    api_version: &str,
+) -> Value {
+    let rv = object
+        .pointer("/metadata/resourceVersion")
+        .cloned()
+        .unwrap_or(Value::Null);
+    let mut t = table::table(
+        info,
+        std::slice::from_ref(object),
+        include,
+        api_version,
+        jiff::Timestamp::now(),
+    );
+    t["metadata"] = json!({"resourceVersion": rv});
+    t
 }
 
 /// Decode a JSON or YAML request body.

@@ -348,11 +348,10 @@ impl Store {
             ));
             ops.push(TxnOp::put(claim.as_str(), key, None));
         }
-        let reads = std::iter::once(key)
-            .chain(claims.iter().map(String::as_str))
-            .map(|k| TxnOp::get(k, None))
-            .collect::<Vec<_>>();
-        let txn = Txn::new().when(compares).and_then(ops).or_else(reads);
+        let txn = Txn::new()
+            .when(compares)
+            .and_then(ops)
+            .or_else(conflict_reads(key, claims));
         let mut kv = self.kv.clone();
         let resp = self.call(kv.txn(txn)).await?;
         let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
@@ -422,11 +421,10 @@ impl Store {
         compares: Vec<Compare>,
         ops: Vec<TxnOp>,
     ) -> Result<i64, StorageError> {
-        let reads = std::iter::once(key)
-            .chain(claims.iter().map(String::as_str))
-            .map(|k| TxnOp::get(k, None))
-            .collect::<Vec<_>>();
-        let txn = Txn::new().when(compares).and_then(ops).or_else(reads);
+        let txn = Txn::new()
+            .when(compares)
+            .and_then(ops)
+            .or_else(conflict_reads(key, claims));
         let mut kv = self.kv.clone();
         let resp = self.call(kv.txn(txn)).await?;
         let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
@@ -628,6 +626,15 @@ impl<S> Drop for AbortOnDrop<S> {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// What a failed guarded write reads back to say why it failed: the
+/// object's key, then each claimed side key.
+fn conflict_reads(key: &str, claims: &[String]) -> Vec<TxnOp> {
+    std::iter::once(key)
+        .chain(claims.iter().map(String::as_str))
+        .map(|k| TxnOp::get(k, None))
+        .collect()
 }
 
 fn found_keys(responses: &[TxnOpResponse]) -> Vec<String> {
