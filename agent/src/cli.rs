@@ -10,7 +10,7 @@ use clap::{Args, Parser};
 #[command(
     name = "skiff-agent",
     version,
-    about = "skiff's node agent (hollow nodes for now)"
+    about = "skiff's node agent: a real node on containerd, or hollow nodes (--hollow)"
 )]
 pub struct Cli {
     /// Log filter, as RUST_LOG (e.g. `info`, `skiff_agent=debug`).
@@ -27,6 +27,9 @@ pub struct Cli {
     /// The nodes' shape and timing.
     #[command(flatten)]
     pub node: NodeArgs,
+    /// The real node mode (without `--hollow`): containerd, CNI, state dirs.
+    #[command(flatten)]
+    pub kubelet: crate::kubelet::KubeletArgs,
 }
 
 /// What the agent's nodes look like and how often they report.
@@ -130,6 +133,43 @@ mod tests {
         assert_eq!(
             cli.node.node_status_report_frequency,
             Duration::from_secs(40)
+        );
+    }
+
+    #[test]
+    fn real_node_flags_parse() {
+        let cli = Cli::try_parse_from(["skiff-agent", "--node-name", "n1"]).expect("parses");
+        assert!(!cli.hollow);
+        assert_eq!(cli.kubelet.node_name.as_deref(), Some("n1"));
+        assert!(cli.kubelet.bpf, "the datapath is on by default");
+        assert_eq!(cli.kubelet.kubelet_port, 10250);
+        assert_eq!(
+            cli.kubelet.kubelet_address,
+            "0.0.0.0".parse::<std::net::IpAddr>().expect("ip")
+        );
+        assert_eq!(cli.kubelet.client_ca_file, None);
+        let cli = Cli::try_parse_from([
+            "skiff-agent",
+            "--node-name",
+            "n1",
+            "--bpf=false",
+            "--kubelet-port",
+            "10350",
+            "--kubelet-address",
+            "10.99.0.11",
+            "--client-ca-file",
+            "/etc/skiff/ca.crt",
+        ])
+        .expect("parses");
+        assert!(!cli.kubelet.bpf);
+        assert_eq!(cli.kubelet.kubelet_port, 10350);
+        assert_eq!(
+            cli.kubelet.kubelet_address,
+            "10.99.0.11".parse::<std::net::IpAddr>().expect("ip")
+        );
+        assert_eq!(
+            cli.kubelet.client_ca_file,
+            Some(PathBuf::from("/etc/skiff/ca.crt"))
         );
     }
 

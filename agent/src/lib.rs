@@ -6,6 +6,9 @@
 //! node role (containers, networking, eBPF) will sit beside [`hollow`] and
 //! share [`cli`] and [`daemon`].
 
+pub mod bpf;
 pub mod cli;
 pub mod daemon;
 pub mod hollow;
+pub mod kubelet;
+pub mod skiffctl;

@@ -1,7 +1,11 @@
 //! `skiff-agent`: see the library crate for everything it runs.
 
+use std::sync::Arc;
+
+use anyhow::Context as _;
 use clap::Parser;
 use skiff_agent::cli::Cli;
+use skiff_agent::kubelet::{self, PodNetworkHook, datapath::BpfHook};
 use skiff_agent::{daemon, hollow};
 
 fn main() -> anyhow::Result<()> {
@@ -10,11 +14,26 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
         let shutdown = daemon::shutdown_on_signal();
-        if !cli.hollow {
-            anyhow::bail!("only hollow nodes are implemented yet: pass --hollow");
-        }
         let client = daemon::client(cli.kubeconfig.as_deref()).await?;
-        hollow::run(client, cli.node, shutdown).await?;
+        if cli.hollow {
+            hollow::run(client, cli.node, shutdown).await?;
+            return Ok(());
+        }
+        let hook: Option<Arc<dyn PodNetworkHook>> = match (&cli.kubelet.node_name, cli.kubelet.bpf)
+        {
+            (Some(node), true) => Some(Arc::new(BpfHook::open(node).with_context(|| {
+                format!(
+                    "cannot load the eBPF datapath for node {node} (--bpf=false runs without it)"
+                )
+            })?)),
+            _ => None,
+        };
+        let client_ca = kubelet::server::client_ca(
+            cli.kubeconfig.as_deref(),
+            cli.kubelet.client_ca_file.as_deref(),
+        )
+        .await?;
+        kubelet::run(client, cli.kubelet, cli.node, hook, client_ca, shutdown).await?;
         Ok(())
     })
 }

@@ -57,6 +57,8 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// Active namespaces, so creates need not read theirs from etcd.
     pub namespaces: Arc<crate::nscache::NamespaceCache>,
+    /// How `pods/log`, `pods/exec`… reach the node agents.
+    pub node_proxy: crate::nodeproxy::NodeProxy,
 }
 
 /// The API server's routes (authentication and metrics are layered on by
@@ -75,6 +77,12 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/apis", get(apis_root))
         .route("/openapi/v3", get(openapi_index))
         .route("/openapi/v3/{*path}", get(openapi_document))
+        .route(
+            "/api/v1/namespaces/{namespace}/pods/{name}/{subresource}",
+            get(crate::nodeproxy::pod_subresource)
+                .post(crate::nodeproxy::pod_subresource)
+                .fallback(resource),
+        )
         .fallback(resource)
         .with_state(state)
 }
@@ -213,7 +221,8 @@ pub fn parse_path(path: &str) -> Option<Target> {
     })
 }
 
-async fn resource(
+/// Every resource request: the generic REST verbs on a parsed path.
+pub(crate) async fn resource(
     State(state): State<Arc<AppState>>,
     method: Method,
     uri: Uri,

@@ -204,7 +204,11 @@ impl Authenticator {
 /// The user named by the leaf of a verified client certificate chain; none
 /// when the chain is empty, unparseable or the common name is empty.
 fn user_from_certificate(peer: &PeerCertificates) -> Option<UserInfo> {
-    let leaf = peer.0.first()?;
+    peer.user_with(user_from_chain).cloned()
+}
+
+fn user_from_chain(chain: &[rustls::pki_types::CertificateDer<'static>]) -> Option<UserInfo> {
+    let leaf = chain.first()?;
     let (_, cert) = x509_parser::parse_x509_certificate(leaf).ok()?;
     let (cn, groups) = crate::pki::subject_of(&cert);
     let name = cn.filter(|cn| !cn.is_empty())?;
@@ -779,7 +783,7 @@ mod tests {
             use rustls::pki_types::pem::PemObject;
             rustls::pki_types::CertificateDer::from_pem_slice(cert.as_bytes()).expect("pem")
         };
-        let peer = PeerCertificates(vec![der]);
+        let peer = PeerCertificates::new(vec![der]);
         let auth = Authenticator::new(None).expect("authenticator");
         // A certificate wins over a bad token, as upstream's union authenticator does.
         let mut headers = HeaderMap::new();

@@ -17,6 +17,7 @@ pub mod events;
 pub mod leader;
 pub mod meta;
 pub mod metrics;
+pub mod nodeproxy;
 pub mod nscache;
 pub mod openapi;
 pub mod patch;

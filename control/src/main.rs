@@ -4,6 +4,12 @@ use clap::Parser;
 use skiff_control::cli::{Cli, Command};
 use skiff_control::server;
 
+/// mimalloc instead of glibc's malloc: the API server allocates and frees
+/// many small JSON values per request, and glibc's allocator took about a
+/// tenth of its CPU under load (see BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     server::init_tracing(&cli.log);

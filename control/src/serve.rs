@@ -33,8 +33,41 @@ const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 
 /// The verified client certificate chain of the connection (leaf first),
 /// inserted into every request's extensions; absent when the client sent none.
+///
+/// Cloning is cheap (one shared chain per connection), and the user the
+/// leaf names is parsed once per connection, on first use, not per request.
 #[derive(Clone, Debug)]
-pub struct PeerCertificates(pub Vec<rustls::pki_types::CertificateDer<'static>>);
+pub struct PeerCertificates(Arc<PeerChain>);
+
+#[derive(Debug)]
+struct PeerChain {
+    chain: Vec<rustls::pki_types::CertificateDer<'static>>,
+    user: std::sync::OnceLock<Option<crate::auth::UserInfo>>,
+}
+
+impl PeerCertificates {
+    /// A verified chain, leaf first.
+    pub fn new(chain: Vec<rustls::pki_types::CertificateDer<'static>>) -> PeerCertificates {
+        PeerCertificates(Arc::new(PeerChain {
+            chain,
+            user: std::sync::OnceLock::new(),
+        }))
+    }
+
+    /// The chain, leaf first.
+    pub fn chain(&self) -> &[rustls::pki_types::CertificateDer<'static>] {
+        &self.0.chain
+    }
+
+    /// The value `parse` computes from the chain, computed once per
+    /// connection and cached.
+    pub fn user_with(
+        &self,
+        parse: impl FnOnce(&[rustls::pki_types::CertificateDer<'static>]) -> Option<crate::auth::UserInfo>,
+    ) -> Option<&crate::auth::UserInfo> {
+        self.0.user.get_or_init(|| parse(&self.0.chain)).as_ref()
+    }
+}
 
 /// Serve `app` over TLS on `listener` until `shutdown` resolves, then stop
 /// accepting, let in-flight connections finish for up to 5 s and drop the
@@ -119,7 +152,7 @@ async fn serve_connection(
         .1
         .peer_certificates()
         .filter(|chain| !chain.is_empty())
-        .map(|chain| PeerCertificates(chain.to_vec()));
+        .map(|chain| PeerCertificates::new(chain.to_vec()));
 
     let service = app.map_request(move |mut request: http::Request<Incoming>| {
         if let Some(peer) = &peer {

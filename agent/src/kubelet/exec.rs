@@ -1,0 +1,529 @@
+//! `kubectl exec` on the agent: the Kubernetes WebSocket stream protocol
+//! (`v5.channel.k8s.io`, `v4.channel.k8s.io`) over a containerd exec whose
+//! stdio are FIFOs.
+//!
+//! Every binary WebSocket message starts with a channel byte: 0 stdin (from
+//! the client), 1 stdout, 2 stderr, 3 error (one metav1 `Status` when the
+//! command ends: `Success`, or `Failure` with reason `NonZeroExitCode` and
+//! the exit code as cause `ExitCode`, which is how kubectl learns it), 4
+//! terminal resize (`{"Width":…,"Height":…}` from the client); v5 adds 255,
+//! close (`[255, 0]`: the client's stdin ended).
+//!
+//! The process runs as the container's own process does (its user, env,
+//! working directory and capabilities from the container's OCI spec) with
+//! the requested command. The FIFOs live in `<run-dir>/exec/<exec-id>/`;
+//! each end is opened by a blocking thread (a FIFO open waits for its peer,
+//! the shim), which also lets the end be released if the shim never comes.
+
+use std::fs::OpenOptions;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, close_code};
+use futures::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+use super::runtime::{ExecStdio, Runtime};
+
+/// The stream protocols served, preferred first.
+pub const PROTOCOLS: [&str; 2] = [PROTOCOL_V5, PROTOCOL_V4];
+/// The protocol with the close channel.
+pub const PROTOCOL_V5: &str = "v5.channel.k8s.io";
+/// The protocol whose error channel carries a `Status`.
+pub const PROTOCOL_V4: &str = "v4.channel.k8s.io";
+
+/// Channel: stdin.
+pub const STDIN: u8 = 0;
+/// Channel: stdout.
+pub const STDOUT: u8 = 1;
+/// Channel: stderr.
+pub const STDERR: u8 = 2;
+/// Channel: the final status.
+pub const ERROR: u8 = 3;
+/// Channel: terminal resize.
+pub const RESIZE: u8 = 4;
+/// Channel (v5): close the channel named by the next byte.
+pub const CLOSE: u8 = 255;
+
+/// How long output may still drain after the process exited.
+const DRAIN: Duration = Duration::from_secs(5);
+
+/// The query of `/exec`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExecOptions {
+    /// `command` (repeated): the argv.
+    pub command: Vec<String>,
+    /// `stdin`.
+    pub stdin: bool,
+    /// `stdout`.
+    pub stdout: bool,
+    /// `stderr`.
+    pub stderr: bool,
+    /// `tty`.
+    pub tty: bool,
+}
+
+impl ExecOptions {
+    /// Parse the query string; a command and at least one stream are needed.
+    pub fn parse(query: Option<&str>) -> Result<ExecOptions, String> {
+        let mut options = ExecOptions::default();
+        for (key, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+            let flag = || matches!(value.as_ref(), "1" | "t" | "T" | "true" | "TRUE" | "True");
+            match key.as_ref() {
+                "command" => options.command.push(value.into_owned()),
+                "input" | "stdin" => options.stdin = flag(),
+                "output" | "stdout" => options.stdout = flag(),
+                "error" | "stderr" => options.stderr = flag(),
+                "tty" => options.tty = flag(),
+                _ => {}
+            }
+        }
+        if options.command.is_empty() {
+            return Err("you must specify at least one command for the container".into());
+        }
+        if !(options.stdin || options.stdout || options.stderr) {
+            return Err("you must specify at least 1 of stdin, stdout, stderr".into());
+        }
+        if options.tty {
+            // A terminal merges stderr into stdout, as upstream.
+            options.stderr = false;
+        }
+        Ok(options)
+    }
+}
+
+/// The metav1 `Status` ending a command: success, or its exit code.
+pub fn exit_status(command: &[String], code: u32) -> Value {
+    if code == 0 {
+        return json!({"metadata": {}, "status": "Success"});
+    }
+    json!({
+        "metadata": {},
+        "status": "Failure",
+        "message": format!(
+            "command terminated with non-zero exit code: error executing command {command:?}, exit code {code}"
+        ),
+        "reason": "NonZeroExitCode",
+        "details": {"causes": [{"reason": "ExitCode", "message": code.to_string()}]},
+    })
+}
+
+/// The metav1 `Status` of a command that could not run.
+pub fn error_status(message: &str) -> Value {
+    json!({
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": "InternalError",
+        "details": {"causes": [{"message": message}]},
+        "code": 500,
+    })
+}
+
+/// A terminal size from channel 4.
+pub fn parse_resize(data: &[u8]) -> Option<(u32, u32)> {
+    let value: Value = serde_json::from_slice(data).ok()?;
+    let width = u32::try_from(value["Width"].as_u64()?).ok()?;
+    let height = u32::try_from(value["Height"].as_u64()?).ok()?;
+    Some((width, height))
+}
+
+/// One message on `channel`.
+fn frame(channel: u8, data: &[u8]) -> Message {
+    let mut bytes = Vec::with_capacity(data.len() + 1);
+    bytes.push(channel);
+    bytes.extend_from_slice(data);
+    Message::Binary(Bytes::from(bytes))
+}
+
+/// A FIFO end opened by a blocking thread.
+#[derive(Clone)]
+struct FifoEnd {
+    path: PathBuf,
+    opened: Arc<AtomicBool>,
+}
+
+impl FifoEnd {
+    fn create(dir: &Path, name: &str) -> std::io::Result<FifoEnd> {
+        let path = dir.join(name);
+        nix::unistd::mkfifo(
+            &path,
+            nix::sys::stat::Mode::S_IRUSR | nix::sys::stat::Mode::S_IWUSR,
+        )
+        .map_err(std::io::Error::from)?;
+        Ok(FifoEnd {
+            path,
+            opened: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    /// Unblock the thread's open if the shim never opened the other end:
+    /// open both ends ourselves until the thread got through.
+    fn release(&self) {
+        if self.opened.load(Ordering::Acquire) {
+            return;
+        }
+        let Ok(both) = OpenOptions::new().read(true).write(true).open(&self.path) else {
+            return;
+        };
+        for _ in 0..100 {
+            if self.opened.load(Ordering::Acquire) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        drop(both);
+    }
+}
+
+/// Read `fifo` in a blocking thread and send its chunks on `channel`.
+fn spawn_reader(fifo: &FifoEnd, channel: u8, tx: mpsc::Sender<(u8, Bytes)>) {
+    let path = fifo.path.clone();
+    let opened = fifo.opened.clone();
+    tokio::task::spawn_blocking(move || {
+        let file = OpenOptions::new().read(true).open(&path);
+        opened.store(true, Ordering::Release);
+        let Ok(mut file) = file else {
+            return;
+        };
+        let mut buf = vec![0u8; 32 * 1024];
+        loop {
+            match file.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    if tx
+                        .blocking_send((channel, Bytes::copy_from_slice(&buf[..n])))
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// Write what `rx` gives into `fifo` in a blocking thread; closing the
+/// channel closes the FIFO (the shim keeps a writer of its own, so the
+/// process sees the end of its stdin only after [`Runtime::close_stdin`]).
+fn spawn_writer(fifo: &FifoEnd, mut rx: mpsc::Receiver<Bytes>) -> tokio::task::JoinHandle<()> {
+    let path = fifo.path.clone();
+    let opened = fifo.opened.clone();
+    tokio::task::spawn_blocking(move || {
+        let file = OpenOptions::new().write(true).open(&path);
+        opened.store(true, Ordering::Release);
+        let Ok(mut file) = file else {
+            return;
+        };
+        while let Some(data) = rx.blocking_recv() {
+            if file.write_all(&data).is_err() {
+                return;
+            }
+        }
+    })
+}
+
+/// End the process's stdin: close our end once written, give the shim a
+/// moment to copy what is in the FIFO, then have it close its side.
+async fn close_stdin(
+    runtime: &Runtime,
+    cid: &str,
+    id: &str,
+    in_tx: &mut Option<mpsc::Sender<Bytes>>,
+    writer: &mut Option<tokio::task::JoinHandle<()>>,
+) {
+    if in_tx.take().is_none() {
+        return;
+    }
+    if let Some(writer) = writer.take() {
+        let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    if let Err(error) = runtime.close_stdin(cid, id).await {
+        tracing::debug!(%error, "cannot close the exec's stdin");
+    }
+}
+
+/// A unique exec ID.
+fn exec_id() -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "skiff-exec-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// What an exec session runs.
+#[derive(Debug, Clone)]
+pub struct ExecTarget {
+    /// containerd.
+    pub runtime: Runtime,
+    /// The container's containerd ID.
+    pub container_id: String,
+    /// The container's OCI spec (its `process` is the template).
+    pub spec: Value,
+    /// Where the FIFOs go (`<run-dir>/exec`).
+    pub fifo_dir: PathBuf,
+}
+
+/// Run one `kubectl exec` over `socket` (already upgraded, with
+/// `protocol` negotiated) and close it.
+pub async fn session(target: ExecTarget, options: ExecOptions, socket: WebSocket, v5: bool) {
+    let id = exec_id();
+    let dir = target.fifo_dir.join(&id);
+    let (mut ws_tx, mut ws_rx) = socket.split();
+    let result = run(&target, &options, &id, &dir, &mut ws_tx, &mut ws_rx, v5).await;
+    let status = match result {
+        Ok(Some(code)) => exit_status(&options.command, code),
+        Ok(None) => {
+            // The client went away.
+            let _ = std::fs::remove_dir_all(&dir);
+            return;
+        }
+        Err(message) => {
+            tracing::info!(container = %target.container_id, %message, "exec failed");
+            error_status(&message)
+        }
+    };
+    let _ = ws_tx
+        .send(frame(ERROR, status.to_string().as_bytes()))
+        .await;
+    // A normal closure (1000): client-go takes anything else for an error.
+    let _ = ws_tx
+        .send(Message::Close(Some(CloseFrame {
+            code: close_code::NORMAL,
+            reason: Utf8Bytes::from_static(""),
+        })))
+        .await;
+    let _ = std::fs::remove_dir_all(&dir);
+    // Let the client see the close before the connection drops.
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while let Some(Ok(message)) = ws_rx.next().await {
+            if matches!(message, Message::Close(_)) {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+type WsTx = futures::stream::SplitSink<WebSocket, Message>;
+type WsRx = futures::stream::SplitStream<WebSocket>;
+
+/// The exec itself: `Ok(Some(code))` when the process exited, `Ok(None)`
+/// when the client went away (the process is killed), `Err` when it could
+/// not run.
+async fn run(
+    target: &ExecTarget,
+    options: &ExecOptions,
+    id: &str,
+    dir: &Path,
+    ws_tx: &mut WsTx,
+    ws_rx: &mut WsRx,
+    v5: bool,
+) -> Result<Option<u32>, String> {
+    let runtime = &target.runtime;
+    let cid = target.container_id.as_str();
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let fifo = |name: &str| {
+        FifoEnd::create(dir, name)
+            .map_err(|e| format!("cannot create a fifo in {}: {e}", dir.display()))
+    };
+    let stdin = options.stdin.then(|| fifo("stdin")).transpose()?;
+    let stdout = options.stdout.then(|| fifo("stdout")).transpose()?;
+    let stderr = options.stderr.then(|| fifo("stderr")).transpose()?;
+    let (out_tx, mut out_rx) = mpsc::channel::<(u8, Bytes)>(16);
+    if let Some(f) = &stdout {
+        spawn_reader(f, STDOUT, out_tx.clone());
+    }
+    if let Some(f) = &stderr {
+        spawn_reader(f, STDERR, out_tx.clone());
+    }
+    drop(out_tx);
+    let mut in_tx = None;
+    let mut writer = None;
+    if let Some(f) = &stdin {
+        let (tx, rx) = mpsc::channel::<Bytes>(16);
+        writer = Some(spawn_writer(f, rx));
+        in_tx = Some(tx);
+    }
+    let ends: Vec<FifoEnd> = [&stdin, &stdout, &stderr]
+        .into_iter()
+        .flatten()
+        .cloned()
+        .collect();
+    let release = move || {
+        let ends = ends.clone();
+        tokio::task::spawn_blocking(move || {
+            for f in &ends {
+                f.release();
+            }
+        });
+    };
+
+    let mut process = target.spec["process"].clone();
+    if !process.is_object() {
+        release();
+        return Err(format!("container {cid} has no process in its spec"));
+    }
+    process["args"] = json!(options.command);
+    process["terminal"] = json!(options.tty);
+    let stdio = ExecStdio {
+        stdin: stdin.as_ref().map(|f| f.path.clone()),
+        stdout: stdout.as_ref().map(|f| f.path.clone()),
+        stderr: stderr.as_ref().map(|f| f.path.clone()),
+        terminal: options.tty,
+    };
+    if let Err(error) = runtime.exec_create(cid, id, &process, &stdio).await {
+        release();
+        return Err(error.to_string());
+    }
+    if let Err(error) = runtime.start(cid, id).await {
+        let _ = runtime.exec_delete(cid, id).await;
+        release();
+        return Err(error.to_string());
+    }
+    // The lowest output channel opens the stream, as the kubelet does.
+    let first = if options.stdout {
+        STDOUT
+    } else if options.stderr {
+        STDERR
+    } else {
+        ERROR
+    };
+    let _ = ws_tx.send(frame(first, &[])).await;
+
+    let wait = runtime.wait(cid, id);
+    tokio::pin!(wait);
+    let mut client_gone = false;
+    let mut outputs_done = false;
+    let code = loop {
+        tokio::select! {
+            exited = &mut wait => match exited {
+                Ok((code, _)) => break Some(code),
+                Err(error) => {
+                    tracing::warn!(container = %cid, exec = %id, %error, "cannot wait for the exec");
+                    break None;
+                }
+            },
+            chunk = out_rx.recv(), if !outputs_done => match chunk {
+                Some((channel, data)) => {
+                    if ws_tx.send(frame(channel, &data)).await.is_err() {
+                        client_gone = true;
+                        break None;
+                    }
+                }
+                None => outputs_done = true,
+            },
+            message = ws_rx.next(), if !client_gone => match message {
+                Some(Ok(Message::Binary(data))) if !data.is_empty() => match data[0] {
+                    STDIN => {
+                        if let Some(tx) = &in_tx
+                            && tx.send(data.slice(1..)).await.is_err()
+                        {
+                            in_tx = None;
+                        }
+                    }
+                    RESIZE => {
+                        if options.tty
+                            && let Some((width, height)) = parse_resize(&data[1..])
+                            && let Err(error) = runtime.resize_pty(cid, id, width, height).await
+                        {
+                            tracing::debug!(%error, "cannot resize the exec's terminal");
+                        }
+                    }
+                    CLOSE if v5 && data.get(1) == Some(&STDIN) => {
+                        close_stdin(runtime, cid, id, &mut in_tx, &mut writer).await;
+                    }
+                    _ => {}
+                },
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => {
+                    client_gone = true;
+                    break None;
+                }
+                Some(Ok(_)) => {}
+            },
+        }
+    };
+    drop(in_tx);
+    let Some(code) = code else {
+        // The client left (or waiting failed): stop the process.
+        let _ = runtime.exec_kill(cid, id, 9).await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), runtime.wait(cid, id)).await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), runtime.exec_delete(cid, id)).await;
+        release();
+        if client_gone {
+            return Ok(None);
+        }
+        return Err("lost track of the process".into());
+    };
+    // What the process wrote before it exited.
+    let _ = tokio::time::timeout(DRAIN, async {
+        while let Some((channel, data)) = out_rx.recv().await {
+            if ws_tx.send(frame(channel, &data)).await.is_err() {
+                break;
+            }
+        }
+    })
+    .await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), runtime.exec_delete(cid, id)).await;
+    release();
+    Ok(Some(code))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_need_a_command_and_a_stream() {
+        let options = ExecOptions::parse(Some(
+            "command=sh&command=-c&command=echo+a+b&stdin=true&stdout=1&stderr=true",
+        ))
+        .expect("parses");
+        assert_eq!(options.command, ["sh", "-c", "echo a b"]);
+        assert!(options.stdin && options.stdout && options.stderr && !options.tty);
+        let tty = ExecOptions::parse(Some("command=sh&stdout=true&stderr=true&tty=true"))
+            .expect("parses");
+        assert!(tty.tty && !tty.stderr, "a terminal merges stderr");
+        assert!(ExecOptions::parse(Some("stdout=true")).is_err());
+        assert!(ExecOptions::parse(Some("command=ls")).is_err());
+    }
+
+    #[test]
+    fn statuses_carry_the_exit_code_as_kubectl_reads_it() {
+        assert_eq!(
+            exit_status(&["true".into()], 0),
+            json!({"metadata": {}, "status": "Success"})
+        );
+        let failed = exit_status(&["sh".into(), "-c".into(), "exit 3".into()], 3);
+        assert_eq!(failed["status"], "Failure");
+        assert_eq!(failed["reason"], "NonZeroExitCode");
+        assert_eq!(
+            failed["details"]["causes"],
+            json!([{"reason": "ExitCode", "message": "3"}])
+        );
+        assert_eq!(error_status("boom")["reason"], "InternalError");
+    }
+
+    #[test]
+    fn resize_messages_parse() {
+        assert_eq!(parse_resize(br#"{"Width":80,"Height":24}"#), Some((80, 24)));
+        assert_eq!(parse_resize(b"{}"), None);
+        assert_eq!(parse_resize(b"junk"), None);
+    }
+
+    #[test]
+    fn frames_start_with_their_channel() {
+        assert_eq!(
+            frame(STDOUT, b"hi"),
+            Message::Binary(Bytes::from_static(b"\x01hi"))
+        );
+    }
+}
