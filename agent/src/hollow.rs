@@ -129,42 +129,7 @@ pub fn node_object(args: &NodeArgs, name: &str) -> Node {
 /// The node conditions a healthy node posts: Ready since `ready_since`, no
 /// pressure, heartbeat `now`.
 pub fn node_conditions(now: Timestamp, ready_since: Timestamp) -> Value {
-    let condition = |type_: &str, status: &str, reason: &str, message: &str| {
-        json!({
-            "type": type_,
-            "status": status,
-            "reason": reason,
-            "message": message,
-            "lastHeartbeatTime": Time(now),
-            "lastTransitionTime": Time(ready_since),
-        })
-    };
-    json!([
-        condition(
-            "MemoryPressure",
-            "False",
-            "KubeletHasSufficientMemory",
-            "kubelet has sufficient memory available"
-        ),
-        condition(
-            "DiskPressure",
-            "False",
-            "KubeletHasNoDiskPressure",
-            "kubelet has no disk pressure"
-        ),
-        condition(
-            "PIDPressure",
-            "False",
-            "KubeletHasSufficientPID",
-            "kubelet has sufficient PID available"
-        ),
-        condition(
-            "Ready",
-            "True",
-            "KubeletReady",
-            "kubelet is posting ready status"
-        ),
-    ])
+    crate::kubelet::node::conditions(now, true, ready_since, "")
 }
 
 /// The full status of a hollow node, as a `nodes/status` merge patch.
