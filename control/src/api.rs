@@ -452,7 +452,10 @@ impl Request<'_> {
             Some(api_version) if self.target.subresource.is_none() => {
                 let include =
                     IncludeObject::parse(self.query.get("includeObject").map(String::as_str));
-                json_response(code, &one_row_table(self.info(), &object, include, api_version))
+                json_response(
+                    code,
+                    &one_row_table(self.info(), &object, include, api_version),
+                )
             }
             _ => json_response(code, &object),
         };

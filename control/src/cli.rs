@@ -7,7 +7,11 @@ use clap::{Args, Parser, Subcommand};
 
 /// skiff's control plane.
 #[derive(Debug, Parser)]
-#[command(name = "skiff-control", version, about = "skiff's control plane: a Kubernetes-compatible API server on etcd")]
+#[command(
+    name = "skiff-control",
+    version,
+    about = "skiff's control plane: a Kubernetes-compatible API server on etcd"
+)]
 pub struct Cli {
     /// Log filter, as RUST_LOG (e.g. `info`, `skiff_control=debug`).
     #[arg(long, global = true, env = "SKIFF_LOG", default_value = "info")]
@@ -102,8 +106,14 @@ pub fn parse_port_range(s: &str) -> Result<std::ops::RangeInclusive<u16>, String
     let (first, last) = s
         .split_once('-')
         .ok_or_else(|| format!("expected first-last, got {s:?}"))?;
-    let first: u16 = first.trim().parse().map_err(|e| format!("bad port {first:?}: {e}"))?;
-    let last: u16 = last.trim().parse().map_err(|e| format!("bad port {last:?}: {e}"))?;
+    let first: u16 = first
+        .trim()
+        .parse()
+        .map_err(|e| format!("bad port {first:?}: {e}"))?;
+    let last: u16 = last
+        .trim()
+        .parse()
+        .map_err(|e| format!("bad port {last:?}: {e}"))?;
     if first > last || first == 0 {
         return Err(format!("empty or invalid port range {s:?}"));
     }
@@ -116,8 +126,13 @@ mod tests {
 
     #[test]
     fn flags_parse_with_upstream_defaults() {
-        let cli = Cli::try_parse_from(["skiff-control", "apiserver", "--etcd-servers", "http://a:2379,http://b:2379"])
-            .expect("parses");
+        let cli = Cli::try_parse_from([
+            "skiff-control",
+            "apiserver",
+            "--etcd-servers",
+            "http://a:2379,http://b:2379",
+        ])
+        .expect("parses");
         let Command::Apiserver(args) = cli.command else {
             panic!("expected apiserver");
         };

@@ -29,7 +29,9 @@ pub enum EtcdError {
         source: std::io::Error,
     },
     /// The `etcd` binary could not be started.
-    #[error("cannot start {binary} (install Debian's etcd-server, e.g. with cargo xtask setup): {source}")]
+    #[error(
+        "cannot start {binary} (install Debian's etcd-server, e.g. with cargo xtask setup): {source}"
+    )]
     Spawn {
         /// The binary.
         binary: String,
@@ -236,7 +238,9 @@ async fn terminate(child: &mut Child) {
 
 fn ports(file: &Path) -> Result<(u16, u16), EtcdError> {
     if let Ok(text) = std::fs::read_to_string(file) {
-        let mut parts = text.split_whitespace().filter_map(|p| p.parse::<u16>().ok());
+        let mut parts = text
+            .split_whitespace()
+            .filter_map(|p| p.parse::<u16>().ok());
         if let (Some(client), Some(peer)) = (parts.next(), parts.next())
             && free(client)
             && free(peer)

@@ -56,7 +56,13 @@ impl EventRecorder {
     /// message bumps `count` and `lastTimestamp` of the first event instead
     /// of writing a new one. Failures are logged, never returned: an event
     /// is never worth failing a reconcile for.
-    pub async fn record(&self, object: &ObjectReference, kind: EventType, reason: &str, message: &str) {
+    pub async fn record(
+        &self,
+        object: &ObjectReference,
+        kind: EventType,
+        reason: &str,
+        message: &str,
+    ) {
         let namespace = object
             .namespace
             .clone()

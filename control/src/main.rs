@@ -19,7 +19,9 @@ fn main() -> anyhow::Result<()> {
         match cli.command {
             Command::Apiserver(args) => server::run_apiserver(args, shutdown).await?,
             Command::Scheduler(args) => server::run_scheduler(args, shutdown).await?,
-            Command::ControllerManager(args) => server::run_controller_manager(args, shutdown).await?,
+            Command::ControllerManager(args) => {
+                server::run_controller_manager(args, shutdown).await?
+            }
             Command::All(args) => server::run_all(args, shutdown).await?,
         }
         Ok(())

@@ -85,7 +85,10 @@ pub fn prepare_create(
     let namespaced = info.namespaced;
     let meta = metadata_mut(obj);
     if namespaced {
-        match (meta.get("namespace").and_then(Value::as_str), path_namespace) {
+        match (
+            meta.get("namespace").and_then(Value::as_str),
+            path_namespace,
+        ) {
             (Some(body), Some(path)) if !body.is_empty() && body != path => {
                 return Err(ApiError::bad_request(
                     "the namespace of the provided object does not match the namespace sent on the request",
@@ -96,7 +99,9 @@ pub fn prepare_create(
             }
             (Some(body), None) if !body.is_empty() => {}
             _ => {
-                return Err(ApiError::bad_request("the namespace of the object is required"));
+                return Err(ApiError::bad_request(
+                    "the namespace of the object is required",
+                ));
             }
         }
     } else {
@@ -147,7 +152,14 @@ pub fn prepare_update(info: &ResourceInfo, old: &Value, new: &mut Value) -> Resu
     let old_meta = old.get("metadata").cloned().unwrap_or(json!({}));
     let spec_changed = info.has_spec && old.get("spec") != new.get("spec");
     let meta = metadata_mut(new);
-    for owned in ["uid", "creationTimestamp", "namespace", "name", "deletionTimestamp", "deletionGracePeriodSeconds"] {
+    for owned in [
+        "uid",
+        "creationTimestamp",
+        "namespace",
+        "name",
+        "deletionTimestamp",
+        "deletionGracePeriodSeconds",
+    ] {
         match old_meta.get(owned) {
             Some(v) => {
                 meta.insert(owned.into(), v.clone());
@@ -159,8 +171,15 @@ pub fn prepare_update(info: &ResourceInfo, old: &Value, new: &mut Value) -> Resu
     }
     meta.remove("selfLink");
     if info.has_spec {
-        let generation = old_meta.get("generation").and_then(Value::as_i64).unwrap_or(1);
-        let generation = if spec_changed { generation + 1 } else { generation };
+        let generation = old_meta
+            .get("generation")
+            .and_then(Value::as_i64)
+            .unwrap_or(1);
+        let generation = if spec_changed {
+            generation + 1
+        } else {
+            generation
+        };
         meta.insert("generation".into(), json!(generation));
     }
     Ok(())
@@ -168,7 +187,9 @@ pub fn prepare_update(info: &ResourceInfo, old: &Value, new: &mut Value) -> Resu
 
 fn check_type(info: &ResourceInfo, obj: &mut Value) -> Result<(), ApiError> {
     let Some(map) = obj.as_object_mut() else {
-        return Err(ApiError::bad_request("the body of the request is not a json object"));
+        return Err(ApiError::bad_request(
+            "the body of the request is not a json object",
+        ));
     };
     let api_version = info.api_version();
     match map.get("kind").and_then(Value::as_str) {
@@ -213,7 +234,8 @@ mod tests {
     #[test]
     fn create_fills_server_owned_fields() {
         let deploy = find("apps", "v1", "deployments").expect("served");
-        let mut obj = json!({"metadata": {"generateName": "web-", "resourceVersion": "9"}, "spec": {}});
+        let mut obj =
+            json!({"metadata": {"generateName": "web-", "resourceVersion": "9"}, "spec": {}});
         prepare_create(deploy, &mut obj, Some("default")).expect("valid");
         let name = name(&obj).expect("named");
         assert!(name.starts_with("web-") && name.len() == 9, "{name}");
@@ -232,16 +254,27 @@ mod tests {
         let err = prepare_create(pods, &mut obj, Some("y")).expect_err("mismatch");
         assert_eq!(err.code, 400);
         let mut obj = json!({"kind": "Service", "metadata": {"name": "a"}});
-        assert_eq!(prepare_create(pods, &mut obj, Some("y")).expect_err("kind").code, 400);
+        assert_eq!(
+            prepare_create(pods, &mut obj, Some("y"))
+                .expect_err("kind")
+                .code,
+            400
+        );
         let mut obj = json!({"metadata": {}});
-        assert_eq!(prepare_create(pods, &mut obj, Some("y")).expect_err("name").code, 422);
+        assert_eq!(
+            prepare_create(pods, &mut obj, Some("y"))
+                .expect_err("name")
+                .code,
+            422
+        );
     }
 
     #[test]
     fn update_bumps_generation_only_on_spec_change() {
         let deploy = find("apps", "v1", "deployments").expect("served");
         let old = json!({"metadata": {"name": "w", "uid": "u", "generation": 3, "creationTimestamp": "t"}, "spec": {"replicas": 1}});
-        let mut same = json!({"metadata": {"name": "w", "labels": {"a": "b"}}, "spec": {"replicas": 1}});
+        let mut same =
+            json!({"metadata": {"name": "w", "labels": {"a": "b"}}, "spec": {"replicas": 1}});
         prepare_update(deploy, &old, &mut same).expect("valid");
         assert_eq!(same["metadata"]["generation"], 3);
         assert_eq!(same["metadata"]["uid"], "u");

@@ -160,7 +160,11 @@ pub fn classify(method: &http::Method, path: &str, query: &str) -> (String, Stri
 }
 
 /// axum middleware recording every request.
-pub async fn middleware(State(metrics): State<Arc<Metrics>>, request: Request, next: Next) -> Response {
+pub async fn middleware(
+    State(metrics): State<Arc<Metrics>>,
+    request: Request,
+    next: Next,
+) -> Response {
     let (verb, resource, subresource) = classify(
         request.method(),
         request.uri().path(),
@@ -220,6 +224,9 @@ mod tests {
         );
         let text = metrics.render();
         assert!(text.contains("apiserver_request_total{verb=\"LIST\",resource=\"pods\",subresource=\"\",code=\"200\"} 1"), "{text}");
-        assert!(text.contains("apiserver_request_duration_seconds_bucket"), "{text}");
+        assert!(
+            text.contains("apiserver_request_duration_seconds_bucket"),
+            "{text}"
+        );
     }
 }

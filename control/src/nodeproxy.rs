@@ -100,9 +100,13 @@ impl NodeProxy {
             .map_err(|source| NodeProxyError::Certificate { source })?;
         let chain = CertificateDer::pem_slice_iter(cert.as_bytes())
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| NodeProxyError::Pem { message: e.to_string() })?;
-        let key = PrivateKeyDer::from_pem_slice(key.as_bytes())
-            .map_err(|e| NodeProxyError::Pem { message: e.to_string() })?;
+            .map_err(|e| NodeProxyError::Pem {
+                message: e.to_string(),
+            })?;
+        let key =
+            PrivateKeyDer::from_pem_slice(key.as_bytes()).map_err(|e| NodeProxyError::Pem {
+                message: e.to_string(),
+            })?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
@@ -112,7 +116,9 @@ impl NodeProxy {
             .with_client_auth_cert(chain, key)
             .map_err(|source| NodeProxyError::Tls { source })?;
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        Ok(NodeProxy { tls: Arc::new(config) })
+        Ok(NodeProxy {
+            tls: Arc::new(config),
+        })
     }
 
     /// Opens an HTTP/1.1 connection to the agent at `addr`.
@@ -122,12 +128,17 @@ impl NodeProxy {
     ) -> Result<
         (
             hyper::client::conn::http1::SendRequest<Body>,
-            hyper::client::conn::http1::Connection<TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>, Body>,
+            hyper::client::conn::http1::Connection<
+                TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
+                Body,
+            >,
         ),
         ApiError,
     > {
         let unreachable = |e: &dyn std::fmt::Display| {
-            ApiError::internal(format!("error dialing backend: cannot reach the node agent at {addr}: {e}"))
+            ApiError::internal(format!(
+                "error dialing backend: cannot reach the node agent at {addr}: {e}"
+            ))
         };
         let tcp = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr))
             .await
@@ -170,7 +181,12 @@ impl rustls::client::danger::ServerCertVerifier for AnyServerCertificate {
         cert: &CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -179,11 +195,18 @@ impl rustls::client::danger::ServerCertVerifier for AnyServerCertificate {
         cert: &CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
@@ -218,7 +241,8 @@ pub async fn pod_subresource(
         // Every other pod subresource (status, binding, eviction…) is the
         // API server's own.
         let (parts, body) = request.into_parts();
-        return crate::api::resource(State(state), parts.method, parts.uri, parts.headers, body).await;
+        return crate::api::resource(State(state), parts.method, parts.uri, parts.headers, body)
+            .await;
     };
     match proxy(&state, &namespace, &name, subresource, request).await {
         Ok(response) => response,
@@ -253,12 +277,17 @@ async fn proxy(
         .pointer("/spec/nodeName")
         .and_then(Value::as_str)
         .filter(|n| !n.is_empty())
-        .ok_or_else(|| ApiError::bad_request(format!("pod {name} does not have a host assigned")))?;
+        .ok_or_else(|| {
+            ApiError::bad_request(format!("pod {name} does not have a host assigned"))
+        })?;
     let node = read(state, "nodes", None, node_name)
         .await?
         .ok_or_else(|| ApiError::not_found("", "nodes", node_name))?;
-    let addr = agent_address(&node)
-        .ok_or_else(|| ApiError::bad_request(format!("node {node_name} publishes no address for its agent")))?;
+    let addr = agent_address(&node).ok_or_else(|| {
+        ApiError::bad_request(format!(
+            "node {node_name} publishes no address for its agent"
+        ))
+    })?;
     let path = agent_path(subresource, namespace, name, container.as_deref(), &query);
     let uri: Uri = path
         .parse()
@@ -273,7 +302,9 @@ async fn proxy(
         }
     });
 
-    let mut outgoing = hyper::Request::builder().method(request.method().clone()).uri(uri);
+    let mut outgoing = hyper::Request::builder()
+        .method(request.method().clone())
+        .uri(uri);
     for (key, value) in request.headers() {
         if forwarded(key, upgrade) {
             outgoing = outgoing.header(key, value);
@@ -287,10 +318,9 @@ async fn proxy(
             Body::empty()
         })
         .map_err(|e| ApiError::internal(format!("cannot build the agent request: {e}")))?;
-    let mut response = sender
-        .send_request(outgoing)
-        .await
-        .map_err(|e| ApiError::internal(format!("error talking to the node agent at {addr}: {e}")))?;
+    let mut response = sender.send_request(outgoing).await.map_err(|e| {
+        ApiError::internal(format!("error talking to the node agent at {addr}: {e}"))
+    })?;
 
     if response.status() == StatusCode::SWITCHING_PROTOCOLS
         && let Some(client_upgrade) = client_upgrade
@@ -323,11 +353,18 @@ async fn proxy(
     Ok(Response::from_parts(parts, Body::new(body)))
 }
 
-async fn read(state: &AppState, plural: &str, namespace: Option<&str>, name: &str) -> Result<Option<Value>, ApiError> {
+async fn read(
+    state: &AppState,
+    plural: &str,
+    namespace: Option<&str>,
+    name: &str,
+) -> Result<Option<Value>, ApiError> {
     let info = registry::find("", "v1", plural).expect("pods and nodes are served");
     match state.store.get(&meta::key(info, namespace, name)).await {
         Ok(stored) => Ok(stored.map(|s| s.value)),
-        Err(error) => Err(ApiError::unavailable(format!("cannot read {plural} {name}: {error}"))),
+        Err(error) => Err(ApiError::unavailable(format!(
+            "cannot read {plural} {name}: {error}"
+        ))),
     }
 }
 
@@ -341,11 +378,18 @@ fn query_pairs(uri: &Uri) -> Vec<(String, String)> {
 /// `kubectl.kubernetes.io/default-container` annotation, else the only
 /// container; upstream's error when the choice is ambiguous or wrong.
 /// Port forwarding names no container.
-fn container_of(pod: &Value, query: &[(String, String)], subresource: NodeSubresource) -> Result<Option<String>, ApiError> {
+fn container_of(
+    pod: &Value,
+    query: &[(String, String)],
+    subresource: NodeSubresource,
+) -> Result<Option<String>, ApiError> {
     if subresource == NodeSubresource::PortForward {
         return Ok(None);
     }
-    let pod_name = pod.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("");
+    let pod_name = pod
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or("");
     let names = |path: &str| -> Vec<String> {
         pod.pointer(path)
             .and_then(Value::as_array)
@@ -363,7 +407,10 @@ fn container_of(pod: &Value, query: &[(String, String)], subresource: NodeSubres
         .map(|(_, v)| v.clone())
         .filter(|v| !v.is_empty());
     if let Some(container) = requested {
-        if containers.contains(&container) || init.contains(&container) || ephemeral.contains(&container) {
+        if containers.contains(&container)
+            || init.contains(&container)
+            || ephemeral.contains(&container)
+        {
             return Ok(Some(container));
         }
         return Err(ApiError::bad_request(format!(
@@ -385,7 +432,10 @@ fn container_of(pod: &Value, query: &[(String, String)], subresource: NodeSubres
                 containers.join(" ")
             );
             if !init.is_empty() {
-                message.push_str(&format!(" or one of the init containers: [{}]", init.join(" ")));
+                message.push_str(&format!(
+                    " or one of the init containers: [{}]",
+                    init.join(" ")
+                ));
             }
             Err(ApiError::bad_request(message))
         }
@@ -428,16 +478,28 @@ fn agent_path(
             format!("/containerLogs/{namespace}/{pod}/{container}"),
             &|k: &str| LOG_PARAMS.contains(&k),
         ),
-        NodeSubresource::Exec => (format!("/exec/{namespace}/{pod}/{container}"), &|k: &str| k != "container"),
-        NodeSubresource::Attach => (format!("/attach/{namespace}/{pod}/{container}"), &|k: &str| k != "container"),
-        NodeSubresource::PortForward => (format!("/portForward/{namespace}/{pod}"), &|_: &str| true),
+        NodeSubresource::Exec => (
+            format!("/exec/{namespace}/{pod}/{container}"),
+            &|k: &str| k != "container",
+        ),
+        NodeSubresource::Attach => (
+            format!("/attach/{namespace}/{pod}/{container}"),
+            &|k: &str| k != "container",
+        ),
+        NodeSubresource::PortForward => {
+            (format!("/portForward/{namespace}/{pod}"), &|_: &str| true)
+        }
     };
     let mut serializer = form_urlencoded::Serializer::new(String::new());
     for (k, v) in query.iter().filter(|(k, _)| keep(k)) {
         serializer.append_pair(k, v);
     }
     let query = serializer.finish();
-    if query.is_empty() { path } else { format!("{path}?{query}") }
+    if query.is_empty() {
+        path
+    } else {
+        format!("{path}?{query}")
+    }
 }
 
 fn is_upgrade(request: &Request) -> bool {
@@ -445,7 +507,10 @@ fn is_upgrade(request: &Request) -> bool {
         .headers()
         .get(header::CONNECTION)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
+        .is_some_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+        })
 }
 
 /// Request headers passed on to the agent: the upgrade handshake ones, and
@@ -469,13 +534,21 @@ mod tests {
     use super::*;
 
     fn q(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
     fn the_only_container_is_the_default() {
         let pod = json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "a"}]}});
-        assert_eq!(container_of(&pod, &[], NodeSubresource::Log).expect("ok").as_deref(), Some("a"));
+        assert_eq!(
+            container_of(&pod, &[], NodeSubresource::Log)
+                .expect("ok")
+                .as_deref(),
+            Some("a")
+        );
     }
 
     #[test]
@@ -489,17 +562,29 @@ mod tests {
             "{text}"
         );
         assert_eq!(
-            container_of(&pod, &q(&[("container", "b")]), NodeSubresource::Exec).expect("ok").as_deref(),
+            container_of(&pod, &q(&[("container", "b")]), NodeSubresource::Exec)
+                .expect("ok")
+                .as_deref(),
             Some("b")
         );
         assert_eq!(
-            container_of(&pod, &q(&[("container", "i")]), NodeSubresource::Log).expect("ok").as_deref(),
+            container_of(&pod, &q(&[("container", "i")]), NodeSubresource::Log)
+                .expect("ok")
+                .as_deref(),
             Some("i")
         );
         assert!(container_of(&pod, &q(&[("container", "zz")]), NodeSubresource::Log).is_err());
         pod["metadata"]["annotations"] = json!({"kubectl.kubernetes.io/default-container": "b"});
-        assert_eq!(container_of(&pod, &[], NodeSubresource::Log).expect("ok").as_deref(), Some("b"));
-        assert_eq!(container_of(&pod, &[], NodeSubresource::PortForward).expect("ok"), None);
+        assert_eq!(
+            container_of(&pod, &[], NodeSubresource::Log)
+                .expect("ok")
+                .as_deref(),
+            Some("b")
+        );
+        assert_eq!(
+            container_of(&pod, &[], NodeSubresource::PortForward).expect("ok"),
+            None
+        );
     }
 
     #[test]
@@ -508,24 +593,45 @@ mod tests {
             "addresses": [{"type": "Hostname", "address": "n1"}, {"type": "ExternalIP", "address": "192.0.2.9"},
                           {"type": "InternalIP", "address": "10.99.0.11"}],
             "daemonEndpoints": {"kubeletEndpoint": {"Port": 10251}}}});
-        assert_eq!(agent_address(&node), Some("10.99.0.11:10251".parse().expect("addr")));
-        let node = json!({"status": {"addresses": [{"type": "ExternalIP", "address": "192.0.2.9"}]}});
-        assert_eq!(agent_address(&node), Some("192.0.2.9:10250".parse().expect("addr")));
+        assert_eq!(
+            agent_address(&node),
+            Some("10.99.0.11:10251".parse().expect("addr"))
+        );
+        let node =
+            json!({"status": {"addresses": [{"type": "ExternalIP", "address": "192.0.2.9"}]}});
+        assert_eq!(
+            agent_address(&node),
+            Some("192.0.2.9:10250".parse().expect("addr"))
+        );
         assert_eq!(agent_address(&json!({"status": {}})), None);
     }
 
     #[test]
     fn agent_paths_follow_the_kubelet_layout() {
-        let query = q(&[("follow", "true"), ("container", "c"), ("pretty", "1"), ("tailLines", "5")]);
+        let query = q(&[
+            ("follow", "true"),
+            ("container", "c"),
+            ("pretty", "1"),
+            ("tailLines", "5"),
+        ]);
         assert_eq!(
             agent_path(NodeSubresource::Log, "ns", "p", Some("c"), &query),
             "/containerLogs/ns/p/c?follow=true&tailLines=5"
         );
-        let query = q(&[("command", "sh"), ("command", "-c"), ("command", "echo a b"), ("container", "c"), ("stdout", "true")]);
+        let query = q(&[
+            ("command", "sh"),
+            ("command", "-c"),
+            ("command", "echo a b"),
+            ("container", "c"),
+            ("stdout", "true"),
+        ]);
         assert_eq!(
             agent_path(NodeSubresource::Exec, "ns", "p", Some("c"), &query),
             "/exec/ns/p/c?command=sh&command=-c&command=echo+a+b&stdout=true"
         );
-        assert_eq!(agent_path(NodeSubresource::PortForward, "ns", "p", None, &[]), "/portForward/ns/p");
+        assert_eq!(
+            agent_path(NodeSubresource::PortForward, "ns", "p", None, &[]),
+            "/portForward/ns/p"
+        );
     }
 }

@@ -85,7 +85,10 @@ impl NamespaceCache {
 }
 
 fn entry(namespace: &Value) -> Option<(String, bool)> {
-    Some((meta::name(namespace)?.to_string(), meta::is_deleting(namespace)))
+    Some((
+        meta::name(namespace)?.to_string(),
+        meta::is_deleting(namespace),
+    ))
 }
 
 #[cfg(test)]
@@ -105,7 +108,8 @@ mod tests {
         assert!(!cache.is_active("missing"));
         cache.apply("default".into(), None);
         assert!(!cache.is_active("default"));
-        let terminating = json!({"metadata": {"name": "x", "deletionTimestamp": "2026-01-01T00:00:00Z"}});
+        let terminating =
+            json!({"metadata": {"name": "x", "deletionTimestamp": "2026-01-01T00:00:00Z"}});
         assert_eq!(entry(&terminating), Some(("x".to_string(), true)));
     }
 }

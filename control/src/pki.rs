@@ -300,7 +300,12 @@ pub fn write_kubeconfig(path: &Path, server_url: &str, pki: &Pki) -> Result<(), 
 /// Write a kubeconfig for a control-plane daemon: a client certificate
 /// with common name `user` (e.g. `system:kube-scheduler`), freshly issued
 /// by the CA.
-pub fn write_daemon_kubeconfig(path: &Path, server_url: &str, pki: &Pki, user: &str) -> Result<(), PkiError> {
+pub fn write_daemon_kubeconfig(
+    path: &Path,
+    server_url: &str,
+    pki: &Pki,
+    user: &str,
+) -> Result<(), PkiError> {
     let (cert, key) = pki.issue_client_cert(user, &[])?;
     write_kubeconfig_for(path, server_url, pki, user, &cert, &key)
 }

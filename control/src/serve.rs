@@ -63,7 +63,9 @@ impl PeerCertificates {
     /// connection and cached.
     pub fn user_with(
         &self,
-        parse: impl FnOnce(&[rustls::pki_types::CertificateDer<'static>]) -> Option<crate::auth::UserInfo>,
+        parse: impl FnOnce(
+            &[rustls::pki_types::CertificateDer<'static>],
+        ) -> Option<crate::auth::UserInfo>,
     ) -> Option<&crate::auth::UserInfo> {
         self.0.user.get_or_init(|| parse(&self.0.chain)).as_ref()
     }

@@ -107,7 +107,11 @@ impl ApiError {
 
     /// 404 for a path that serves nothing.
     pub fn no_route(path: &str) -> Self {
-        Self::new(404, "NotFound", format!("the server could not find the requested resource ({path})"))
+        Self::new(
+            404,
+            "NotFound",
+            format!("the server could not find the requested resource ({path})"),
+        )
     }
 
     /// 405 MethodNotAllowed.
@@ -118,8 +122,12 @@ impl ApiError {
     /// 409 AlreadyExists.
     pub fn already_exists(group: &str, resource: &str, name: &str) -> Self {
         let qualified = qualify(group, resource);
-        Self::new(409, "AlreadyExists", format!("{qualified} \"{name}\" already exists"))
-            .with_details(group, resource, name)
+        Self::new(
+            409,
+            "AlreadyExists",
+            format!("{qualified} \"{name}\" already exists"),
+        )
+        .with_details(group, resource, name)
     }
 
     /// 409 Conflict on a stale resourceVersion.
@@ -147,7 +155,13 @@ impl ApiError {
 
     /// 415 UnsupportedMediaType.
     pub fn unsupported_media_type(content_type: &str) -> Self {
-        Self::new(415, "UnsupportedMediaType", format!("the body of the request was in an unknown format - accepted media types include: application/json, application/yaml, application/vnd.kubernetes.protobuf (got {content_type:?})"))
+        Self::new(
+            415,
+            "UnsupportedMediaType",
+            format!(
+                "the body of the request was in an unknown format - accepted media types include: application/json, application/yaml, application/vnd.kubernetes.protobuf (got {content_type:?})"
+            ),
+        )
     }
 
     /// 422 Invalid, with field causes, for `kind` named `name`.
@@ -166,15 +180,23 @@ impl ApiError {
             1 => list[0].clone(),
             _ => format!("[{}]", list.join(", ")),
         };
-        let mut err = Self::new(422, "Invalid", format!("{qualified} \"{name}\" is invalid: {summary}"))
-            .with_details(group, kind, name);
+        let mut err = Self::new(
+            422,
+            "Invalid",
+            format!("{qualified} \"{name}\" is invalid: {summary}"),
+        )
+        .with_details(group, kind, name);
         err.details.causes = causes;
         err
     }
 
     /// 500 InternalError.
     pub fn internal(message: impl Into<String>) -> Self {
-        Self::new(500, "InternalError", format!("Internal error occurred: {}", message.into()))
+        Self::new(
+            500,
+            "InternalError",
+            format!("Internal error occurred: {}", message.into()),
+        )
     }
 
     /// 503 ServiceUnavailable, e.g. while etcd cannot be reached.

@@ -644,8 +644,11 @@ impl HollowNodes {
                 .map(|v| v.to_string())
         };
         let prefix = flag("--name-prefix").unwrap_or_else(|| "hollow-".to_string());
-        let first: u32 = flag("--first-index").map_or(0, |v| v.parse().expect("a numeric --first-index"));
-        let names = (first..first + count).map(|i| format!("{prefix}{i}")).collect();
+        let first: u32 =
+            flag("--first-index").map_or(0, |v| v.parse().expect("a numeric --first-index"));
+        let names = (first..first + count)
+            .map(|i| format!("{prefix}{i}"))
+            .collect();
         let bin = bin_path("skiff-agent");
         log_marker(&log, &format!("starting {}", bin.display()));
         let (out, err) = log_handles(&log);

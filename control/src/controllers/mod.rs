@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::events::EventRecorder;
 use crate::leader::{self, ElectionTiming, LeaderElection};
 
+pub mod deployment;
 pub mod endpoints;
 pub mod gc;
 pub mod lbipam;
@@ -26,7 +27,6 @@ pub mod node_ipam;
 pub mod node_lifecycle;
 pub mod pods;
 pub mod replicaset;
-pub mod deployment;
 pub mod serviceaccount;
 
 /// What the controllers are configured with (upstream's
@@ -121,30 +121,52 @@ pub async fn run_controllers(ctx: Arc<Context>, shutdown: CancellationToken) {
 }
 
 /// Run the controller manager: elect, then run every controller while leading.
-pub async fn run(client: kube::Client, options: ControllerOptions, leader_elect: bool, timing: ElectionTiming, shutdown: CancellationToken) {
+pub async fn run(
+    client: kube::Client,
+    options: ControllerOptions,
+    leader_elect: bool,
+    timing: ElectionTiming,
+    shutdown: CancellationToken,
+) {
     let ctx = Context::new(client.clone(), options);
     if !leader_elect {
         run_controllers(ctx, shutdown).await;
         return;
     }
-    let election = LeaderElection::new(client, "kube-system", "kube-controller-manager", &leader::identity(), timing);
+    let election = LeaderElection::new(
+        client,
+        "kube-system",
+        "kube-controller-manager",
+        &leader::identity(),
+        timing,
+    );
     election
-        .run(shutdown, move |leading| run_controllers(ctx.clone(), leading))
+        .run(shutdown, move |leading| {
+            run_controllers(ctx.clone(), leading)
+        })
         .await;
 }
 
 /// Parse an LB pool: a CIDR or `first-last`; every usable address in order.
 pub fn parse_pool(pool: &str) -> Result<Vec<IpAddr>, String> {
     if let Some((first, last)) = pool.split_once('-') {
-        let first: std::net::Ipv4Addr = first.trim().parse().map_err(|e| format!("bad address {first:?}: {e}"))?;
-        let last: std::net::Ipv4Addr = last.trim().parse().map_err(|e| format!("bad address {last:?}: {e}"))?;
+        let first: std::net::Ipv4Addr = first
+            .trim()
+            .parse()
+            .map_err(|e| format!("bad address {first:?}: {e}"))?;
+        let last: std::net::Ipv4Addr = last
+            .trim()
+            .parse()
+            .map_err(|e| format!("bad address {last:?}: {e}"))?;
         let (a, b) = (u32::from(first), u32::from(last));
         if a > b || b - a > 65_535 {
             return Err(format!("bad or too large range {pool:?}"));
         }
         return Ok((a..=b).map(|n| IpAddr::V4(n.into())).collect());
     }
-    let net: ipnetwork::IpNetwork = pool.parse().map_err(|e| format!("bad pool {pool:?}: {e}"))?;
+    let net: ipnetwork::IpNetwork = pool
+        .parse()
+        .map_err(|e| format!("bad pool {pool:?}: {e}"))?;
     match net {
         ipnetwork::IpNetwork::V4(v4) if v4.prefix() >= 16 => {
             let all: Vec<IpAddr> = v4.iter().map(IpAddr::V4).collect();
@@ -155,7 +177,9 @@ pub fn parse_pool(pool: &str) -> Result<Vec<IpAddr>, String> {
                 Ok(all)
             }
         }
-        _ => Err(format!("pool {pool:?} must be an IPv4 CIDR of /16 or smaller, or a range")),
+        _ => Err(format!(
+            "pool {pool:?} must be an IPv4 CIDR of /16 or smaller, or a range"
+        )),
     }
 }
 
@@ -166,7 +190,13 @@ mod tests {
     #[test]
     fn pools_parse_from_cidrs_and_ranges() {
         let pool = parse_pool("192.0.2.0/30").expect("cidr");
-        assert_eq!(pool, vec!["192.0.2.1".parse::<IpAddr>().expect("ip"), "192.0.2.2".parse().expect("ip")]);
+        assert_eq!(
+            pool,
+            vec![
+                "192.0.2.1".parse::<IpAddr>().expect("ip"),
+                "192.0.2.2".parse().expect("ip")
+            ]
+        );
         let pool = parse_pool("192.0.2.10-192.0.2.12").expect("range");
         assert_eq!(pool.len(), 3);
         assert!(parse_pool("192.0.2.12-192.0.2.10").is_err());
