@@ -11,12 +11,15 @@
 //!   the spawn and exit of `/bin/true`.
 //! - **create-to-Running**: `skiffctl up --nodes 3` (release binaries; the image is imported into
 //!   every node's containerd, so nothing is pulled) and one watch on the bench namespace's pods.
-//!   [`PODS`] pods are created *paced* (the next one once the previous is Running: the latency of
-//!   one pod on an otherwise idle cluster), deleted, then [`PODS`] more in a *burst* (all POSTs
-//!   back to back on one connection). Each pod's latency runs from just before its POST to the
-//!   watch event showing `status.phase` Running; the watch also gives when it was bound
-//!   (`spec.nodeName`) and when the agent first reported its IP. As a floor for the container
-//!   part, `ctr run -d` of the same image on a node's containerd is timed.
+//!   Three phases of [`PODS`] pods each, the pods deleted between phases: *paced* (the next one
+//!   once the previous is Running: the latency of one pod on an otherwise idle cluster),
+//!   *steady* (one POST every `1/`[`STEADY_RATE`] s, as Kubernetes measures its pod start-up SLO
+//!   under a set creation rate), and *burst* (all POSTs back to back on one connection). Each
+//!   pod's latency runs from just before its POST to the watch event showing `status.phase`
+//!   Running; the watch also gives when it was bound (`spec.nodeName`). The machine's busy CPU
+//!   time through each phase is read from `/proc/stat`. As floors for the container part,
+//!   `ctr run -d` of the same image is timed on a node's containerd one at a time, and
+//!   [`PODS`] of them at once spread over the nodes' containerds (no agent, no CNI, no API).
 //! - **memory**: VmRSS of every `skiff-agent`, idle (a few seconds after `up`) and the peak
 //!   through both phases (sampled every 100 ms).
 //!
@@ -42,8 +45,8 @@ use skiff_tests::netns::TestNetns;
 use tokio::sync::Notify;
 
 use crate::bench::{
-    BenchArgs, Client, Interrupts, Machine, Sampler, Samples, Target, client_tls, mib, micros,
-    verdict, vm_rss_kib, write_section,
+    BenchArgs, Client, Interrupts, Machine, Sampler, Samples, Target, client_tls, machine_busy,
+    mib, micros, verdict, vm_rss_kib, write_section,
 };
 use crate::{cargo, run, say, target_dir};
 
@@ -51,6 +54,9 @@ use crate::{cargo, run, say, target_dir};
 pub(crate) const CNI_ITERATIONS: usize = 200;
 /// Pods of each create-to-Running phase.
 pub(crate) const PODS: usize = 50;
+/// Pods created per second in the steady phase: about half the rate at which this 2-core
+/// machine can start pods at all (the burst phase's figures give that rate).
+const STEADY_RATE: u32 = 10;
 /// Nodes of the cluster.
 const NODES: usize = 3;
 /// The namespace the pods live in.
@@ -318,12 +324,21 @@ impl LocalCluster {
         Ok(agents)
     }
 
-    fn containerd_address(&self) -> Result<String> {
+    /// Every node's containerd socket.
+    fn containerd_addresses(&self) -> Result<Vec<String>> {
         let state = self.state()?;
-        state["nodes"][0]["containerd_address"]
-            .as_str()
-            .map(str::to_string)
-            .context("no containerd address in the state file")
+        let addresses: Vec<String> = state["nodes"]
+            .as_array()
+            .context("no nodes in the state file")?
+            .iter()
+            .filter_map(|n| n["containerd_address"].as_str().map(str::to_string))
+            .collect();
+        ensure!(
+            addresses.len() == NODES,
+            "{} containerd addresses recorded",
+            addresses.len()
+        );
+        Ok(addresses)
     }
 
     fn agent_log_tails(&self) -> String {
@@ -369,7 +384,6 @@ impl Drop for LocalCluster {
 struct Milestones {
     created: Option<Instant>,
     bound: Option<Instant>,
-    ip: Option<Instant>,
     running: Option<Instant>,
     deleted: bool,
 }
@@ -390,9 +404,6 @@ impl Tracker {
         let m = pods.entry(name.to_string()).or_default();
         if pod["spec"]["nodeName"].is_string() && m.bound.is_none() {
             m.bound = Some(at);
-        }
-        if pod["status"]["podIP"].is_string() && m.ip.is_none() {
-            m.ip = Some(at);
         }
         if pod["status"]["phase"] == "Running" && m.running.is_none() {
             m.running = Some(at);
@@ -424,10 +435,9 @@ impl Tracker {
         let created: Vec<&Milestones> = pods.values().filter(|m| m.created.is_some()).collect();
         let count = |f: fn(&Milestones) -> bool| created.iter().filter(|m| f(m)).count();
         format!(
-            "of {} pods created: {} bound, {} with an IP, {} Running",
+            "of {} pods created: {} bound, {} Running",
             created.len(),
             count(|m| m.bound.is_some()),
-            count(|m| m.ip.is_some()),
             count(|m| m.running.is_some())
         )
     }
@@ -455,26 +465,69 @@ impl Tracker {
     }
 }
 
+/// How the pods of a phase are created.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pace {
+    /// The next pod once the previous one is Running.
+    OneAtATime,
+    /// One POST every `1 / rate` seconds, whatever the cluster does.
+    Rate(u32),
+    /// All POSTs back to back.
+    Burst,
+}
+
+impl Pace {
+    fn label(self) -> String {
+        match self {
+            Pace::OneAtATime => "paced".to_string(),
+            Pace::Rate(rate) => format!("steady {rate}/s"),
+            Pace::Burst => "burst".to_string(),
+        }
+    }
+
+    fn prefix(self) -> &'static str {
+        match self {
+            Pace::OneAtATime => "paced",
+            Pace::Rate(_) => "steady",
+            Pace::Burst => "burst",
+        }
+    }
+}
+
 /// Latencies of one phase, in microseconds.
 struct Phase {
+    pace: Pace,
     /// Create to Running.
     running: Samples,
     /// Create to bound (the scheduler).
     bound: Samples,
-    /// Bound to the agent's first status with the pod's IP (sandbox and CNI done).
-    ip: Samples,
-    /// The agent's first IP report to Running (containers started and reported).
-    started: Samples,
+    /// Bound to Running: the agent's part (it sees the pod, makes the network namespace, runs
+    /// CNI ADD, creates and starts the containers, and posts the status with the IP and phase
+    /// Running in one write).
+    agent: Samples,
+    /// First POST to the last pod Running.
+    wall: Duration,
+    /// CPU time the whole machine was busy over `wall`.
+    busy: Duration,
 }
 
 /// What the cluster part measured.
 struct ClusterFigures {
-    paced: Phase,
-    burst: Phase,
-    /// `ctr run -d` of the image on a node's containerd.
+    phases: Vec<Phase>,
+    /// `ctr run -d` of the image on a node's containerd, one at a time.
     ctr_run: Samples,
+    /// [`PODS`] `ctr run -d` at once over the nodes' containerds.
+    ctr_burst: CtrBurst,
     /// (node, idle KiB, peak KiB) per agent.
     agents: Vec<(String, u64, u64)>,
+}
+
+/// [`PODS`] `ctr run -d` started at once, spread over the nodes.
+struct CtrBurst {
+    /// Start of the first to exit of the last.
+    wall: Duration,
+    /// CPU time the whole machine was busy meanwhile.
+    busy: Duration,
 }
 
 fn pod_body(name: &str) -> String {
@@ -499,16 +552,18 @@ fn since(later: Option<Instant>, earlier: Option<Instant>) -> Option<i64> {
     i64::try_from(d.as_micros()).ok()
 }
 
-fn phase(tracker: &Tracker, names: &[String]) -> Phase {
+fn phase(tracker: &Tracker, names: &[String], pace: Pace, wall: Duration, busy: Duration) -> Phase {
     let all: Vec<Milestones> = names.iter().map(|n| tracker.get(n)).collect();
     let collect = |f: &dyn Fn(&Milestones) -> Option<i64>| -> Samples {
         Samples::new(all.iter().filter_map(f).collect())
     };
     Phase {
+        pace,
         running: collect(&|m| since(m.running, m.created)),
         bound: collect(&|m| since(m.bound, m.created)),
-        ip: collect(&|m| since(m.ip, m.bound)),
-        started: collect(&|m| since(m.running, m.ip)),
+        agent: collect(&|m| since(m.running, m.bound)),
+        wall,
+        busy,
     }
 }
 
@@ -541,15 +596,15 @@ fn cluster_bench(cluster: &LocalCluster) -> Result<ClusterFigures> {
     });
     runtime.shutdown_timeout(Duration::from_secs(1));
     let peaks = sampler.stop();
-    let (paced, burst) = match outcome {
+    let phases = match outcome {
         Ok(result) => result?,
         Err(signal) => bail!("interrupted by {signal}"),
     };
-    let ctr_run = ctr_floor(&cluster.containerd_address()?, &cluster.state_dir())?;
+    let (ctr_run, ctr_burst) = ctr_floor(&cluster.containerd_addresses()?, &cluster.state_dir())?;
     Ok(ClusterFigures {
-        paced,
-        burst,
+        phases,
         ctr_run,
+        ctr_burst,
         agents: agents
             .into_iter()
             .zip(idle)
@@ -563,7 +618,7 @@ async fn phases(
     tls: &Arc<rustls::ClientConfig>,
     addr: SocketAddr,
     tracker: &Arc<Tracker>,
-) -> Result<(Phase, Phase)> {
+) -> Result<Vec<Phase>> {
     let mut api = Client::tls(tls, addr).await?;
     api.expect(
         Method::POST,
@@ -581,69 +636,96 @@ async fn phases(
     // pod's latency.
     tokio::time::sleep(Duration::from_millis(500)).await;
     ensure!(!watch.is_finished(), "the pod watch ended at once");
-    let pods_path = format!("/api/v1/namespaces/{NAMESPACE}/pods");
+    let paces = [Pace::OneAtATime, Pace::Rate(STEADY_RATE), Pace::Burst];
+    let mut phases = Vec::new();
+    for (i, pace) in paces.into_iter().enumerate() {
+        phases.push(run_phase(&mut api, tracker, pace).await?);
+        if i + 1 < paces.len() {
+            delete_phase(&mut api, tracker, pace).await?;
+        }
+    }
+    watch.abort();
+    Ok(phases)
+}
 
-    say(format!("{PODS} pods, paced (one at a time)"));
-    let mut paced = Vec::new();
-    for i in 0..PODS {
-        let name = format!("paced-{i:02}");
-        tracker.set_created(&name, Instant::now());
+fn pods_path() -> String {
+    format!("/api/v1/namespaces/{NAMESPACE}/pods")
+}
+
+fn phase_names(pace: Pace) -> Vec<String> {
+    (0..PODS)
+        .map(|i| format!("{}-{i:02}", pace.prefix()))
+        .collect()
+}
+
+/// Creates the phase's [`PODS`] pods at its pace and waits until all are Running.
+async fn run_phase(api: &mut Client, tracker: &Arc<Tracker>, pace: Pace) -> Result<Phase> {
+    say(format!("{PODS} pods, {}", pace.label()));
+    let names = phase_names(pace);
+    let path = pods_path();
+    let busy_before = machine_busy()?;
+    let start = Instant::now();
+    for (i, name) in names.iter().enumerate() {
+        if let Pace::Rate(rate) = pace {
+            let due = start + Duration::from_secs(1) * u32::try_from(i)? / rate;
+            tokio::time::sleep_until(due.into()).await;
+        }
+        tracker.set_created(name, Instant::now());
         api.expect(
             Method::POST,
-            &pods_path,
-            Some(pod_body(&name)),
+            &path,
+            Some(pod_body(name)),
             StatusCode::CREATED,
         )
         .await?;
-        tracker
-            .wait(&format!("{name} Running"), RUNNING_TIMEOUT, |pods| {
-                pods.get(&name).is_some_and(|m| m.running.is_some())
-            })
-            .await?;
-        paced.push(name);
+        if pace == Pace::OneAtATime {
+            tracker
+                .wait(&format!("{name} Running"), RUNNING_TIMEOUT, |pods| {
+                    pods.get(name).is_some_and(|m| m.running.is_some())
+                })
+                .await?;
+        }
     }
-    let paced_phase = phase(tracker, &paced);
+    tracker
+        .wait(
+            &format!("the {} pods Running", pace.label()),
+            RUNNING_TIMEOUT,
+            |pods| {
+                names
+                    .iter()
+                    .all(|n| pods.get(n).is_some_and(|m| m.running.is_some()))
+            },
+        )
+        .await?;
+    let wall = start.elapsed();
+    let busy = machine_busy()?.saturating_sub(busy_before);
+    Ok(phase(tracker, &names, pace, wall, busy))
+}
 
-    say(format!("deleting the {PODS} paced pods"));
-    for name in &paced {
+/// Deletes the phase's pods and lets the agents finish tearing them down.
+async fn delete_phase(api: &mut Client, tracker: &Arc<Tracker>, pace: Pace) -> Result<()> {
+    say(format!("deleting the {PODS} {} pods", pace.label()));
+    let names = phase_names(pace);
+    let path = pods_path();
+    for name in &names {
         api.expect(
             Method::DELETE,
-            &format!("{pods_path}/{name}?gracePeriodSeconds=0"),
+            &format!("{path}/{name}?gracePeriodSeconds=0"),
             None,
             StatusCode::OK,
         )
         .await?;
     }
     tracker
-        .wait("the paced pods gone", RUNNING_TIMEOUT, |pods| {
-            paced.iter().all(|n| pods.get(n).is_some_and(|m| m.deleted))
-        })
-        .await?;
-    // Let the agents finish tearing the pods down before the burst.
-    tokio::time::sleep(Duration::from_secs(5)).await;
-
-    say(format!("{PODS} pods, in a burst"));
-    let burst: Vec<String> = (0..PODS).map(|i| format!("burst-{i:02}")).collect();
-    for name in &burst {
-        tracker.set_created(name, Instant::now());
-        api.expect(
-            Method::POST,
-            &pods_path,
-            Some(pod_body(name)),
-            StatusCode::CREATED,
+        .wait(
+            &format!("the {} pods gone", pace.label()),
+            RUNNING_TIMEOUT,
+            |pods| names.iter().all(|n| pods.get(n).is_some_and(|m| m.deleted)),
         )
         .await?;
-    }
-    tracker
-        .wait("the burst pods Running", RUNNING_TIMEOUT, |pods| {
-            burst
-                .iter()
-                .all(|n| pods.get(n).is_some_and(|m| m.running.is_some()))
-        })
-        .await?;
-    let burst_phase = phase(tracker, &burst);
-    watch.abort();
-    Ok((paced_phase, burst_phase))
+    // Let the agents finish tearing the pods down before the next phase.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    Ok(())
 }
 
 /// Watches the bench namespace's pods into `tracker` (reconnecting from the last
@@ -707,41 +789,78 @@ async fn watch_pods(
     }
 }
 
-/// `ctr run -d` of the image, [`CTR_RUNS`] times, in a containerd namespace of its own (the
-/// agent's namespace is the agent's to clean), each container removed afterwards.
-fn ctr_floor(address: &str, state_dir: &Path) -> Result<Samples> {
-    let ns = "skiff-bench-floor";
-    let image = state_dir.join("floor-image.tar");
-    let ctr = |args: &[&str]| -> Result<std::process::Output> {
-        Command::new("ctr")
-            .args(["-a", address, "-n", ns])
+/// `ctr` against one node's containerd, in a containerd namespace of its own (the agent's
+/// namespace is the agent's to clean).
+struct Ctr<'a> {
+    address: &'a str,
+}
+
+impl Ctr<'_> {
+    const NAMESPACE: &'static str = "skiff-bench-floor";
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("ctr");
+        cmd.args(["-a", self.address, "-n", Self::NAMESPACE])
             .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .context("could not run ctr")
-    };
-    // The image the cluster imported, exported from the agent namespace and imported here.
-    let out = Command::new("ctr")
-        .args(["-a", address, "-n", "skiff", "images", "export"])
-        .arg(&image)
-        .arg(IMAGE)
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "ctr images export: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = ctr(&["images", "import", &image.to_string_lossy()])?;
-    ensure!(
-        out.status.success(),
-        "ctr images import: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    fn run(&self, args: &[&str]) -> Result<std::process::Output> {
+        self.command(args).output().context("could not run ctr")
+    }
+
+    /// Imports the image the cluster imported (exported from the agent's namespace).
+    fn import_image(&self, archive: &Path) -> Result<()> {
+        let out = Command::new("ctr")
+            .args(["-a", self.address, "-n", "skiff", "images", "export"])
+            .arg(archive)
+            .arg(IMAGE)
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "ctr images export: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let out = self.run(&["images", "import", &archive.to_string_lossy()])?;
+        ensure!(
+            out.status.success(),
+            "ctr images import: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    }
+
+    /// Kills and removes container `id` and its task.
+    fn remove(&self, id: &str) {
+        let _ = self.run(&["tasks", "kill", "-s", "SIGKILL", id]);
+        for _ in 0..50 {
+            if self
+                .run(&["tasks", "rm", id])
+                .is_ok_and(|o| o.status.success())
+            {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.run(&["containers", "rm", id]);
+    }
+}
+
+/// `ctr run -d` of the image: [`CTR_RUNS`] times one after another on the first node, then
+/// [`PODS`] at once spread over all the nodes. Container ids are unique across the nodes: their
+/// containerds share the runc state directory of the namespace.
+fn ctr_floor(addresses: &[String], state_dir: &Path) -> Result<(Samples, CtrBurst)> {
+    let nodes: Vec<Ctr> = addresses.iter().map(|a| Ctr { address: a }).collect();
+    for (i, node) in nodes.iter().enumerate() {
+        node.import_image(&state_dir.join(format!("floor-image-{i}.tar")))?;
+    }
+    let first = &nodes[0];
     let mut samples = Vec::new();
     for i in 0..CTR_RUNS {
         let id = format!("floor-{i}");
         let start = Instant::now();
-        let out = ctr(&["run", "-d", IMAGE, &id, "sleep", "60"])?;
+        let out = first.run(&["run", "-d", IMAGE, &id, "sleep", "60"])?;
         let took = start.elapsed();
         ensure!(
             out.status.success(),
@@ -749,17 +868,52 @@ fn ctr_floor(address: &str, state_dir: &Path) -> Result<Samples> {
             String::from_utf8_lossy(&out.stderr)
         );
         samples.push(i64::try_from(took.as_micros()).unwrap_or(i64::MAX));
-        let _ = ctr(&["tasks", "kill", "-s", "SIGKILL", &id]);
-        for _ in 0..50 {
-            if ctr(&["tasks", "rm", &id])?.status.success() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = ctr(&["containers", "rm", &id]);
+        first.remove(&id);
     }
-    let _ = ctr(&["images", "rm", IMAGE]);
-    Ok(Samples::new(samples))
+
+    say(format!(
+        "{PODS} `ctr run -d` at once over {} nodes",
+        nodes.len()
+    ));
+    let ids: Vec<(usize, String)> = (0..PODS)
+        .map(|i| (i % nodes.len(), format!("floor-burst-{i:02}")))
+        .collect();
+    let busy_before = machine_busy()?;
+    let start = Instant::now();
+    let children = ids
+        .iter()
+        .map(|(node, id)| {
+            nodes[*node]
+                .command(&["run", "-d", IMAGE, id, "sleep", "60"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .context("could not run ctr")
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut failures = Vec::new();
+    for child in children {
+        let out = child.wait_with_output().context("ctr run")?;
+        if !out.status.success() {
+            failures.push(String::from_utf8_lossy(&out.stderr).trim().to_string());
+        }
+    }
+    let burst = CtrBurst {
+        wall: start.elapsed(),
+        busy: machine_busy()?.saturating_sub(busy_before),
+    };
+    for (node, id) in &ids {
+        nodes[*node].remove(id);
+    }
+    for node in &nodes {
+        let _ = node.run(&["images", "rm", IMAGE]);
+    }
+    ensure!(
+        failures.is_empty(),
+        "ctr run failed: {}",
+        failures.join("; ")
+    );
+    Ok((Samples::new(samples), burst))
 }
 
 // ---- report --------------------------------------------------------------------------------
@@ -767,6 +921,11 @@ fn ctr_floor(address: &str, state_dir: &Path) -> Result<Samples> {
 struct Report {
     cni: CniFigures,
     pods: ClusterFigures,
+}
+
+/// CPUs of this machine.
+fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 fn ms(us: i64) -> String {
@@ -785,12 +944,13 @@ impl Report {
             ms(add),
             add < GOAL_CNI_ADD_P99.as_micros() as i64,
         )];
-        for (label, phase) in [("paced", &self.pods.paced), ("burst", &self.pods.burst)] {
+        for phase in &self.pods.phases {
             let p99 = phase.running.percentile(99.0);
             goals.push((
                 format!(
-                    "create-to-Running p99 < {} s, {PODS} pods on {NODES} nodes ({label})",
-                    GOAL_RUNNING_P99.as_secs()
+                    "create-to-Running p99 < {} s, {PODS} pods on {NODES} nodes ({})",
+                    GOAL_RUNNING_P99.as_secs(),
+                    phase.pace.label()
                 ),
                 ms(p99),
                 p99 < GOAL_RUNNING_P99.as_micros() as i64,
@@ -799,31 +959,44 @@ impl Report {
         goals
     }
 
-    /// Where a pod's time goes, from the medians.
+    /// Where a pod's time goes, from the medians, and what the machine spent.
     fn analysis(&self) -> String {
         let mut text = String::new();
-        for (label, phase) in [("paced", &self.pods.paced), ("burst", &self.pods.burst)] {
+        for phase in &self.pods.phases {
             let _ = writeln!(
                 text,
-                "- {label}: median create→bound {} (scheduler), bound→IP reported {} (the agent \
-                 sees the pod, prepares the sandbox: network namespace, CNI ADD, and posts \
-                 status), IP→Running {} (containerd: snapshot, container, task start, then the \
-                 status update); p99 of those: {}, {}, {}.",
+                "- {}: median create→bound {} (scheduler), bound→Running {} (the agent: network \
+                 namespace, CNI ADD, snapshot, container and task through containerd and runc, \
+                 then one status write with the IP and phase Running); p99 {} and {}. The {PODS} \
+                 pods took {:.2} s from the first POST to the last Running, and the machine was \
+                 busy {:.2} s of CPU meanwhile ({:.0} ms per pod, {:.2} of the {} CPUs).",
+                phase.pace.label(),
                 ms(phase.bound.percentile(50.0)),
-                ms(phase.ip.percentile(50.0)),
-                ms(phase.started.percentile(50.0)),
+                ms(phase.agent.percentile(50.0)),
                 ms(phase.bound.percentile(99.0)),
-                ms(phase.ip.percentile(99.0)),
-                ms(phase.started.percentile(99.0)),
+                ms(phase.agent.percentile(99.0)),
+                phase.wall.as_secs_f64(),
+                phase.busy.as_secs_f64(),
+                phase.busy.as_secs_f64() * 1000.0 / PODS as f64,
+                phase.busy.as_secs_f64() / phase.wall.as_secs_f64().max(1e-9),
+                cpus(),
             );
         }
+        let burst = &self.pods.ctr_burst;
         let _ = writeln!(
             text,
-            "- floors: one CNI ADD {} (p50; spawning `/bin/true` costs {}), one `ctr run -d` of \
-             the image {} (p50, including the start of the `ctr` client itself).",
+            "- floors: one CNI ADD {} (p50; spawning `/bin/true` costs {}); one `ctr run -d` of \
+             the image {} (p50, including the start of the `ctr` client itself); {PODS} `ctr run \
+             -d` at once over the {NODES} nodes' containerds (no API server, agent or CNI) took \
+             {:.2} s until the last returned, the machine busy {:.2} s of CPU ({:.0} ms per \
+             container). A burst of {PODS} pods cannot be Running within 1 s on this machine when \
+             starting their containers alone takes longer.",
             ms(self.cni.add.percentile(50.0)),
             ms(self.cni.floor.percentile(50.0)),
             ms(self.pods.ctr_run.percentile(50.0)),
+            burst.wall.as_secs_f64(),
+            burst.busy.as_secs_f64(),
+            burst.busy.as_secs_f64() * 1000.0 / PODS as f64,
         );
         text
     }
@@ -839,9 +1012,9 @@ impl Report {
              fresh pod namespaces, then their DELs, each timed from spawn to exit. Pods: `skiffctl \
              up --nodes {NODES}` (control plane, and containerd plus `skiff-agent` per node, in \
              network namespaces on this machine; the busybox image imported beforehand, nothing \
-             pulled), {PODS} `sleep` pods created one at a time (paced), deleted, then {PODS} \
-             created back to back (burst); each timed from just before its POST to the watch \
-             event with phase Running.\n",
+             pulled), three phases of {PODS} `sleep` pods, deleted between phases: created one at a \
+             time (paced), at {STEADY_RATE} pods/s (steady), and back to back (burst); each pod \
+             timed from just before its POST to the watch event with phase Running.\n",
             machine.date,
             machine.commit,
             machine.cores,
@@ -878,16 +1051,16 @@ impl Report {
             md,
             "| phase | step | n | p50 | p99 | max |\n|---|---|---:|---:|---:|---:|"
         );
-        for (label, phase) in [("paced", &self.pods.paced), ("burst", &self.pods.burst)] {
+        for phase in &self.pods.phases {
             for (step, s) in [
                 ("create → Running", &phase.running),
                 ("create → bound", &phase.bound),
-                ("bound → IP reported", &phase.ip),
-                ("IP reported → Running", &phase.started),
+                ("bound → Running", &phase.agent),
             ] {
                 let _ = writeln!(
                     md,
-                    "| {label} | {step} | {} | {} | {} | {} |",
+                    "| {} | {step} | {} | {} | {} | {} |",
+                    phase.pace.label(),
                     s.len(),
                     ms(s.percentile(50.0)),
                     ms(s.percentile(99.0)),
@@ -908,7 +1081,7 @@ impl Report {
         let _ = writeln!(
             md,
             "### Agent memory (VmRSS)\n\nIdle: {} s after `skiffctl up`. Peak: sampled every \
-             100 ms through both phases.\n",
+             100 ms through the three phases.\n",
             IDLE_SETTLE.as_secs()
         );
         let _ = writeln!(md, "| node | idle | peak |\n|---|---:|---:|");
@@ -928,52 +1101,42 @@ mod tests {
         let tracker = Tracker::default();
         let t0 = Instant::now();
         tracker.set_created("p", t0);
-        let pod = |node: bool, ip: bool, running: bool| {
+        let pod = |node: bool, running: bool| {
             let mut p = json!({"metadata": {"name": "p"}, "spec": {}, "status": {}});
             if node {
                 p["spec"]["nodeName"] = json!("n1");
             }
-            if ip {
-                p["status"]["podIP"] = json!("10.244.0.2");
-            }
             if running {
                 p["status"]["phase"] = json!("Running");
+                p["status"]["podIP"] = json!("10.244.0.2");
             }
             p
         };
-        tracker.observe("ADDED", &pod(false, false, false), t0);
+        tracker.observe("ADDED", &pod(false, false), t0);
+        tracker.observe("MODIFIED", &pod(true, false), t0 + Duration::from_millis(5));
         tracker.observe(
             "MODIFIED",
-            &pod(true, false, false),
-            t0 + Duration::from_millis(5),
-        );
-        tracker.observe(
-            "MODIFIED",
-            &pod(true, true, false),
-            t0 + Duration::from_millis(50),
-        );
-        tracker.observe(
-            "MODIFIED",
-            &pod(true, true, true),
+            &pod(true, true),
             t0 + Duration::from_millis(200),
         );
         // A later event does not move a milestone.
         tracker.observe(
             "MODIFIED",
-            &pod(true, true, true),
+            &pod(true, true),
             t0 + Duration::from_millis(900),
         );
-        let phase = phase(&tracker, &["p".to_string()]);
+        let phase = phase(
+            &tracker,
+            &["p".to_string()],
+            Pace::Burst,
+            Duration::from_secs(1),
+            Duration::from_millis(500),
+        );
         assert_eq!(phase.bound.0, vec![5_000]);
-        assert_eq!(phase.ip.0, vec![45_000]);
-        assert_eq!(phase.started.0, vec![150_000]);
+        assert_eq!(phase.agent.0, vec![195_000]);
         assert_eq!(phase.running.0, vec![200_000]);
         assert!(!tracker.get("p").deleted);
-        tracker.observe(
-            "DELETED",
-            &pod(true, true, true),
-            t0 + Duration::from_secs(1),
-        );
+        tracker.observe("DELETED", &pod(true, true), t0 + Duration::from_secs(1));
         assert!(tracker.get("p").deleted);
     }
 
@@ -985,5 +1148,16 @@ mod tests {
         assert_eq!(pod["spec"]["containers"][0]["image"], IMAGE);
         assert_eq!(ms(1_500), "1.50 ms");
         assert_eq!(ms(250_000), "250 ms");
+    }
+
+    #[test]
+    fn phases_have_distinct_pod_names_and_labels() {
+        let paces = [Pace::OneAtATime, Pace::Rate(STEADY_RATE), Pace::Burst];
+        let mut names: Vec<String> = paces.iter().flat_map(|p| phase_names(*p)).collect();
+        assert_eq!(names.len(), 3 * PODS);
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), 3 * PODS, "pod names repeat across phases");
+        assert_eq!(Pace::Rate(10).label(), "steady 10/s");
     }
 }
