@@ -38,7 +38,8 @@ const KUBECTL_TIMEOUT: &str = "60";
 /// serves it on 8080. `hostPort: 8080` makes the scheduler's NodePorts
 /// filter place at most one replica per node, so three replicas must land
 /// on three different nodes (a required constraint, not the spreading
-/// score's preference).
+/// score's preference); the agent hands it to the portmap plugin chained
+/// after skiff-cni, so each node's address serves its replica on 8080.
 const WEB: &str = r#"
 apiVersion: apps/v1
 kind: Deployment
@@ -512,20 +513,41 @@ fn deployment_spreads_over_nodes(c: &Cluster) -> Vec<WebPod> {
     pods
 }
 
+/// The outside namespace fetches `http://<ip>:8080/` and gets `pod`'s page.
+fn outside_gets_page(c: &Cluster, ip: &str, pod: &WebPod, via: &str) {
+    let out = c.wget_from_netns(&c.ext_netns(), ip);
+    assert!(
+        out.status.success(),
+        "{} reaches {} {via} at {ip}:8080: {}",
+        c.ext_netns(),
+        pod.name,
+        text(&out)
+    );
+    let body = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        body.contains(&format!("hello from {}", pod.name)),
+        "{ip}:8080 answers with {}'s page: {body}",
+        pod.name
+    );
+}
+
 /// The outside namespace reaches every replica.
 fn outside_reaches_pods(c: &Cluster, pods: &[WebPod]) {
     for pod in pods {
-        let out = c.wget_from_netns(&c.ext_netns(), &pod.ip);
-        assert!(
-            out.status.success(),
-            "{} reaches {} at {}: {}",
-            c.ext_netns(),
-            pod.name,
-            pod.ip,
-            text(&out)
-        );
-        let body = String::from_utf8_lossy(&out.stdout);
-        assert!(body.contains(&format!("hello from {}", pod.name)), "{body}");
+        outside_gets_page(c, &pod.ip, pod, "at its pod IP");
+    }
+}
+
+/// The outside namespace reaches each replica at its node's address on the
+/// hostPort (the agent passes `portMappings` to the portmap plugin chained
+/// after skiff-cni).
+fn outside_reaches_pods_on_host_ports(c: &Cluster, pods: &[WebPod]) {
+    for pod in pods {
+        let host_ip = c.pod(&pod.name)["status"]["hostIP"]
+            .as_str()
+            .expect("hostIP")
+            .to_string();
+        outside_gets_page(c, &host_ip, pod, &format!("through its node {}", pod.node));
     }
 }
 
@@ -1061,6 +1083,10 @@ fn three_node_cluster_runs_real_pods_end_to_end() {
         (
             "outside namespace reaches pods",
             Box::new(|| outside_reaches_pods(c, &pods)),
+        ),
+        (
+            "outside namespace reaches pods on their host ports",
+            Box::new(|| outside_reaches_pods_on_host_ports(c, &pods)),
         ),
         (
             "pod reaches pod on another node",

@@ -1,7 +1,7 @@
 //! The agent as a CNI runtime: it finds the network configuration list,
 //! injects what a runtime injects into each plugin's configuration
-//! (`cniVersion`, `name`, `runtimeConfig`, and `prevResult` along the
-//! chain), and execs each plugin binary per the CNI spec (`CNI_*`
+//! (`cniVersion`, `name`, `runtimeConfig` for the capabilities a plugin
+//! declares, and `prevResult` along the chain), and execs each plugin binary per the CNI spec (`CNI_*`
 //! environment, configuration on stdin, result or error JSON on stdout).
 //!
 //! ADD runs the plugins in order, each getting the previous one's result;
@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 use tokio::io::AsyncWriteExt;
 
 /// How long one plugin invocation may take.
@@ -21,6 +21,9 @@ const PLUGIN_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The conflist the agent writes when the directory holds none.
 pub const SKIFF_CONFLIST: &str = "10-skiff.conflist";
+
+/// The reference plugin that wires hostPorts (`portMappings` capability).
+pub const PORTMAP_PLUGIN: &str = "portmap";
 
 /// Errors of CNI invocations.
 #[derive(Debug, thiserror::Error)]
@@ -146,11 +149,28 @@ impl NetConfList {
     }
 
     /// The configuration plugin `index` gets: its own, with the list's
-    /// `name` and `cniVersion`, and `prevResult` when given.
-    pub fn plugin_config(&self, index: usize, prev: Option<&Value>) -> Value {
+    /// `name` and `cniVersion`, `runtimeConfig` holding those of
+    /// `capability_args` the plugin declares in its `capabilities` (as
+    /// libcni injects them), and `prevResult` when given.
+    pub fn plugin_config(
+        &self,
+        index: usize,
+        prev: Option<&Value>,
+        capability_args: &Map<String, Value>,
+    ) -> Value {
         let mut config = self.plugins[index].clone();
         config["name"] = json!(self.name);
         config["cniVersion"] = json!(self.cni_version);
+        let runtime_config: Map<String, Value> = config["capabilities"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(_, declared)| declared.as_bool() == Some(true))
+            .filter_map(|(name, _)| Some((name.clone(), capability_args.get(name)?.clone())))
+            .collect();
+        if !runtime_config.is_empty() {
+            config["runtimeConfig"] = Value::Object(runtime_config);
+        }
         if let Some(prev) = prev {
             config["prevResult"] = prev.clone();
         }
@@ -183,20 +203,41 @@ pub fn first_conflist(dir: &Path) -> Option<PathBuf> {
 /// The conflist the agent writes for skiff-cni with the node's pod CIDR and
 /// the node's own IPAM directory (`data_dir`, under the agent's root dir: two
 /// nodes on one machine must not share their address allocations).
-pub fn skiff_conflist(pod_cidr: &str, data_dir: &Path) -> Value {
-    json!({
-        "cniVersion": "1.1.0",
-        "name": "skiff",
-        "plugins": [{"type": "skiff-cni", "podCIDR": pod_cidr, "dataDir": data_dir}],
-    })
+///
+/// With `portmap`, the reference `portmap` plugin is chained after
+/// skiff-cni with the `portMappings` capability, so that pods' hostPorts are
+/// wired, as Calico's conflist does. The list then says CNI 1.0.0: the
+/// reference plugins of Debian 12 (1.1.1) refuse 1.1.0, so such a list has
+/// no STATUS (which CNI 1.1 added).
+pub fn skiff_conflist(pod_cidr: &str, data_dir: &Path, portmap: bool) -> Value {
+    let skiff = json!({"type": "skiff-cni", "podCIDR": pod_cidr, "dataDir": data_dir});
+    if portmap {
+        json!({
+            "cniVersion": "1.0.0",
+            "name": "skiff",
+            "plugins": [
+                skiff,
+                {"type": PORTMAP_PLUGIN, "snat": true, "capabilities": {"portMappings": true}},
+            ],
+        })
+    } else {
+        json!({"cniVersion": "1.1.0", "name": "skiff", "plugins": [skiff]})
+    }
 }
 
 /// Write [`skiff_conflist`] as `10-skiff.conflist` in `dir` unless the
 /// directory holds another conflist first (by name); an own conflist that
-/// says something else (an older agent's) is rewritten. True when it wrote.
-pub fn ensure_conflist(dir: &Path, pod_cidr: &str, data_dir: &Path) -> std::io::Result<bool> {
+/// says something else (an older agent's) is rewritten. `portmap` is chained
+/// when `bin_dir` has it. True when it wrote.
+pub fn ensure_conflist(
+    dir: &Path,
+    bin_dir: &Path,
+    pod_cidr: &str,
+    data_dir: &Path,
+) -> std::io::Result<bool> {
     let path = dir.join(SKIFF_CONFLIST);
-    let wanted = skiff_conflist(pod_cidr, data_dir);
+    let portmap = bin_dir.join(PORTMAP_PLUGIN).is_file();
+    let wanted = skiff_conflist(pod_cidr, data_dir, portmap);
     match first_conflist(dir) {
         Some(first) if first != path => return Ok(false),
         Some(_) => {
@@ -228,6 +269,33 @@ pub struct Attachment {
     pub ifname: String,
     /// `CNI_ARGS` pairs (K8S_POD_NAMESPACE, K8S_POD_NAME, K8S_POD_UID…).
     pub args: Vec<(String, String)>,
+    /// Capability arguments (`portMappings`…), handed to the plugins that
+    /// declare the capability as their `runtimeConfig`.
+    pub capability_args: Map<String, Value>,
+}
+
+/// The `portMappings` capability argument of a pod: one entry per container
+/// port with a `hostPort`, as the kubelet hands them to CNI (`protocol`
+/// lowercase, `hostIP` when set). `None` when the pod has no hostPort.
+pub fn port_mappings(pod: &k8s_openapi::api::core::v1::PodSpec) -> Option<Value> {
+    let mappings: Vec<Value> = pod
+        .containers
+        .iter()
+        .flat_map(|c| c.ports.iter().flatten())
+        .filter(|p| p.host_port.is_some_and(|h| h > 0))
+        .map(|p| {
+            let mut mapping = json!({
+                "hostPort": p.host_port,
+                "containerPort": p.container_port,
+                "protocol": p.protocol.as_deref().unwrap_or("TCP").to_ascii_lowercase(),
+            });
+            if let Some(ip) = p.host_ip.as_deref().filter(|ip| !ip.is_empty()) {
+                mapping["hostIP"] = json!(ip);
+            }
+            mapping
+        })
+        .collect();
+    (!mappings.is_empty()).then(|| Value::Array(mappings))
 }
 
 /// `CNI_ARGS` for a pod.
@@ -381,7 +449,7 @@ impl Cni {
         let mut prev: Option<Value> = None;
         let mut last = String::new();
         for index in 0..list.plugins.len() {
-            let config = list.plugin_config(index, prev.as_ref());
+            let config = list.plugin_config(index, prev.as_ref(), &attachment.capability_args);
             last = config["type"].as_str().unwrap_or_default().to_string();
             let result = self.exec("ADD", &config, Some(attachment)).await?;
             prev = Some(result);
@@ -395,7 +463,11 @@ impl Cni {
         let list = NetConfList::load(&self.conf_dir)?;
         let mut first_error = None;
         for index in (0..list.plugins.len()).rev() {
-            let config = list.plugin_config(index, prev.filter(|p| !p.is_null()));
+            let config = list.plugin_config(
+                index,
+                prev.filter(|p| !p.is_null()),
+                &attachment.capability_args,
+            );
             if let Err(error) = self.exec("DEL", &config, Some(attachment)).await
                 && first_error.is_none()
             {
@@ -409,7 +481,7 @@ impl Cni {
     pub async fn check(&self, attachment: &Attachment, prev: &Value) -> Result<(), CniError> {
         let list = NetConfList::load(&self.conf_dir)?;
         for index in 0..list.plugins.len() {
-            let config = list.plugin_config(index, Some(prev));
+            let config = list.plugin_config(index, Some(prev), &attachment.capability_args);
             self.exec("CHECK", &config, Some(attachment)).await?;
         }
         Ok(())
@@ -424,7 +496,7 @@ impl Cni {
         }
         if list.has_status() {
             for index in 0..list.plugins.len() {
-                let config = list.plugin_config(index, None);
+                let config = list.plugin_config(index, None, &Map::new());
                 self.exec("STATUS", &config, None).await?;
             }
         }
@@ -441,14 +513,34 @@ mod tests {
         let text = r#"{"cniVersion":"1.0.0","name":"net","plugins":[{"type":"bridge","ipam":{"type":"host-local"}},{"type":"portmap","capabilities":{"portMappings":true}}]}"#;
         let list = NetConfList::parse(Path::new("/x.conflist"), text).expect("parses");
         assert!(!list.has_status());
-        let first = list.plugin_config(0, None);
+        let mut caps = Map::new();
+        caps.insert(
+            "portMappings".into(),
+            json!([{"hostPort": 80, "containerPort": 8080, "protocol": "tcp"}]),
+        );
+        caps.insert("bandwidth".into(), json!({"ingressRate": 1}));
+        let first = list.plugin_config(0, None, &caps);
         assert_eq!(first["name"], "net");
         assert_eq!(first["cniVersion"], "1.0.0");
         assert!(first.get("prevResult").is_none());
+        assert!(
+            first.get("runtimeConfig").is_none(),
+            "bridge declares no capability: {first}"
+        );
         let prev = json!({"ips": []});
-        let second = list.plugin_config(1, Some(&prev));
+        let second = list.plugin_config(1, Some(&prev), &caps);
         assert_eq!(second["prevResult"], prev);
         assert_eq!(second["type"], "portmap");
+        assert_eq!(
+            second["runtimeConfig"],
+            json!({"portMappings": caps["portMappings"]}),
+            "only the declared capability is injected"
+        );
+        assert!(
+            list.plugin_config(1, None, &Map::new())
+                .get("runtimeConfig")
+                .is_none()
+        );
         assert!(
             NetConfList::parse(
                 Path::new("/x"),
@@ -460,11 +552,48 @@ mod tests {
             NetConfList::parse(Path::new("/x"), r#"{"name":"a","plugins":[{"type":"x"}]}"#)
                 .is_err()
         );
-        let skiff = skiff_conflist("10.244.1.0/24", Path::new("/var/lib/skiff/n1/cni"));
+        let skiff = skiff_conflist("10.244.1.0/24", Path::new("/var/lib/skiff/n1/cni"), false);
         let list = NetConfList::parse(Path::new("/s"), &skiff.to_string()).expect("parses");
         assert!(list.has_status());
+        assert_eq!(list.plugins.len(), 1);
         assert_eq!(list.plugins[0]["podCIDR"], "10.244.1.0/24");
         assert_eq!(list.plugins[0]["dataDir"], "/var/lib/skiff/n1/cni");
+        let chained = skiff_conflist("10.244.1.0/24", Path::new("/d"), true);
+        let list = NetConfList::parse(Path::new("/s"), &chained.to_string()).expect("parses");
+        assert_eq!(
+            list.cni_version, "1.0.0",
+            "Debian's portmap speaks at most 1.0.0"
+        );
+        assert_eq!(list.plugins[1]["type"], PORTMAP_PLUGIN);
+        let portmap = list.plugin_config(1, None, &caps);
+        assert_eq!(portmap["runtimeConfig"]["portMappings"][0]["hostPort"], 80);
+    }
+
+    #[test]
+    fn host_ports_become_port_mappings() {
+        let spec: k8s_openapi::api::core::v1::PodSpec = serde_json::from_value(json!({
+            "containers": [
+                {"name": "a", "ports": [
+                    {"containerPort": 8080, "hostPort": 80},
+                    {"containerPort": 9090},
+                    {"containerPort": 53, "hostPort": 5353, "protocol": "UDP", "hostIP": "10.99.0.11"},
+                ]},
+                {"name": "b"},
+            ],
+        }))
+        .expect("pod spec");
+        assert_eq!(
+            port_mappings(&spec),
+            Some(json!([
+                {"hostPort": 80, "containerPort": 8080, "protocol": "tcp"},
+                {"hostPort": 5353, "containerPort": 53, "protocol": "udp", "hostIP": "10.99.0.11"},
+            ]))
+        );
+        let none: k8s_openapi::api::core::v1::PodSpec = serde_json::from_value(
+            json!({"containers": [{"name": "a", "ports": [{"containerPort": 80}]}]}),
+        )
+        .expect("pod spec");
+        assert_eq!(port_mappings(&none), None);
     }
 
     #[test]
@@ -487,11 +616,18 @@ mod tests {
     fn the_first_conflist_by_name_wins_and_is_not_overwritten() {
         let dir = std::env::temp_dir().join(format!("skiff-cni-conf-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        assert!(ensure_conflist(&dir, "10.244.2.0/24", &dir.join("ipam")).expect("writes"));
-        assert!(!ensure_conflist(&dir, "10.244.2.0/24", &dir.join("ipam")).expect("keeps"));
-        assert!(
-            ensure_conflist(&dir, "10.244.2.0/24", &dir.join("other")).expect("updates its own")
-        );
+        let bin = dir.join("bin");
+        std::fs::create_dir_all(&bin).expect("bin dir");
+        let ensure = |data: &str| ensure_conflist(&dir, &bin, "10.244.2.0/24", &dir.join(data));
+        assert!(ensure("ipam").expect("writes"));
+        assert!(!ensure("ipam").expect("keeps"));
+        assert!(ensure("other").expect("updates its own"));
+        let list = NetConfList::load(&dir).expect("loads");
+        assert_eq!(list.plugins.len(), 1, "no portmap in the bin dir");
+        std::fs::write(bin.join(PORTMAP_PLUGIN), "").expect("portmap");
+        assert!(ensure("other").expect("chains portmap once it is there"));
+        let list = NetConfList::load(&dir).expect("loads");
+        assert_eq!(list.plugins[1]["type"], PORTMAP_PLUGIN);
         std::fs::write(dir.join("05-other.conflist"), "{}").expect("write");
         assert_eq!(first_conflist(&dir), Some(dir.join("05-other.conflist")));
         std::fs::remove_dir_all(&dir).expect("cleanup");

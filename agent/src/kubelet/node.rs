@@ -231,6 +231,7 @@ impl Kubelet {
             {
                 match super::cni::ensure_conflist(
                     &self.cni.conf_dir,
+                    &self.cni.bin_dir,
                     &cidr.to_string(),
                     &self.root_dir.join("cni"),
                 ) {

@@ -538,11 +538,16 @@ impl Worker {
             .map_err(|e| e.to_string())?;
         let namespace = self.pod.metadata.namespace.clone().unwrap_or_default();
         let name = self.pod.metadata.name.clone().unwrap_or_default();
+        let mut capability_args = serde_json::Map::new();
+        if let Some(mappings) = self.pod.spec.as_ref().and_then(super::cni::port_mappings) {
+            capability_args.insert("portMappings".into(), mappings);
+        }
         let attachment = Attachment {
             container_id: self.uid.clone(),
             netns: path.clone(),
             ifname: "eth0".into(),
             args: pod_args(&namespace, &name, &self.uid),
+            capability_args,
         };
         let result = match self.k.cni.add(&attachment).await {
             Ok(r) => r,
@@ -554,7 +559,14 @@ impl Worker {
         };
         let dir = self.k.pod_dir(&self.uid);
         let _ = std::fs::create_dir_all(&dir);
-        let saved = json!({"namespace": namespace, "name": name, "result": result.raw});
+        // DEL needs the same capability arguments (portmap removes nothing
+        // without its mappings), also after an agent restart.
+        let saved = json!({
+            "namespace": namespace,
+            "name": name,
+            "result": result.raw,
+            "capabilityArgs": attachment.capability_args,
+        });
         if let Err(error) = std::fs::write(self.network_file(), saved.to_string()) {
             tracing::warn!(%error, "cannot save the CNI result");
         }
@@ -1144,6 +1156,10 @@ pub(super) async fn teardown_network(k: &Kubelet, uid: &str, sandbox: Option<&Sa
             saved["name"].as_str().unwrap_or_default(),
             uid,
         ),
+        capability_args: saved["capabilityArgs"]
+            .as_object()
+            .cloned()
+            .unwrap_or_default(),
     };
     if let Err(error) = k.cni.del(&attachment, Some(&result)).await {
         tracing::warn!(pod_uid = %uid, %error, "CNI DEL failed");
