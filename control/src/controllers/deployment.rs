@@ -129,45 +129,18 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
 }
 
 impl Controller {
+    /// Process queued keys until `shutdown`, once both caches are filled.
     async fn work(self: Arc<Self>, shutdown: CancellationToken) {
-        while !(self.deployments_synced.load(Ordering::Acquire)
-            && self.sets_synced.load(Ordering::Acquire))
-        {
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                () = tokio::time::sleep(Duration::from_millis(50)) => {}
-            }
-        }
-        loop {
-            let key = tokio::select! {
-                () = shutdown.cancelled() => return,
-                key = self.queue.next() => key,
-            };
-            let result = tokio::select! {
-                () = shutdown.cancelled() => return,
-                result = self.sync(&key) => result,
-            };
-            match result {
-                Ok(requeue) => {
-                    self.queue.forget(&key);
-                    if let Some(after) = requeue {
-                        self.queue.add_after(&key, after);
-                    }
-                }
-                Err(error) => {
-                    let mut text = error.to_string();
-                    let mut source = std::error::Error::source(&error);
-                    while let Some(cause) = source {
-                        text.push_str(": ");
-                        text.push_str(&cause.to_string());
-                        source = cause.source();
-                    }
-                    tracing::info!(key, error = %text, "deployment sync failed, retrying");
-                    self.queue.add_rate_limited(&key);
-                }
-            }
-            self.queue.done(&key);
-        }
+        let synced = || {
+            self.deployments_synced.load(Ordering::Acquire)
+                && self.sets_synced.load(Ordering::Acquire)
+        };
+        self.queue
+            .run_worker("deployment", synced, &shutdown, |key| {
+                let this = self.clone();
+                async move { this.sync(&key).await }
+            })
+            .await;
     }
 
     fn deployment_changed(&self, change: Change<Deployment>) {

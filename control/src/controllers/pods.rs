@@ -574,6 +574,51 @@ impl WorkQueue {
         }
     }
 
+    /// One worker: once `synced` holds, takes keys and runs `sync` on each
+    /// until `shutdown`. A key that synced is forgotten by the rate limiter
+    /// (and queued again after the delay `sync` asks for); one that failed
+    /// is logged with its causes and queued again, rate-limited.
+    pub async fn run_worker<F, Fut>(
+        self: &std::sync::Arc<Self>,
+        what: &str,
+        synced: impl Fn() -> bool,
+        shutdown: &tokio_util::sync::CancellationToken,
+        sync: F,
+    ) where
+        F: Fn(String) -> Fut,
+        Fut: Future<Output = Result<Option<Duration>, WorkloadError>>,
+    {
+        while !synced() {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+        }
+        loop {
+            let key = tokio::select! {
+                () = shutdown.cancelled() => return,
+                key = self.next() => key,
+            };
+            let result = tokio::select! {
+                () = shutdown.cancelled() => return,
+                result = sync(key.clone()) => result,
+            };
+            match result {
+                Ok(requeue) => {
+                    self.forget(&key);
+                    if let Some(after) = requeue {
+                        self.add_after(&key, after);
+                    }
+                }
+                Err(error) => {
+                    tracing::info!(key, error = %error_chain(&error), "{what} sync failed, retrying");
+                    self.add_rate_limited(&key);
+                }
+            }
+            self.done(&key);
+        }
+    }
+
     /// How many keys wait.
     pub fn len(&self) -> usize {
         self.state.lock().expect("queue lock").queue.len()
@@ -720,6 +765,18 @@ pub fn key_of(meta: &ObjectMeta) -> String {
 /// Split `namespace/name`.
 pub fn split_key(key: &str) -> (&str, &str) {
     key.split_once('/').unwrap_or(("", key))
+}
+
+/// The error and its causes, for logs.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 #[cfg(test)]

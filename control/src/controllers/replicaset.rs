@@ -163,37 +163,14 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
 impl Controller {
     /// Process queued keys until `shutdown`, once both caches are filled.
     async fn work(self: Arc<Self>, shutdown: CancellationToken) {
-        while !(self.pods_synced.load(Ordering::Acquire)
-            && self.sets_synced.load(Ordering::Acquire))
-        {
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                () = tokio::time::sleep(Duration::from_millis(50)) => {}
-            }
-        }
-        loop {
-            let key = tokio::select! {
-                () = shutdown.cancelled() => return,
-                key = self.queue.next() => key,
-            };
-            let result = tokio::select! {
-                () = shutdown.cancelled() => return,
-                result = self.sync(&key) => result,
-            };
-            match result {
-                Ok(requeue) => {
-                    self.queue.forget(&key);
-                    if let Some(after) = requeue {
-                        self.queue.add_after(&key, after);
-                    }
-                }
-                Err(error) => {
-                    tracing::info!(key, error = %error_chain(&error), "replicaset sync failed, retrying");
-                    self.queue.add_rate_limited(&key);
-                }
-            }
-            self.queue.done(&key);
-        }
+        let synced =
+            || self.pods_synced.load(Ordering::Acquire) && self.sets_synced.load(Ordering::Acquire);
+        self.queue
+            .run_worker("replicaset", synced, &shutdown, |key| {
+                let this = self.clone();
+                async move { this.sync(&key).await }
+            })
+            .await;
     }
 
     /// The ReplicaSet key a pod belongs to, if its controller is one.
@@ -729,18 +706,6 @@ impl Controller {
             }),
         }
     }
-}
-
-/// The error and its causes, for logs.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// What one sync does about the number of pods.
