@@ -7,7 +7,9 @@
 //! ADD runs the plugins in order, each getting the previous one's result;
 //! DEL runs them in reverse with the ADD result as `prevResult`; CHECK in
 //! order; STATUS (CNI 1.1) in order, only when the list's version is 1.1 or
-//! later, as libcni does.
+//! later, as libcni does. Node readiness also asks each plugin VERSION, so a
+//! plugin that does not run, or does not speak the list's version, keeps the
+//! node NotReady with a message that names it.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -78,6 +80,16 @@ pub enum CniError {
         code: i64,
         /// The error message and details.
         message: String,
+    },
+    /// A plugin does not speak the list's CNI version (its VERSION answer).
+    #[error("CNI plugin {plugin} does not support CNI version {version} (it supports {supported})")]
+    UnsupportedVersion {
+        /// The plugin type.
+        plugin: String,
+        /// The list's `cniVersion`.
+        version: String,
+        /// What the plugin's VERSION listed.
+        supported: String,
     },
     /// A plugin's result could not be parsed, or named no IPv4 address.
     #[error("CNI plugin {plugin} returned an unusable result: {message}")]
@@ -316,6 +328,9 @@ pub struct Cni {
     pub bin_dir: PathBuf,
     /// Where the conflist is.
     pub conf_dir: PathBuf,
+    /// The conflist (path, version, plugin types) whose plugins last
+    /// answered VERSION with its version: asked again only when it changes.
+    pub versions_checked: std::sync::Arc<std::sync::Mutex<Option<String>>>,
 }
 
 /// What an ADD gave.
@@ -488,16 +503,57 @@ impl Cni {
     }
 
     /// Whether the network can serve ADD: a conflist whose plugins are all
-    /// in the bin dir, and (CNI 1.1 lists) every plugin's STATUS succeeds.
+    /// in the bin dir and answer VERSION with the list's version among
+    /// those they support, and (CNI 1.1 lists) whose plugins' STATUS all
+    /// succeed.
     pub async fn status(&self) -> Result<(), CniError> {
         let list = NetConfList::load(&self.conf_dir)?;
         for plugin in &list.plugins {
             self.plugin_path(plugin["type"].as_str().unwrap_or_default())?;
         }
+        let signature = format!(
+            "{} {} {:?}",
+            list.path.display(),
+            list.cni_version,
+            list.plugins.iter().map(|p| &p["type"]).collect::<Vec<_>>()
+        );
+        let checked = || {
+            self.versions_checked
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        };
+        if checked().as_deref() != Some(signature.as_str()) {
+            self.check_versions(&list).await?;
+            *checked() = Some(signature);
+        }
         if list.has_status() {
             for index in 0..list.plugins.len() {
                 let config = list.plugin_config(index, None, &Map::new());
                 self.exec("STATUS", &config, None).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Every plugin of `list` answers VERSION with the list's version among
+    /// those it supports.
+    async fn check_versions(&self, list: &NetConfList) -> Result<(), CniError> {
+        for plugin in &list.plugins {
+            let plugin = plugin["type"].as_str().unwrap_or_default();
+            let config = json!({"cniVersion": list.cni_version, "type": plugin});
+            let answer = self.exec("VERSION", &config, None).await?;
+            let supported: Vec<&str> = answer["supportedVersions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect();
+            if !supported.contains(&list.cni_version.as_str()) {
+                return Err(CniError::UnsupportedVersion {
+                    plugin: plugin.to_string(),
+                    version: list.cni_version.clone(),
+                    supported: supported.join(", "),
+                });
             }
         }
         Ok(())
@@ -567,6 +623,50 @@ mod tests {
         assert_eq!(list.plugins[1]["type"], PORTMAP_PLUGIN);
         let portmap = list.plugin_config(1, None, &caps);
         assert_eq!(portmap["runtimeConfig"]["portMappings"][0]["hostPort"], 80);
+    }
+
+    /// Readiness asks every plugin VERSION: Debian's reference portmap
+    /// (installed by `cargo xtask setup`) answers for a 1.0.0 list and is
+    /// named as unable to speak a 1.1.0 one.
+    #[tokio::test]
+    async fn status_names_a_plugin_that_does_not_speak_the_list_version() {
+        let reference = Path::new("/usr/lib/cni").join(PORTMAP_PLUGIN);
+        assert!(
+            reference.is_file(),
+            "{} missing: `cargo xtask setup` installs containernetworking-plugins",
+            reference.display()
+        );
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let bin = dir.path().join("bin");
+        let conf = dir.path().join("net.d");
+        std::fs::create_dir_all(&bin).expect("bin dir");
+        std::fs::create_dir_all(&conf).expect("conf dir");
+        std::os::unix::fs::symlink(&reference, bin.join(PORTMAP_PLUGIN)).expect("symlink");
+        let cni = Cni {
+            bin_dir: bin,
+            conf_dir: conf.clone(),
+            versions_checked: Default::default(),
+        };
+        let write = |version: &str| {
+            let list =
+                json!({"cniVersion": version, "name": "t", "plugins": [{"type": PORTMAP_PLUGIN}]});
+            std::fs::write(conf.join("10-t.conflist"), list.to_string()).expect("conflist");
+        };
+        write("1.0.0");
+        cni.status().await.expect("portmap speaks 1.0.0");
+        cni.status()
+            .await
+            .expect("and still does (not asked again)");
+        write("1.1.0");
+        match cni.status().await {
+            Err(CniError::UnsupportedVersion {
+                plugin, version, ..
+            }) => {
+                assert_eq!(plugin, PORTMAP_PLUGIN);
+                assert_eq!(version, "1.1.0");
+            }
+            other => panic!("expected UnsupportedVersion for portmap at 1.1.0, got {other:?}"),
+        }
     }
 
     #[test]

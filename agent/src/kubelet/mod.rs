@@ -252,6 +252,7 @@ pub async fn run(
         cni: cni::Cni {
             bin_dir: args.cni_bin_dir.clone(),
             conf_dir: args.cni_conf_dir.clone(),
+            versions_checked: Default::default(),
         },
         root_dir,
         run_dir,
