@@ -29,17 +29,16 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Binding, Node, ObjectReference, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use kube::api::{Api, Patch, PatchParams, PostParams};
-use kube::runtime::WatchStreamExt;
-use kube::runtime::watcher::{self, Event};
 use serde_json::json;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::controllers::DaemonArgs;
+use crate::controllers::pods::{Change, watch_changes};
 use crate::events::{EventRecorder, EventType};
 use crate::leader::{self, LeaderElection};
 use cache::{Cache, NodeChange, PodUsage};
@@ -354,128 +353,96 @@ impl Scheduler {
         })
     }
 
+    /// Keep the cache's nodes in step with the API; `synced` fires after
+    /// the first complete list.
     async fn watch_nodes(
         self: Arc<Self>,
         shutdown: CancellationToken,
         synced: tokio::sync::oneshot::Sender<()>,
     ) {
         let api: Api<Node> = Api::all(self.client.clone());
-        let mut stream = watcher::watcher(api, watcher::Config::default())
-            .default_backoff()
-            .boxed();
         let mut synced = Some(synced);
-        let mut relisted: Option<HashSet<String>> = None;
-        loop {
-            let event = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                event = stream.try_next() => event,
-            };
-            let event = match event {
-                Ok(Some(event)) => event,
-                Ok(None) => return,
-                Err(error) => {
-                    tracing::warn!(%error, "node watch failed; retrying");
-                    continue;
-                }
-            };
-            match event {
-                Event::Init => relisted = Some(HashSet::new()),
-                Event::InitApply(node) => {
-                    if let Some(seen) = relisted.as_mut() {
-                        seen.insert(node.metadata.name.clone().unwrap_or_default());
+        watch_changes(api, shutdown, |change| match change {
+            Change::Resynced(nodes) => {
+                {
+                    let mut cache = self.cache();
+                    let listed: HashSet<String> = nodes
+                        .iter()
+                        .map(|n| n.metadata.name.clone().unwrap_or_default())
+                        .collect();
+                    for node in &nodes {
+                        cache.set_node(node);
                     }
-                    self.cache().set_node(&node);
-                }
-                Event::InitDone => {
-                    if let Some(seen) = relisted.take() {
-                        let mut cache = self.cache();
-                        for name in cache.node_names() {
-                            if !seen.contains(&name) {
-                                cache.remove_node(&name);
-                            }
+                    for name in cache.node_names() {
+                        if !listed.contains(&name) {
+                            cache.remove_node(&name);
                         }
                     }
-                    self.queue.move_all_unschedulable(Instant::now());
-                    if let Some(tx) = synced.take() {
-                        let _ = tx.send(());
-                    }
                 }
-                Event::Apply(node) => {
-                    let change = self.cache().set_node(&node);
-                    if change != NodeChange::Unchanged {
-                        self.queue.move_all_unschedulable(Instant::now());
-                    }
-                }
-                Event::Delete(node) => {
-                    self.cache()
-                        .remove_node(node.metadata.name.as_deref().unwrap_or_default());
+                self.queue.move_all_unschedulable(Instant::now());
+                if let Some(tx) = synced.take() {
+                    let _ = tx.send(());
                 }
             }
-        }
+            Change::Applied(node) => {
+                let change = self.cache().set_node(&node);
+                if change != NodeChange::Unchanged {
+                    self.queue.move_all_unschedulable(Instant::now());
+                }
+            }
+            Change::Deleted(node) => {
+                self.cache()
+                    .remove_node(node.metadata.name.as_deref().unwrap_or_default());
+            }
+        })
+        .await;
     }
 
+    /// Keep the cache's bound pods and the queue's pending pods in step
+    /// with the API; `synced` fires after the first complete list.
     async fn watch_pods(
         self: Arc<Self>,
         shutdown: CancellationToken,
         synced: tokio::sync::oneshot::Sender<()>,
     ) {
         let api: Api<Pod> = Api::all(self.client.clone());
-        let mut stream = watcher::watcher(api, watcher::Config::default())
-            .default_backoff()
-            .boxed();
         let mut synced = Some(synced);
-        let mut relisted: Option<HashSet<String>> = None;
-        loop {
-            let event = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                event = stream.try_next() => event,
-            };
-            let event = match event {
-                Ok(Some(event)) => event,
-                Ok(None) => return,
-                Err(error) => {
-                    tracing::warn!(%error, "pod watch failed; retrying");
-                    continue;
-                }
-            };
-            match event {
-                Event::Init => relisted = Some(HashSet::new()),
-                Event::InitApply(pod) => {
-                    if let Some(seen) = relisted.as_mut() {
-                        seen.insert(pod.metadata.uid.clone().unwrap_or_default());
-                    }
+        watch_changes(api, shutdown, |change| match change {
+            Change::Resynced(pods) => {
+                let listed: HashSet<String> = pods
+                    .iter()
+                    .map(|p| p.metadata.uid.clone().unwrap_or_default())
+                    .collect();
+                for pod in pods {
                     self.apply_pod(pod);
                 }
-                Event::InitDone => {
-                    if let Some(seen) = relisted.take() {
-                        let mut freed = false;
-                        {
-                            let mut cache = self.cache();
-                            for uid in cache.confirmed_pods() {
-                                if !seen.contains(&uid) {
-                                    freed |= cache.remove_pod(&uid);
-                                }
-                            }
+                let mut freed = false;
+                {
+                    let mut cache = self.cache();
+                    for uid in cache.confirmed_pods() {
+                        if !listed.contains(&uid) {
+                            freed |= cache.remove_pod(&uid);
                         }
-                        self.queue.retain(|uid| seen.contains(uid));
-                        if freed {
-                            self.queue.move_all_unschedulable(Instant::now());
-                        }
-                    }
-                    if let Some(tx) = synced.take() {
-                        let _ = tx.send(());
                     }
                 }
-                Event::Apply(pod) => self.apply_pod(pod),
-                Event::Delete(pod) => {
-                    let uid = pod.metadata.uid.clone().unwrap_or_default();
-                    self.queue.remove(&uid);
-                    if self.cache().remove_pod(&uid) {
-                        self.queue.move_all_unschedulable(Instant::now());
-                    }
+                self.queue.retain(|uid| listed.contains(uid));
+                if freed {
+                    self.queue.move_all_unschedulable(Instant::now());
+                }
+                if let Some(tx) = synced.take() {
+                    let _ = tx.send(());
                 }
             }
-        }
+            Change::Applied(pod) => self.apply_pod(pod),
+            Change::Deleted(pod) => {
+                let uid = pod.metadata.uid.clone().unwrap_or_default();
+                self.queue.remove(&uid);
+                if self.cache().remove_pod(&uid) {
+                    self.queue.move_all_unschedulable(Instant::now());
+                }
+            }
+        })
+        .await;
     }
 
     /// Route one pod from the watch: bound pods into the cache, pending pods
