@@ -59,6 +59,16 @@ pub struct AppState {
     pub namespaces: Arc<crate::nscache::NamespaceCache>,
     /// How `pods/log`, `pods/exec`… reach the node agents.
     pub node_proxy: crate::nodeproxy::NodeProxy,
+    /// Shared etcd watches, one per resource, that client watches follow.
+    pub watches: crate::watchcache::WatchCache,
+}
+
+/// One line of a JSON watch stream.
+#[derive(serde::Serialize)]
+struct WatchEventLine<'a> {
+    #[serde(rename = "type")]
+    kind: &'a str,
+    object: &'a Value,
 }
 
 /// The API server's routes (authentication and metrics are layered on by
@@ -530,7 +540,6 @@ impl Request<'_> {
         let table_version = table::wants_table(accept(&self.headers));
         let include = IncludeObject::parse(self.query.get("includeObject").map(String::as_str));
         let prefix = meta::collection_prefix(info, self.target.namespace.as_deref());
-        let store = self.state.store.clone();
 
         // The initial state, when asked for, is a list at one revision; the
         // watch then starts right after it.
@@ -540,15 +549,16 @@ impl Request<'_> {
         } else {
             (Vec::new(), after)
         };
-        let render = move |kind: &str, object: Value| -> Bytes {
+        let render = move |kind: &str, object: &Value| -> Bytes {
+            let table;
             let object = match table_version {
                 Some(v) if kind != "BOOKMARK" && kind != "ERROR" => {
-                    one_row_table(info, &object, include, v)
+                    table = one_row_table(info, object, include, v);
+                    &table
                 }
                 _ => object,
             };
-            let mut line =
-                serde_json::to_vec(&json!({"type": kind, "object": object})).unwrap_or_default();
+            let mut line = serde_json::to_vec(&WatchEventLine { kind, object }).unwrap_or_default();
             line.push(b'\n');
             Bytes::from(line)
         };
@@ -559,7 +569,8 @@ impl Request<'_> {
             }
             json!({"kind": info.kind, "apiVersion": info.api_version(), "metadata": meta})
         };
-        let upstream = match store.watch(&prefix, start).await {
+        let root = meta::collection_prefix(info, None);
+        let upstream = match self.state.watches.watch(&root, &prefix, start).await {
             Ok(stream) => Some(stream),
             Err(StorageError::Compacted {
                 requested,
@@ -568,7 +579,8 @@ impl Request<'_> {
                 let _ = compacted;
                 return Ok(error_watch(render(
                     "ERROR",
-                    ApiError::expired(format!("too old resource version: {requested}")).to_status(),
+                    &ApiError::expired(format!("too old resource version: {requested}"))
+                        .to_status(),
                 )));
             }
             Err(e) => return Err(self.storage_error(e)),
@@ -581,7 +593,7 @@ impl Request<'_> {
             for item in initial_items {
                 let sent = tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    sent = tx.send(render("ADDED", item)) => sent,
+                    sent = tx.send(render("ADDED", &item)) => sent,
                 };
                 if sent.is_err() {
                     return;
@@ -589,7 +601,7 @@ impl Request<'_> {
             }
             if send_initial_param.as_deref() == Some("true")
                 && tx
-                    .send(render("BOOKMARK", bookmark(start, true)))
+                    .send(render("BOOKMARK", &bookmark(start, true)))
                     .await
                     .is_err()
             {
@@ -613,7 +625,7 @@ impl Request<'_> {
                         if !bookmarks {
                             continue;
                         }
-                        render("BOOKMARK", bookmark(revision, false))
+                        render("BOOKMARK", &bookmark(revision, false))
                     }
                     Some(Ok(WatchItem::Change(change))) => {
                         let now = matches(&change.object, &labels, &fields);
@@ -630,14 +642,29 @@ impl Request<'_> {
                             (ChangeKind::Modified, true, false) => "DELETED",
                             _ => continue,
                         };
-                        render(kind, change.object)
+                        let natural = match change.kind {
+                            ChangeKind::Added => "ADDED",
+                            ChangeKind::Modified => "MODIFIED",
+                            ChangeKind::Deleted => "DELETED",
+                        };
+                        if table_version.is_none() && kind == natural {
+                            // The same line for every watcher that sends it as is.
+                            change
+                                .encoded
+                                .get_or_init(|| render(kind, &change.object))
+                                .clone()
+                        } else {
+                            render(kind, &change.object)
+                        }
                     }
                     Some(Err(StorageError::Compacted { requested, .. })) => {
                         let _ = tx
                             .send(render(
                                 "ERROR",
-                                ApiError::expired(format!("too old resource version: {requested}"))
-                                    .to_status(),
+                                &ApiError::expired(format!(
+                                    "too old resource version: {requested}"
+                                ))
+                                .to_status(),
                             ))
                             .await;
                         return;

@@ -31,3 +31,4 @@ pub mod server;
 pub mod status;
 pub mod storage;
 pub mod table;
+pub mod watchcache;

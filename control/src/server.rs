@@ -223,6 +223,7 @@ pub async fn run_apiserver_with(
     let metrics = Arc::new(Metrics::new());
     let namespaces = crate::nscache::NamespaceCache::spawn(store.clone(), shutdown.clone());
     let state = Arc::new(AppState {
+        watches: crate::watchcache::WatchCache::new(store.clone(), shutdown.clone()),
         namespaces,
         store,
         openapi: OpenApi::build(),

@@ -136,13 +136,17 @@ pub struct Change {
     pub previous: Option<Value>,
     /// The revision of the change.
     pub revision: i64,
+    /// The change's JSON watch-event line as its own kind (`ADDED`,
+    /// `MODIFIED`, `DELETED`), encoded by the first watcher that sends it
+    /// unchanged and shared by the others.
+    pub encoded: std::sync::OnceLock<bytes::Bytes>,
 }
 
 /// One item of a watch stream.
 #[derive(Debug, Clone)]
 pub enum WatchItem {
-    /// A change.
-    Change(Change),
+    /// A change (shared by the watch cache's watchers).
+    Change(std::sync::Arc<Change>),
     /// Everything up to this revision has been delivered (a progress notification).
     Progress(i64),
 }
@@ -526,7 +530,7 @@ impl Store {
                         }
                         for event in resp.events() {
                             let item = match change(event) {
-                                Ok(Some(change)) => Ok(WatchItem::Change(change)),
+                                Ok(Some(change)) => Ok(WatchItem::Change(std::sync::Arc::new(change))),
                                 Ok(None) => continue,
                                 Err(e) => Err(e),
                             };
@@ -572,6 +576,7 @@ fn change(event: &etcd_client::Event) -> Result<Option<Change>, StorageError> {
                 object,
                 previous,
                 revision: kv.mod_revision(),
+                encoded: std::sync::OnceLock::new(),
             }))
         }
         EventType::Delete => {
@@ -585,6 +590,7 @@ fn change(event: &etcd_client::Event) -> Result<Option<Change>, StorageError> {
                 object,
                 previous,
                 revision: kv.mod_revision(),
+                encoded: std::sync::OnceLock::new(),
             }))
         }
     }

@@ -1,0 +1,386 @@
+//! The API server's watch cache: one etcd watch per resource, shared by
+//! every client watch of that resource, with a window of its recent changes.
+//!
+//! Without it each client watch opened its own etcd watch, so a change to a
+//! pod was sent by etcd, decoded (object and previous object) and encoded
+//! again once per watcher. Here a [`Hub`] per resource key prefix decodes
+//! each change once and fans it out in memory; the JSON line of a change is
+//! memoized on the change ([`Change::encoded`]), so watchers that see it
+//! unchanged share one encoding too.
+//!
+//! Correctness rules, as upstream's cacher:
+//!
+//! - A watch starts from its resourceVersion: the window's changes after it,
+//!   then the live ones. Subscribing and copying the window happen under the
+//!   window's lock, which the hub also holds while it appends and
+//!   broadcasts, so no change is missed or delivered twice.
+//! - A resourceVersion older than the window (or a hub that failed) is served
+//!   by a watch of its own on etcd ([`Store::watch`]), so a compacted
+//!   resourceVersion still gets 410 Gone and nothing is ever skipped.
+//! - A watcher that falls more than [`FANOUT_BUFFER`] changes behind is ended
+//!   with an error; the client resumes from the last resourceVersion it
+//!   received (from the window, or from etcd).
+//! - When the hub's etcd watch fails, its watchers are ended the same way
+//!   and the next watch of the resource starts a new hub.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use futures::{Stream, StreamExt};
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+use crate::storage::{Change, StorageError, Store, WatchItem};
+
+/// Changes kept per resource, for watches that start a little in the past
+/// (a client resuming, or listing then watching).
+pub const WINDOW: usize = 1024;
+
+/// Live items a watcher may fall behind before it is ended.
+pub const FANOUT_BUFFER: usize = 4096;
+
+/// Items a watch stream buffers towards its consumer.
+const STREAM_BUFFER: usize = 64;
+
+/// What a hub broadcasts.
+#[derive(Debug, Clone)]
+enum HubItem {
+    Change(Arc<Change>),
+    /// Every change up to this revision has been broadcast.
+    Progress(i64),
+    /// The etcd watch ended; the hub is done.
+    Failed(Arc<str>),
+}
+
+/// A hub's window of recent changes.
+#[derive(Debug)]
+struct Window {
+    /// Every change with a revision above `from` is in `changes`.
+    from: i64,
+    /// Every change up to `head` has been broadcast.
+    head: i64,
+    /// Recent changes, oldest first.
+    changes: VecDeque<Arc<Change>>,
+    /// The etcd watch ended.
+    failed: bool,
+}
+
+/// One resource's shared etcd watch.
+#[derive(Debug)]
+struct Hub {
+    window: Mutex<Window>,
+    fanout: broadcast::Sender<HubItem>,
+}
+
+impl Hub {
+    fn window(&self) -> MutexGuard<'_, Window> {
+        self.window.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Append `item` to the window and broadcast it, under the lock.
+    fn publish(&self, item: HubItem) {
+        let mut window = self.window();
+        match &item {
+            HubItem::Change(change) => {
+                window.head = window.head.max(change.revision);
+                window.changes.push_back(change.clone());
+                if window.changes.len() > WINDOW
+                    && let Some(oldest) = window.changes.pop_front()
+                {
+                    window.from = oldest.revision;
+                }
+            }
+            HubItem::Progress(revision) => window.head = window.head.max(*revision),
+            HubItem::Failed(_) => window.failed = true,
+        }
+        // No receiver is fine: nobody watches right now.
+        let _ = self.fanout.send(item);
+    }
+
+    /// Feed the hub from its etcd watch until it fails or `shutdown`.
+    async fn run(
+        self: Arc<Self>,
+        mut upstream: impl Stream<Item = Result<WatchItem, StorageError>> + Unpin,
+        shutdown: CancellationToken,
+    ) {
+        loop {
+            let item = tokio::select! {
+                () = shutdown.cancelled() => {
+                    self.publish(HubItem::Failed("the API server is shutting down".into()));
+                    return;
+                }
+                item = upstream.next() => item,
+            };
+            match item {
+                Some(Ok(WatchItem::Change(change))) => self.publish(HubItem::Change(change)),
+                Some(Ok(WatchItem::Progress(revision))) => {
+                    self.publish(HubItem::Progress(revision));
+                }
+                Some(Err(error)) => {
+                    tracing::debug!(%error, "shared etcd watch ended");
+                    self.publish(HubItem::Failed(error.to_string().into()));
+                    return;
+                }
+                None => {
+                    self.publish(HubItem::Failed("the etcd watch stream closed".into()));
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// The watch cache: a [`Hub`] per resource key prefix, started on first use.
+pub struct WatchCache {
+    store: Store,
+    hubs: tokio::sync::Mutex<HashMap<String, Arc<Hub>>>,
+    shutdown: CancellationToken,
+}
+
+/// A stream of watch items, as [`Store::watch`] gives.
+pub type WatchStream =
+    std::pin::Pin<Box<dyn Stream<Item = Result<WatchItem, StorageError>> + Send + 'static>>;
+
+impl WatchCache {
+    /// A cache over `store`; its hubs stop at `shutdown`.
+    pub fn new(store: Store, shutdown: CancellationToken) -> WatchCache {
+        WatchCache {
+            store,
+            hubs: tokio::sync::Mutex::new(HashMap::new()),
+            shutdown,
+        }
+    }
+
+    /// Watch the keys under `prefix` after revision `after` (0: from now),
+    /// through the hub of `root` (the resource's key prefix, which `prefix`
+    /// starts with).
+    pub async fn watch(
+        &self,
+        root: &str,
+        prefix: &str,
+        after: i64,
+    ) -> Result<WatchStream, StorageError> {
+        debug_assert!(prefix.starts_with(root), "{prefix} is under {root}");
+        let hub = self.hub(root).await?;
+        let subscribed = {
+            let window = hub.window();
+            let after = if after == 0 { window.head } else { after };
+            if window.failed || after < window.from {
+                None
+            } else {
+                let live = hub.fanout.subscribe();
+                let backlog: Vec<Arc<Change>> = window
+                    .changes
+                    .iter()
+                    .filter(|c| c.revision > after && c.key.starts_with(prefix))
+                    .cloned()
+                    .collect();
+                Some((after, backlog, live))
+            }
+        };
+        let Some((after, backlog, live)) = subscribed else {
+            // Older than the window: etcd answers (or says 410 Gone).
+            return Ok(Box::pin(self.store.watch(prefix, after).await?));
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(STREAM_BUFFER);
+        tokio::spawn(follow(
+            prefix.to_string(),
+            after,
+            backlog,
+            live,
+            tx,
+            self.shutdown.clone(),
+        ));
+        Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
+    }
+
+    /// The running hub of `root`, started (from etcd's current revision) if
+    /// there is none or the last one failed.
+    async fn hub(&self, root: &str) -> Result<Arc<Hub>, StorageError> {
+        let mut hubs = self.hubs.lock().await;
+        if let Some(hub) = hubs.get(root)
+            && !hub.window().failed
+        {
+            return Ok(hub.clone());
+        }
+        let revision = self.store.current_revision().await?;
+        let upstream = self.store.watch(root, revision).await?;
+        let hub = Arc::new(Hub {
+            window: Mutex::new(Window {
+                from: revision,
+                head: revision,
+                changes: VecDeque::new(),
+                failed: false,
+            }),
+            fanout: broadcast::channel(FANOUT_BUFFER).0,
+        });
+        tokio::spawn(hub.clone().run(Box::pin(upstream), self.shutdown.clone()));
+        hubs.insert(root.to_string(), hub.clone());
+        Ok(hub)
+    }
+}
+
+/// One client watch fed by a hub: `backlog` first, then `live`, the changes
+/// under `prefix` after revision `after`.
+async fn follow(
+    prefix: String,
+    after: i64,
+    backlog: Vec<Arc<Change>>,
+    mut live: broadcast::Receiver<HubItem>,
+    tx: tokio::sync::mpsc::Sender<Result<WatchItem, StorageError>>,
+    shutdown: CancellationToken,
+) {
+    for change in backlog {
+        if tx.send(Ok(WatchItem::Change(change))).await.is_err() {
+            return;
+        }
+    }
+    let ended = |message: String| StorageError::Unavailable {
+        source: etcd_client::Error::WatchError(message),
+    };
+    loop {
+        let received = tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tx.closed() => return,
+            received = live.recv() => received,
+        };
+        let item = match received {
+            Ok(HubItem::Change(change))
+                if change.revision > after && change.key.starts_with(&prefix) =>
+            {
+                Ok(WatchItem::Change(change))
+            }
+            Ok(HubItem::Progress(revision)) if revision > after => {
+                Ok(WatchItem::Progress(revision))
+            }
+            Ok(HubItem::Change(_) | HubItem::Progress(_)) => continue,
+            Ok(HubItem::Failed(message)) => Err(ended(message.to_string())),
+            Err(broadcast::error::RecvError::Lagged(missed)) => Err(ended(format!(
+                "the watcher fell behind by {missed} changes; resume from the last resourceVersion"
+            ))),
+            Err(broadcast::error::RecvError::Closed) => Err(ended("the watch cache closed".into())),
+        };
+        let last = item.is_err();
+        if tx.send(item).await.is_err() || last {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::ChangeKind;
+    use serde_json::json;
+
+    fn change(key: &str, revision: i64) -> Arc<Change> {
+        Arc::new(Change {
+            kind: ChangeKind::Added,
+            key: key.to_string(),
+            object: json!({"metadata": {"name": key}}),
+            previous: None,
+            revision,
+            encoded: Default::default(),
+        })
+    }
+
+    /// A hub whose watchers may fall `lag` items behind.
+    fn hub_with(from: i64, lag: usize) -> Arc<Hub> {
+        Arc::new(Hub {
+            window: Mutex::new(Window {
+                from,
+                head: from,
+                changes: VecDeque::new(),
+                failed: false,
+            }),
+            fanout: broadcast::channel(lag).0,
+        })
+    }
+
+    fn hub(from: i64) -> Arc<Hub> {
+        hub_with(from, 16)
+    }
+
+    #[test]
+    fn the_window_keeps_the_latest_changes_and_knows_where_it_starts() {
+        let hub = hub(10);
+        for revision in 11..=(11 + WINDOW as i64) {
+            hub.publish(HubItem::Change(change("/registry/pods/a/x", revision)));
+        }
+        let window = hub.window();
+        assert_eq!(window.changes.len(), WINDOW);
+        assert_eq!(window.from, 11, "the oldest change was dropped");
+        assert_eq!(window.changes.front().map(|c| c.revision), Some(12));
+        assert_eq!(window.head, 11 + WINDOW as i64);
+        drop(window);
+        hub.publish(HubItem::Progress(5000));
+        assert_eq!(hub.window().head, 5000);
+        hub.publish(HubItem::Failed("gone".into()));
+        assert!(hub.window().failed);
+    }
+
+    #[tokio::test]
+    async fn a_follower_gets_the_backlog_then_live_changes_under_its_prefix_only() {
+        let hub = hub(0);
+        let live = hub.fanout.subscribe();
+        let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+        let backlog = vec![change("/registry/pods/a/1", 3)];
+        let task = tokio::spawn(follow(
+            "/registry/pods/a/".into(),
+            2,
+            backlog,
+            live,
+            tx,
+            CancellationToken::new(),
+        ));
+        hub.publish(HubItem::Change(change("/registry/pods/b/2", 4)));
+        hub.publish(HubItem::Change(change("/registry/pods/a/3", 5)));
+        hub.publish(HubItem::Change(change("/registry/pods/a/0", 2)));
+        hub.publish(HubItem::Progress(6));
+        hub.publish(HubItem::Failed("etcd went away".into()));
+        let mut seen = Vec::new();
+        while let Some(item) = rx.recv().await {
+            seen.push(match item {
+                Ok(WatchItem::Change(c)) => format!("{}@{}", c.key, c.revision),
+                Ok(WatchItem::Progress(r)) => format!("progress@{r}"),
+                Err(e) => format!("error: {e}"),
+            });
+        }
+        task.await.expect("the follower ends");
+        assert_eq!(
+            seen,
+            vec![
+                "/registry/pods/a/1@3".to_string(),
+                "/registry/pods/a/3@5".to_string(),
+                "progress@6".to_string(),
+                "error: etcd is unavailable: watch error: etcd went away".to_string(),
+            ],
+            "other namespaces and revisions at or before the start are skipped"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_follower_that_falls_behind_is_ended_with_an_error() {
+        let hub = hub_with(0, 4);
+        let live = hub.fanout.subscribe();
+        for revision in 1..=10 {
+            hub.publish(HubItem::Change(change("/registry/pods/a/x", revision)));
+        }
+        let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+        follow(
+            "/registry/pods/".into(),
+            0,
+            Vec::new(),
+            live,
+            tx,
+            CancellationToken::new(),
+        )
+        .await;
+        match rx.recv().await {
+            Some(Err(StorageError::Unavailable { source })) => {
+                assert!(source.to_string().contains("fell behind"), "{source}");
+            }
+            other => panic!("expected the lag error first, got {other:?}"),
+        }
+    }
+}
