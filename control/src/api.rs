@@ -633,21 +633,18 @@ impl Request<'_> {
                             .previous
                             .as_ref()
                             .is_some_and(|p| matches(p, &labels, &fields));
-                        let kind = match (change.kind, before, now) {
-                            (ChangeKind::Deleted, true, _) => "DELETED",
+                        // The event type, and whether it is the change's own
+                        // (not a selector's ADDED/DELETED transition).
+                        let (kind, as_stored) = match (change.kind, before, now) {
+                            (ChangeKind::Deleted, true, _) => ("DELETED", true),
                             (ChangeKind::Deleted, false, _) => continue,
-                            (ChangeKind::Added, _, true) => "ADDED",
-                            (ChangeKind::Modified, true, true) => "MODIFIED",
-                            (ChangeKind::Modified, false, true) => "ADDED",
-                            (ChangeKind::Modified, true, false) => "DELETED",
+                            (ChangeKind::Added, _, true) => ("ADDED", true),
+                            (ChangeKind::Modified, true, true) => ("MODIFIED", true),
+                            (ChangeKind::Modified, false, true) => ("ADDED", false),
+                            (ChangeKind::Modified, true, false) => ("DELETED", false),
                             _ => continue,
                         };
-                        let natural = match change.kind {
-                            ChangeKind::Added => "ADDED",
-                            ChangeKind::Modified => "MODIFIED",
-                            ChangeKind::Deleted => "DELETED",
-                        };
-                        if table_version.is_none() && kind == natural {
+                        if table_version.is_none() && as_stored {
                             // The same line for every watcher that sends it as is.
                             change
                                 .encoded
