@@ -14,9 +14,19 @@
 //!   then the live ones. Subscribing and copying the window happen under the
 //!   window's lock, which the hub also holds while it appends and
 //!   broadcasts, so no change is missed or delivered twice.
+//! - A hub starts where the watch that needs it starts (the resourceVersion of
+//!   the list a client just made, typically), not at etcd's current revision:
+//!   otherwise every first watch of a resource, whose list was a few
+//!   revisions old by then, would miss the window and hold an etcd watch of
+//!   its own. A watch from "now" (no resourceVersion) starts at the revision
+//!   that was current when the hub started, or later, so it never sees the
+//!   changes a hub replays while it catches up.
 //! - A resourceVersion older than the window (or a hub that failed) is served
 //!   by a watch of its own on etcd ([`Store::watch`]), so a compacted
-//!   resourceVersion still gets 410 Gone and nothing is ever skipped.
+//!   resourceVersion still gets 410 Gone and nothing is ever skipped. Such a
+//!   watch moves to the hub as soon as a change it delivered is inside the
+//!   window ([`catch_up`]), so it decodes the resource's changes on its own
+//!   only while it catches up.
 //! - A watcher that falls more than [`FANOUT_BUFFER`] changes behind is ended
 //!   with an error; the client resumes from the last resourceVersion it
 //!   received (from the window, or from etcd).
@@ -62,10 +72,43 @@ struct Window {
     from: i64,
     /// Every change up to `head` has been broadcast.
     head: i64,
+    /// etcd's revision when the hub started: a watch from "now" starts here
+    /// or later, whatever the hub is still replaying.
+    started: i64,
     /// Recent changes, oldest first.
     changes: VecDeque<Arc<Change>>,
     /// The etcd watch ended.
     failed: bool,
+}
+
+impl Window {
+    /// The window of a hub started when etcd's revision is `current`, for a
+    /// watch from `after` (0: from now). A watch from the past starts the hub
+    /// there, so it is served from the hub; if that revision is compacted,
+    /// the hub's etcd watch fails and the watch gets etcd's 410 Gone.
+    fn starting(after: i64, current: i64) -> Window {
+        let from = if after > 0 && after < current {
+            after
+        } else {
+            current
+        };
+        Window {
+            from,
+            head: from,
+            started: current,
+            changes: VecDeque::new(),
+            failed: false,
+        }
+    }
+
+    /// The revision a watch from `after` (0: from now) starts after.
+    fn start_of(&self, after: i64) -> i64 {
+        if after == 0 {
+            self.head.max(self.started)
+        } else {
+            after
+        }
+    }
 }
 
 /// One resource's shared etcd watch.
@@ -164,10 +207,10 @@ impl WatchCache {
         after: i64,
     ) -> Result<WatchStream, StorageError> {
         debug_assert!(prefix.starts_with(root), "{prefix} is under {root}");
-        let hub = self.hub(root).await?;
+        let hub = self.hub(root, after).await?;
         let subscribed = {
             let window = hub.window();
-            let after = if after == 0 { window.head } else { after };
+            let after = window.start_of(after);
             if window.failed || after < window.from {
                 None
             } else {
@@ -182,8 +225,18 @@ impl WatchCache {
             }
         };
         let Some((after, backlog, live)) = subscribed else {
-            // Older than the window: etcd answers (or says 410 Gone).
-            return Ok(Box::pin(self.store.watch(prefix, after).await?));
+            // Older than the window: etcd answers (or says 410 Gone) until the
+            // watch reaches the window.
+            let upstream = Box::pin(self.store.watch(prefix, after).await?);
+            let (tx, rx) = tokio::sync::mpsc::channel(STREAM_BUFFER);
+            tokio::spawn(catch_up(
+                prefix.to_string(),
+                upstream,
+                hub,
+                tx,
+                self.shutdown.clone(),
+            ));
+            return Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)));
         };
         let (tx, rx) = tokio::sync::mpsc::channel(STREAM_BUFFER);
         tokio::spawn(follow(
@@ -197,29 +250,81 @@ impl WatchCache {
         Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
     }
 
-    /// The running hub of `root`, started (from etcd's current revision) if
-    /// there is none or the last one failed.
-    async fn hub(&self, root: &str) -> Result<Arc<Hub>, StorageError> {
+    /// The running hub of `root`, started if there is none or the last one
+    /// failed: from `after` (the revision the watch asking for it starts
+    /// from) when that is in the past, else from etcd's current revision.
+    async fn hub(&self, root: &str, after: i64) -> Result<Arc<Hub>, StorageError> {
         let mut hubs = self.hubs.lock().await;
         if let Some(hub) = hubs.get(root)
             && !hub.window().failed
         {
             return Ok(hub.clone());
         }
-        let revision = self.store.current_revision().await?;
-        let upstream = self.store.watch(root, revision).await?;
+        let current = self.store.current_revision().await?;
+        let window = Window::starting(after, current);
+        let upstream = self.store.watch(root, window.from).await?;
         let hub = Arc::new(Hub {
-            window: Mutex::new(Window {
-                from: revision,
-                head: revision,
-                changes: VecDeque::new(),
-                failed: false,
-            }),
+            window: Mutex::new(window),
             fanout: broadcast::channel(FANOUT_BUFFER).0,
         });
         tokio::spawn(hub.clone().run(Box::pin(upstream), self.shutdown.clone()));
         hubs.insert(root.to_string(), hub.clone());
         Ok(hub)
+    }
+}
+
+/// One client watch fed by its own etcd watch (`upstream`) until a change it
+/// delivers is inside `hub`'s window; from there on it follows the hub. After
+/// a change at revision `r` with `r` at or above the window's start, every
+/// later change is in the window or still to be broadcast, so nothing is
+/// skipped, and [`follow`] skips what is not after `r`, so nothing is sent
+/// twice. Progress notifications do not move a watch: etcd 3.4 may send one
+/// ahead of the events it has still to deliver.
+async fn catch_up(
+    prefix: String,
+    mut upstream: impl Stream<Item = Result<WatchItem, StorageError>> + Unpin,
+    hub: Arc<Hub>,
+    tx: tokio::sync::mpsc::Sender<Result<WatchItem, StorageError>>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let item = tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tx.closed() => return,
+            item = upstream.next() => item,
+        };
+        let Some(item) = item else {
+            return;
+        };
+        let delivered = match &item {
+            Ok(WatchItem::Change(change)) => Some(change.revision),
+            _ => None,
+        };
+        let last = item.is_err();
+        if tx.send(item).await.is_err() || last {
+            return;
+        }
+        let Some(revision) = delivered else {
+            continue;
+        };
+        let joined = {
+            let window = hub.window();
+            (!window.failed && revision >= window.from).then(|| {
+                let live = hub.fanout.subscribe();
+                let backlog: Vec<Arc<Change>> = window
+                    .changes
+                    .iter()
+                    .filter(|c| c.revision > revision && c.key.starts_with(&prefix))
+                    .cloned()
+                    .collect();
+                (backlog, live)
+            })
+        };
+        if let Some((backlog, live)) = joined {
+            drop(upstream);
+            follow(prefix, revision, backlog, live, tx, shutdown).await;
+            return;
+        }
     }
 }
 
@@ -290,12 +395,7 @@ mod tests {
     /// A hub whose watchers may fall `lag` items behind.
     fn hub_with(from: i64, lag: usize) -> Arc<Hub> {
         Arc::new(Hub {
-            window: Mutex::new(Window {
-                from,
-                head: from,
-                changes: VecDeque::new(),
-                failed: false,
-            }),
+            window: Mutex::new(Window::starting(0, from)),
             fanout: broadcast::channel(lag).0,
         })
     }
@@ -320,6 +420,30 @@ mod tests {
         assert_eq!(hub.window().head, 5000);
         hub.publish(HubItem::Failed("gone".into()));
         assert!(hub.window().failed);
+    }
+
+    #[test]
+    fn a_hub_starts_where_its_first_watch_starts_and_now_means_now() {
+        // A client listed at 8 and watches from 8; etcd is at 12 by then.
+        let window = Window::starting(8, 12);
+        assert_eq!(window.from, 8, "the first watch is served from the hub");
+        assert_eq!(window.start_of(8), 8);
+        assert_eq!(
+            window.start_of(0),
+            12,
+            "a watch from now skips what the hub replays"
+        );
+        // A watch from now, or from the future, starts the hub at the current revision.
+        assert_eq!(Window::starting(0, 12).from, 12);
+        assert_eq!(Window::starting(20, 12).from, 12);
+        // Once the hub has caught up, now is its head.
+        let hub = hub_with(0, 16);
+        *hub.window() = Window::starting(8, 12);
+        for revision in 9..=15 {
+            hub.publish(HubItem::Change(change("/registry/pods/a/x", revision)));
+        }
+        assert_eq!(hub.window().start_of(0), 15);
+        assert_eq!(hub.window().from, 8, "nothing evicted yet");
     }
 
     #[tokio::test]
@@ -360,6 +484,72 @@ mod tests {
             ],
             "other namespaces and revisions at or before the start are skipped"
         );
+    }
+
+    #[tokio::test]
+    async fn a_watch_from_before_the_window_moves_to_the_hub_once_inside_it() {
+        // The hub's window starts at 10 and holds 11..=15; a client watches
+        // from 7, so its own etcd watch delivers 8, 9, then 12 (inside the
+        // window), then would go on with 13 and 14, which must not be sent
+        // again.
+        let hub = hub_with(10, 16);
+        for revision in 11..=15 {
+            hub.publish(HubItem::Change(change("/registry/pods/a/x", revision)));
+        }
+        let upstream = futures::stream::iter(
+            [8, 9, 12, 13, 14]
+                .into_iter()
+                .map(|r| Ok(WatchItem::Change(change("/registry/pods/a/x", r)))),
+        );
+        let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+        let task = tokio::spawn(catch_up(
+            "/registry/pods/a/".into(),
+            upstream,
+            hub.clone(),
+            tx,
+            CancellationToken::new(),
+        ));
+        let mut seen = Vec::new();
+        while seen.len() < 6 {
+            match rx.recv().await {
+                Some(Ok(WatchItem::Change(c))) => seen.push(c.revision),
+                other => panic!("expected changes, got {other:?}"),
+            }
+        }
+        assert_eq!(seen, vec![8, 9, 12, 13, 14, 15], "etcd, then the window");
+        hub.publish(HubItem::Change(change("/registry/pods/b/y", 16)));
+        hub.publish(HubItem::Change(change("/registry/pods/a/x", 17)));
+        match rx.recv().await {
+            Some(Ok(WatchItem::Change(c))) => assert_eq!(c.revision, 17, "live from the hub"),
+            other => panic!("expected the live change, got {other:?}"),
+        }
+        drop(rx);
+        hub.publish(HubItem::Progress(18));
+        task.await
+            .expect("the watch ends when its client goes away");
+    }
+
+    #[tokio::test]
+    async fn a_watch_from_a_compacted_revision_still_gets_the_error() {
+        let hub = hub_with(10, 16);
+        let upstream = futures::stream::iter([Err(StorageError::Compacted {
+            requested: 3,
+            compacted: 9,
+        })]);
+        let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+        catch_up(
+            "/registry/pods/".into(),
+            upstream,
+            hub,
+            tx,
+            CancellationToken::new(),
+        )
+        .await;
+        assert!(matches!(
+            rx.recv().await,
+            Some(Err(StorageError::Compacted { compacted: 9, .. }))
+        ));
+        assert!(rx.recv().await.is_none(), "and nothing after it");
     }
 
     #[tokio::test]
