@@ -176,10 +176,16 @@ impl Hub {
     }
 }
 
+/// Where a resource's hub lives: none before its first watch.
+type HubSlot = tokio::sync::Mutex<Option<Arc<Hub>>>;
+
 /// The watch cache: a [`Hub`] per resource key prefix, started on first use.
 pub struct WatchCache {
     store: Store,
-    hubs: tokio::sync::Mutex<HashMap<String, Arc<Hub>>>,
+    /// A slot per resource key prefix. Starting a hub calls etcd, under the
+    /// slot's own lock only, so a slow start (etcd down) holds up the watches
+    /// of that resource alone.
+    hubs: Mutex<HashMap<String, Arc<HubSlot>>>,
     shutdown: CancellationToken,
 }
 
@@ -192,7 +198,7 @@ impl WatchCache {
     pub fn new(store: Store, shutdown: CancellationToken) -> WatchCache {
         WatchCache {
             store,
-            hubs: tokio::sync::Mutex::new(HashMap::new()),
+            hubs: Mutex::new(HashMap::new()),
             shutdown,
         }
     }
@@ -254,8 +260,15 @@ impl WatchCache {
     /// failed: from `after` (the revision the watch asking for it starts
     /// from) when that is in the past, else from etcd's current revision.
     async fn hub(&self, root: &str, after: i64) -> Result<Arc<Hub>, StorageError> {
-        let mut hubs = self.hubs.lock().await;
-        if let Some(hub) = hubs.get(root)
+        let slot = self
+            .hubs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(root.to_string())
+            .or_default()
+            .clone();
+        let mut slot = slot.lock().await;
+        if let Some(hub) = slot.as_ref()
             && !hub.window().failed
         {
             return Ok(hub.clone());
@@ -268,7 +281,7 @@ impl WatchCache {
             fanout: broadcast::channel(FANOUT_BUFFER).0,
         });
         tokio::spawn(hub.clone().run(Box::pin(upstream), self.shutdown.clone()));
-        hubs.insert(root.to_string(), hub.clone());
+        *slot = Some(hub.clone());
         Ok(hub)
     }
 }
