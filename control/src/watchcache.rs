@@ -111,6 +111,9 @@ impl Window {
     }
 }
 
+/// A hub subscription's receiving end.
+type Receiver = broadcast::Receiver<HubItem>;
+
 /// One resource's shared etcd watch.
 #[derive(Debug)]
 struct Hub {
@@ -121,6 +124,25 @@ struct Hub {
 impl Hub {
     fn window(&self) -> MutexGuard<'_, Window> {
         self.window.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Subscribe a watch that has everything up to revision `after` under
+    /// `prefix`: the window's later changes under it, and the live ones to
+    /// come. `None` when the window does not reach back to `after` or the hub
+    /// failed. Under the window's lock, so nothing falls between the two.
+    fn join(&self, after: i64, prefix: &str) -> Option<(Vec<Arc<Change>>, Receiver)> {
+        let window = self.window();
+        if window.failed || after < window.from {
+            return None;
+        }
+        let live = self.fanout.subscribe();
+        let backlog = window
+            .changes
+            .iter()
+            .filter(|c| c.revision > after && c.key.starts_with(prefix))
+            .cloned()
+            .collect();
+        Some((backlog, live))
     }
 
     /// Append `item` to the window and broadcast it, under the lock.
@@ -214,23 +236,8 @@ impl WatchCache {
     ) -> Result<WatchStream, StorageError> {
         debug_assert!(prefix.starts_with(root), "{prefix} is under {root}");
         let hub = self.hub(root, after).await?;
-        let subscribed = {
-            let window = hub.window();
-            let after = window.start_of(after);
-            if window.failed || after < window.from {
-                None
-            } else {
-                let live = hub.fanout.subscribe();
-                let backlog: Vec<Arc<Change>> = window
-                    .changes
-                    .iter()
-                    .filter(|c| c.revision > after && c.key.starts_with(prefix))
-                    .cloned()
-                    .collect();
-                Some((after, backlog, live))
-            }
-        };
-        let Some((after, backlog, live)) = subscribed else {
+        let start = hub.window().start_of(after);
+        let Some((backlog, live)) = hub.join(start, prefix) else {
             // Older than the window: etcd answers (or says 410 Gone) until the
             // watch reaches the window.
             let upstream = Box::pin(self.store.watch(prefix, after).await?);
@@ -247,7 +254,7 @@ impl WatchCache {
         let (tx, rx) = tokio::sync::mpsc::channel(STREAM_BUFFER);
         tokio::spawn(follow(
             prefix.to_string(),
-            after,
+            start,
             backlog,
             live,
             tx,
@@ -320,20 +327,7 @@ async fn catch_up(
         let Some(revision) = delivered else {
             continue;
         };
-        let joined = {
-            let window = hub.window();
-            (!window.failed && revision >= window.from).then(|| {
-                let live = hub.fanout.subscribe();
-                let backlog: Vec<Arc<Change>> = window
-                    .changes
-                    .iter()
-                    .filter(|c| c.revision > revision && c.key.starts_with(&prefix))
-                    .cloned()
-                    .collect();
-                (backlog, live)
-            })
-        };
-        if let Some((backlog, live)) = joined {
+        if let Some((backlog, live)) = hub.join(revision, &prefix) {
             drop(upstream);
             follow(prefix, revision, backlog, live, tx, shutdown).await;
             return;
@@ -347,7 +341,7 @@ async fn follow(
     prefix: String,
     after: i64,
     backlog: Vec<Arc<Change>>,
-    mut live: broadcast::Receiver<HubItem>,
+    mut live: Receiver,
     tx: tokio::sync::mpsc::Sender<Result<WatchItem, StorageError>>,
     shutdown: CancellationToken,
 ) {
