@@ -31,4 +31,5 @@ pub mod server;
 pub mod status;
 pub mod storage;
 pub mod table;
+pub mod trimmed;
 pub mod watchcache;

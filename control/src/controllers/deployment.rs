@@ -107,17 +107,19 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
     let mut tasks = tokio::task::JoinSet::new();
     {
         let c = controller.clone();
-        let api: Api<Deployment> = Api::all(ctx.client.clone());
-        tasks.spawn(pods::watch_changes(api, shutdown.clone(), move |change| {
-            c.deployment_changed(change)
-        }));
+        tasks.spawn(pods::watch_changes::<Deployment, _>(
+            ctx.client.clone(),
+            shutdown.clone(),
+            move |change| c.deployment_changed(change),
+        ));
     }
     {
         let c = controller.clone();
-        let api: Api<ReplicaSet> = Api::all(ctx.client.clone());
-        tasks.spawn(pods::watch_changes(api, shutdown.clone(), move |change| {
-            c.set_changed(change)
-        }));
+        tasks.spawn(pods::watch_changes::<ReplicaSet, _>(
+            ctx.client.clone(),
+            shutdown.clone(),
+            move |change| c.set_changed(change),
+        ));
     }
     for _ in 0..WORKERS {
         let c = controller.clone();

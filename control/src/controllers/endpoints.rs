@@ -34,6 +34,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use tokio_util::sync::CancellationToken;
 
 use super::Context;
+use crate::trimmed::Trimmed;
 
 /// The label naming the Service of an EndpointSlice.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -478,10 +479,13 @@ type PodServices = HashMap<(String, String), Vec<ObjectRef<Service>>>;
 pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
     let client = ctx.client.clone();
     // Node zones, for the slices' `zone`.
-    let (nodes, writer) = reflector::store::<Node>();
+    let (nodes, writer) = reflector::store::<Trimmed<Node>>();
     let node_stream = reflector::reflector(
         writer,
-        watcher(Api::<Node>::all(client.clone()), watcher::Config::default()),
+        watcher(
+            Api::<Trimmed<Node>>::all(client.clone()),
+            watcher::Config::default(),
+        ),
     )
     .default_backoff()
     .for_each(|_| async {});
@@ -494,7 +498,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
     // change still triggers the services it left.
     let memo: Arc<Mutex<PodServices>> = Arc::default();
     let pod_services = services.clone();
-    let map_pod = move |pod: Pod| {
+    let map_pod = move |pod: Trimmed<Pod>| {
         let key = (
             pod.metadata.namespace.clone().unwrap_or_default(),
             pod.metadata.name.clone().unwrap_or_default(),
@@ -523,7 +527,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
         watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"));
     let controller_stream = controller
         .watches(
-            Api::<Pod>::all(client.clone()),
+            Api::<Trimmed<Pod>>::all(client.clone()),
             watcher::Config::default(),
             map_pod,
         )
@@ -608,7 +612,7 @@ async fn cleanup_deleted(ctx: Arc<Context>) {
 
 struct Shared {
     ctx: Arc<Context>,
-    nodes: Store<Node>,
+    nodes: Store<Trimmed<Node>>,
 }
 
 /// A failed reconcile, retried.

@@ -33,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 use super::Context;
 use super::endpoints::{chain, is_status};
 use crate::registry::{self, RESOURCES, ResourceInfo};
+use crate::trimmed::MetadataOnly;
 
 /// The finalizer of owners deleted with foreground propagation.
 pub const FOREGROUND: &str = "foregroundDeletion";
@@ -321,7 +322,9 @@ async fn watch_kind(
     index: usize,
     info: &'static ResourceInfo,
 ) {
-    let api = api_for(&ctx.client, info, None);
+    // Only metadata is read (upstream's collector uses metadata informers).
+    let api: Api<MetadataOnly<DynamicObject>> =
+        Api::all_with(ctx.client.clone(), &api_resource(info));
     let mut events = watcher(api, watcher::Config::default())
         .default_backoff()
         .boxed();

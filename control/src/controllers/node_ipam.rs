@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Context;
 use crate::events::{EventType, reference};
+use crate::trimmed::Trimmed;
 
 /// The most subnets the allocator manages (a /8 into /24s is 65,536).
 const MAX_SUBNETS: u32 = 24;
@@ -253,9 +254,12 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
             }
         };
     let api: Api<Node> = Api::all(ctx.client.clone());
-    let mut stream = watcher(api.clone(), watcher::Config::default())
-        .default_backoff()
-        .boxed();
+    let mut stream = watcher(
+        Api::<Trimmed<Node>>::all(ctx.client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .boxed();
     let mut listing: Vec<Node> = Vec::new();
     let mut ipam: Option<Ipam> = None;
     let mut retry = tokio::time::interval(RETRY);
@@ -287,7 +291,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
             None => return,
             Some(Err(error)) => tracing::warn!(%error, "node watch failed; retrying"),
             Some(Ok(watcher::Event::Init)) => listing.clear(),
-            Some(Ok(watcher::Event::InitApply(node))) => listing.push(node),
+            Some(Ok(watcher::Event::InitApply(node))) => listing.push(node.0),
             Some(Ok(watcher::Event::InitDone)) => {
                 let fresh = Ipam::rebuild(&allocator, &listing);
                 listing.clear();

@@ -40,6 +40,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Context;
 use crate::events::{EventType, reference};
+use crate::trimmed::Trimmed;
 
 /// The taint of Nodes whose Ready condition is Unknown.
 pub const TAINT_UNREACHABLE: &str = "node.kubernetes.io/unreachable";
@@ -308,24 +309,27 @@ pub fn monitor_period(grace: Duration) -> Duration {
 /// Run the node lifecycle controller until `shutdown`.
 pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
     let client = ctx.client.clone();
-    let (nodes, nodes_writer) = reflector::store::<Node>();
-    let (leases, leases_writer) = reflector::store::<Lease>();
-    let (pods, pods_writer) = reflector::store::<Pod>();
+    let (nodes, nodes_writer) = reflector::store::<Trimmed<Node>>();
+    let (leases, leases_writer) = reflector::store::<Trimmed<Lease>>();
+    let (pods, pods_writer) = reflector::store::<Trimmed<Pod>>();
     let mut watches = tokio::task::JoinSet::new();
     let token = shutdown.clone();
-    let stream = watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
-        .default_backoff()
-        .reflect(nodes_writer);
+    let stream = watcher(
+        Api::<Trimmed<Node>>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .reflect(nodes_writer);
     watches.spawn(drive(stream, token.clone()));
     let stream = watcher(
-        Api::<Lease>::namespaced(client.clone(), LEASE_NAMESPACE),
+        Api::<Trimmed<Lease>>::namespaced(client.clone(), LEASE_NAMESPACE),
         watcher::Config::default(),
     )
     .default_backoff()
     .reflect(leases_writer);
     watches.spawn(drive(stream, token.clone()));
     let stream = watcher(
-        Api::<Pod>::all(client.clone()),
+        Api::<Trimmed<Pod>>::all(client.clone()),
         watcher::Config::default().fields("spec.nodeName!="),
     )
     .default_backoff()
@@ -376,9 +380,9 @@ async fn drive<S: futures::Stream + Send + 'static>(stream: S, shutdown: Cancell
 
 struct Monitor {
     ctx: Arc<Context>,
-    nodes: Store<Node>,
-    leases: Store<Lease>,
-    pods: Store<Pod>,
+    nodes: Store<Trimmed<Node>>,
+    leases: Store<Trimmed<Lease>>,
+    pods: Store<Trimmed<Pod>>,
     probes: HashMap<String, Probe>,
     /// Node name → the resourceVersion last acted on: while the store still
     /// shows it (it lags behind our own write), the Node is not acted on again.
@@ -404,7 +408,7 @@ impl Monitor {
     async fn tick(&mut self) {
         let now = Timestamp::now();
         let grace = self.ctx.options.node_monitor_grace_period;
-        let mut by_node: HashMap<String, Vec<Arc<Pod>>> = HashMap::new();
+        let mut by_node: HashMap<String, Vec<Arc<Trimmed<Pod>>>> = HashMap::new();
         for pod in self.pods.state() {
             let node = pod
                 .spec
@@ -470,7 +474,7 @@ impl Monitor {
         self.acted_pods.retain(|uid, _| known.contains(uid));
     }
 
-    async fn node(&mut self, node: &Node, stale: bool, pods: &[Arc<Pod>], now: Timestamp) {
+    async fn node(&mut self, node: &Node, stale: bool, pods: &[Arc<Trimmed<Pod>>], now: Timestamp) {
         let name = node.metadata.name.clone().unwrap_or_default();
         let mut node = node.clone();
         let seen = rv(&node.metadata);

@@ -719,20 +719,28 @@ pub enum Change<K> {
     Resynced(Vec<K>),
 }
 
-/// Watch `api` until `shutdown`, handing every change to `handle`; a
-/// (re)list is handed over whole, after it completes. Errors are retried
-/// with backoff.
+/// Watch every `K` in the cluster until `shutdown`, handing every change to
+/// `handle`; a (re)list is handed over whole, after it completes. Errors are
+/// retried with backoff. Objects come without `managedFields`
+/// ([`Trimmed`](crate::trimmed::Trimmed)), as upstream's informers keep them.
 pub async fn watch_changes<K, F>(
-    api: kube::Api<K>,
+    client: kube::Client,
     shutdown: tokio_util::sync::CancellationToken,
     mut handle: F,
 ) where
-    K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + 'static,
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + 'static,
     F: FnMut(Change<K>),
 {
+    use crate::trimmed::Trimmed;
     use futures::StreamExt;
     use kube::runtime::WatchStreamExt;
     use kube::runtime::watcher::{self, Event};
+    let api: kube::Api<Trimmed<K>> = kube::Api::all(client);
     let stream = watcher::watcher(api, watcher::Config::default()).default_backoff();
     let mut stream = std::pin::pin!(stream);
     let mut buffer = Vec::new();
@@ -745,10 +753,10 @@ pub async fn watch_changes<K, F>(
             None => return,
             Some(Err(error)) => tracing::debug!(%error, "watch failed, retrying"),
             Some(Ok(Event::Init)) => buffer.clear(),
-            Some(Ok(Event::InitApply(object))) => buffer.push(object),
+            Some(Ok(Event::InitApply(object))) => buffer.push(object.0),
             Some(Ok(Event::InitDone)) => handle(Change::Resynced(std::mem::take(&mut buffer))),
-            Some(Ok(Event::Apply(object))) => handle(Change::Applied(object)),
-            Some(Ok(Event::Delete(object))) => handle(Change::Deleted(object)),
+            Some(Ok(Event::Apply(object))) => handle(Change::Applied(object.0)),
+            Some(Ok(Event::Delete(object))) => handle(Change::Deleted(object.0)),
         }
     }
 }

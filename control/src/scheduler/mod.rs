@@ -360,9 +360,8 @@ impl Scheduler {
         shutdown: CancellationToken,
         synced: tokio::sync::oneshot::Sender<()>,
     ) {
-        let api: Api<Node> = Api::all(self.client.clone());
         let mut synced = Some(synced);
-        watch_changes(api, shutdown, |change| match change {
+        watch_changes::<Node, _>(self.client.clone(), shutdown, |change| match change {
             Change::Resynced(nodes) => {
                 {
                     let mut cache = self.cache();
@@ -405,9 +404,8 @@ impl Scheduler {
         shutdown: CancellationToken,
         synced: tokio::sync::oneshot::Sender<()>,
     ) {
-        let api: Api<Pod> = Api::all(self.client.clone());
         let mut synced = Some(synced);
-        watch_changes(api, shutdown, |change| match change {
+        watch_changes::<Pod, _>(self.client.clone(), shutdown, |change| match change {
             Change::Resynced(pods) => {
                 let listed: HashSet<String> = pods
                     .iter()
