@@ -629,10 +629,15 @@ impl Request<'_> {
                     }
                     Some(Ok(WatchItem::Change(change))) => {
                         let now = matches(&change.object, &labels, &fields);
-                        let before = change
-                            .previous
-                            .as_ref()
-                            .is_some_and(|p| matches(p, &labels, &fields));
+                        // Without selectors, whether it existed is enough
+                        // (and spares decoding the previous state).
+                        let before = if labels.is_empty() && fields.is_empty() {
+                            change.had_previous()
+                        } else {
+                            change
+                                .previous()
+                                .is_some_and(|p| matches(p, &labels, &fields))
+                        };
                         // The event type, and whether it is the change's own
                         // (not a selector's ADDED/DELETED transition).
                         let (kind, as_stored) = match (change.kind, before, now) {

@@ -132,14 +132,63 @@ pub struct Change {
     /// The object after the change; for a deletion, the last state, with the
     /// deletion's revision as its resourceVersion.
     pub object: Value,
-    /// The object before the change, when there was one.
-    pub previous: Option<Value>,
+    /// The object before the change, when there was one: as stored, decoded
+    /// on first use by [`Change::previous`] (only watches with selectors
+    /// need it).
+    pub previous: Option<Previous>,
     /// The revision of the change.
     pub revision: i64,
     /// The change's JSON watch-event line as its own kind (`ADDED`,
     /// `MODIFIED`, `DELETED`), encoded by the first watcher that sends it
     /// unchanged and shared by the others.
     pub encoded: std::sync::OnceLock<bytes::Bytes>,
+}
+
+/// The state of an object before a change, as etcd sent it.
+#[derive(Debug, Clone)]
+pub struct Previous {
+    /// The stored JSON.
+    bytes: bytes::Bytes,
+    /// Its mod revision, its `metadata.resourceVersion`.
+    revision: i64,
+    /// The decoded object, once asked for; `None` if it does not decode.
+    decoded: std::sync::OnceLock<Option<Value>>,
+}
+
+impl Previous {
+    /// A previous state that is already decoded.
+    pub fn decoded(value: Value, revision: i64, bytes: bytes::Bytes) -> Previous {
+        Previous {
+            bytes,
+            revision,
+            decoded: std::sync::OnceLock::from(Some(value)),
+        }
+    }
+}
+
+impl Change {
+    /// Whether the object existed before the change.
+    pub fn had_previous(&self) -> bool {
+        self.previous.is_some()
+    }
+
+    /// The object before the change, decoded on first use; `None` if there
+    /// was none (or, logged, if the stored bytes do not decode).
+    pub fn previous(&self) -> Option<&Value> {
+        let previous = self.previous.as_ref()?;
+        previous
+            .decoded
+            .get_or_init(
+                || match decode(&self.key, &previous.bytes, previous.revision) {
+                    Ok(stored) => Some(stored.value),
+                    Err(error) => {
+                        tracing::warn!(%error, "cannot decode the previous state of a change");
+                        None
+                    }
+                },
+            )
+            .as_ref()
+    }
 }
 
 /// One item of a watch stream.
@@ -556,12 +605,15 @@ fn change(event: &etcd_client::Event) -> Result<Option<Change>, StorageError> {
         return Ok(None);
     };
     let key = String::from_utf8_lossy(kv.key()).into_owned();
-    let previous = match event.prev_kv() {
-        Some(prev) if !prev.value().is_empty() => {
-            Some(decode(&key, prev.value(), prev.mod_revision())?.value)
-        }
-        _ => None,
-    };
+    let previous = event
+        .prev_kv()
+        .filter(|prev| !prev.value().is_empty())
+        .map(|prev| {
+            (
+                bytes::Bytes::copy_from_slice(prev.value()),
+                prev.mod_revision(),
+            )
+        });
     match event.event_type() {
         EventType::Put => {
             let kind = if kv.create_revision() == kv.mod_revision() {
@@ -574,21 +626,28 @@ fn change(event: &etcd_client::Event) -> Result<Option<Change>, StorageError> {
                 kind,
                 key,
                 object,
-                previous,
+                previous: previous.map(|(bytes, revision)| Previous {
+                    bytes,
+                    revision,
+                    decoded: std::sync::OnceLock::new(),
+                }),
                 revision: kv.mod_revision(),
                 encoded: std::sync::OnceLock::new(),
             }))
         }
         EventType::Delete => {
-            let Some(mut object) = previous.clone() else {
+            // A deletion is sent as the last state, so that one is decoded now.
+            let Some((bytes, revision)) = previous else {
                 return Ok(None);
             };
+            let last = decode(&key, &bytes, revision)?.value;
+            let mut object = last.clone();
             set_resource_version(&mut object, kv.mod_revision());
             Ok(Some(Change {
                 kind: ChangeKind::Deleted,
                 key,
                 object,
-                previous,
+                previous: Some(Previous::decoded(last, revision, bytes)),
                 revision: kv.mod_revision(),
                 encoded: std::sync::OnceLock::new(),
             }))

@@ -43,8 +43,9 @@ use tokio_util::sync::CancellationToken;
 use crate::storage::{Change, StorageError, Store, WatchItem};
 
 /// Changes kept per resource, for watches that start a little in the past
-/// (a client resuming, or listing then watching). Each holds the object and
-/// its previous state decoded; 1,024 of them cost ~250 MiB more at the peak
+/// (a client resuming, or listing then watching). Each holds the object
+/// decoded and its previous state as stored (decoded only for watches with
+/// selectors); 1,024 of them cost ~250 MiB more at the peak
 /// of the scheduler bench (pods, events, nodes and leases changing at once),
 /// so the window is kept short: a watch from further back is served by etcd.
 pub const WINDOW: usize = 256;

@@ -155,6 +155,49 @@ print(json.dumps(events))
     );
 }
 
+/// A watch with a label selector sees an object that starts to match as
+/// ADDED, one that stops matching as DELETED, and a matching one deleted
+/// as DELETED; changes to objects that never match are not sent.
+#[test]
+fn selector_watch_sees_objects_enter_and_leave() {
+    let server = server();
+    let result = run(
+        &server,
+        r#"
+ns("py-sel")
+def writer():
+    time.sleep(1.0)
+    core.create_namespaced_config_map("py-sel", cm("other", {"v": "0"}))
+    core.create_namespaced_config_map("py-sel", cm("mover", {"v": "1"}))
+    core.patch_namespaced_config_map("mover", "py-sel", {"metadata": {"labels": {"tier": "web"}}})
+    core.patch_namespaced_config_map("other", "py-sel", {"data": {"v": "00"}})
+    core.patch_namespaced_config_map("mover", "py-sel", {"data": {"v": "2"}})
+    core.patch_namespaced_config_map("mover", "py-sel", {"metadata": {"labels": {"tier": "db"}}})
+    core.patch_namespaced_config_map("mover", "py-sel", {"metadata": {"labels": {"tier": "web"}}})
+    core.delete_namespaced_config_map("mover", "py-sel")
+threading.Thread(target=writer).start()
+events = []
+w = watch.Watch()
+for ev in w.stream(core.list_namespaced_config_map, "py-sel", label_selector="tier=web", timeout_seconds=20):
+    events.append([ev["type"], ev["object"].metadata.name, (ev["object"].data or {}).get("v")])
+    if len(events) == 5:
+        w.stop()
+print(json.dumps(events))
+"#,
+    );
+    assert_eq!(
+        result,
+        serde_json::json!([
+            ["ADDED", "mover", "1"],
+            ["MODIFIED", "mover", "2"],
+            ["DELETED", "mover", "2"],
+            ["ADDED", "mover", "2"],
+            ["DELETED", "mover", "2"]
+        ]),
+        "selector watch events"
+    );
+}
+
 #[test]
 fn not_found_is_an_api_exception_404() {
     let server = server();
