@@ -9,7 +9,7 @@
 //! readyReplicas, availableReplicas (after `minReadySeconds`),
 //! observedGeneration and the ReplicaFailure condition.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -139,17 +139,19 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
     let mut tasks = tokio::task::JoinSet::new();
     {
         let c = controller.clone();
-        let api: Api<Pod> = Api::all(ctx.client.clone());
-        tasks.spawn(pods::watch_changes(api, shutdown.clone(), move |change| {
-            c.pod_changed(change)
-        }));
+        tasks.spawn(pods::watch_changes::<Pod, _>(
+            ctx.client.clone(),
+            shutdown.clone(),
+            move |change| c.pod_changed(change),
+        ));
     }
     {
         let c = controller.clone();
-        let api: Api<ReplicaSet> = Api::all(ctx.client.clone());
-        tasks.spawn(pods::watch_changes(api, shutdown.clone(), move |change| {
-            c.set_changed(change)
-        }));
+        tasks.spawn(pods::watch_changes::<ReplicaSet, _>(
+            ctx.client.clone(),
+            shutdown.clone(),
+            move |change| c.set_changed(change),
+        ));
     }
     for _ in 0..WORKERS {
         let c = controller.clone();
@@ -738,23 +740,32 @@ pub fn calculate_status(
     failure: Option<(&str, &WorkloadError)>,
     now: jiff::Timestamp,
 ) -> ReplicaSetStatus {
-    let spec = rs.spec.clone();
-    let min_ready = spec.min_ready_seconds.unwrap_or(0);
-    let template_labels: BTreeMap<String, String> = spec
+    let min_ready = rs.spec.min_ready_seconds.unwrap_or(0);
+    let template_labels = rs
+        .spec
         .template
         .as_ref()
         .and_then(|t| t.metadata.as_ref())
-        .and_then(|m| m.labels.clone())
-        .unwrap_or_default();
-    let count = |f: &dyn Fn(&Pod) -> bool| {
-        i32::try_from(owned.iter().filter(|p| f(p)).count()).unwrap_or(i32::MAX)
-    };
-    let fully_labeled = count(&|p: &Pod| {
-        let labels = p.metadata.labels.clone().unwrap_or_default();
-        template_labels
-            .iter()
-            .all(|(k, v)| labels.get(k) == Some(v))
-    });
+        .and_then(|m| m.labels.as_ref());
+    // One pass over the pods: this runs on every sync, over every pod of
+    // the ReplicaSet.
+    let (mut fully_labeled, mut ready, mut available) = (0usize, 0usize, 0usize);
+    for pod in owned {
+        let labels = pod.metadata.labels.as_ref();
+        if template_labels.is_none_or(|want| {
+            want.iter()
+                .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
+        }) {
+            fully_labeled += 1;
+        }
+        if pods::is_pod_ready(pod) {
+            ready += 1;
+            if pods::is_pod_available(pod, min_ready, now) {
+                available += 1;
+            }
+        }
+    }
+    let count = |n: usize| i32::try_from(n).unwrap_or(i32::MAX);
     let old = rs.status.clone().unwrap_or_default();
     let mut conditions: Vec<ReplicaSetCondition> = old.conditions.clone().unwrap_or_default();
     match failure {
@@ -788,10 +799,10 @@ pub fn calculate_status(
         None => conditions.retain(|c| c.type_.as_deref() != Some("ReplicaFailure")),
     }
     ReplicaSetStatus {
-        replicas: count(&|_| true),
-        fully_labeled_replicas: Some(fully_labeled),
-        ready_replicas: Some(count(&pods::is_pod_ready)),
-        available_replicas: Some(count(&|p| pods::is_pod_available(p, min_ready, now))),
+        replicas: count(owned.len()),
+        fully_labeled_replicas: Some(count(fully_labeled)),
+        ready_replicas: Some(count(ready)),
+        available_replicas: Some(count(available)),
         observed_generation: rs.metadata.generation,
         conditions: (!conditions.is_empty()).then_some(conditions),
         terminating_replicas: old.terminating_replicas,
@@ -804,6 +815,7 @@ mod tests {
     use k8s_openapi::api::apps::v1::ReplicaSetSpec;
     use k8s_openapi::api::core::v1::{PodCondition, PodStatus, PodTemplateSpec};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+    use std::collections::BTreeMap;
 
     fn rs(replicas: i32, min_ready: i32) -> ReplicaSet {
         let labels = BTreeMap::from([
