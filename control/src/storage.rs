@@ -156,12 +156,20 @@ pub struct Previous {
 }
 
 impl Previous {
-    /// A previous state that is already decoded.
-    pub fn decoded(value: Value, revision: i64, bytes: bytes::Bytes) -> Previous {
+    /// A previous state as stored at `revision`, decoded on first use.
+    pub fn stored(bytes: bytes::Bytes, revision: i64) -> Previous {
         Previous {
             bytes,
             revision,
+            decoded: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// A previous state already decoded as `value`.
+    pub fn decoded(value: Value, revision: i64, bytes: bytes::Bytes) -> Previous {
+        Previous {
             decoded: std::sync::OnceLock::from(Some(value)),
+            ..Previous::stored(bytes, revision)
         }
     }
 }
@@ -626,11 +634,7 @@ fn change(event: &etcd_client::Event) -> Result<Option<Change>, StorageError> {
                 kind,
                 key,
                 object,
-                previous: previous.map(|(bytes, revision)| Previous {
-                    bytes,
-                    revision,
-                    decoded: std::sync::OnceLock::new(),
-                }),
+                previous: previous.map(|(bytes, revision)| Previous::stored(bytes, revision)),
                 revision: kv.mod_revision(),
                 encoded: std::sync::OnceLock::new(),
             }))
