@@ -27,6 +27,7 @@ use crate::meta;
 use crate::metrics::Metrics;
 use crate::openapi::OpenApi;
 use crate::patch::{self, PatchType};
+use crate::rawjson;
 use crate::registry::{self, ResourceInfo, Subresource};
 use crate::selector::{FieldSelector, LabelSelector};
 use crate::status::{self, ApiError, Cause};
@@ -628,15 +629,18 @@ impl Request<'_> {
                         render("BOOKMARK", &bookmark(revision, false))
                     }
                     Some(Ok(WatchItem::Change(change))) => {
-                        let now = matches(&change.object, &labels, &fields);
-                        // Without selectors, whether it existed is enough
-                        // (and spares decoding the previous state).
-                        let before = if labels.is_empty() && fields.is_empty() {
-                            change.had_previous()
+                        // Without selectors, the object's text is sent as
+                        // it is, and whether it existed is enough; with
+                        // them, only what they read is decoded.
+                        let (before, now) = if labels.is_empty() && fields.is_empty() {
+                            (change.had_previous(), true)
                         } else {
-                            change
-                                .previous()
-                                .is_some_and(|p| matches(p, &labels, &fields))
+                            (
+                                change
+                                    .previous_selectable()
+                                    .is_some_and(|p| matches(p, &labels, &fields)),
+                                matches(change.selectable(), &labels, &fields),
+                            )
                         };
                         // The event type, and whether it is the change's own
                         // (not a selector's ADDED/DELETED transition).
@@ -649,14 +653,18 @@ impl Request<'_> {
                             (ChangeKind::Modified, true, false) => ("DELETED", false),
                             _ => continue,
                         };
-                        if table_version.is_none() && as_stored {
+                        match (table_version, as_stored) {
                             // The same line for every watcher that sends it as is.
-                            change
+                            (None, true) => change
                                 .encoded
-                                .get_or_init(|| render(kind, &change.object))
-                                .clone()
-                        } else {
-                            render(kind, &change.object)
+                                .get_or_init(|| {
+                                    Bytes::from(rawjson::watch_event_line(kind, &change.json))
+                                })
+                                .clone(),
+                            (None, false) => {
+                                Bytes::from(rawjson::watch_event_line(kind, &change.json))
+                            }
+                            (Some(_), _) => render(kind, change.object()),
                         }
                     }
                     Some(Err(StorageError::Compacted { requested, .. })) => {

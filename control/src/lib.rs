@@ -23,6 +23,7 @@ pub mod openapi;
 pub mod patch;
 pub mod pki;
 pub mod protobuf;
+pub mod rawjson;
 pub mod registry;
 pub mod scheduler;
 pub mod selector;

@@ -70,7 +70,7 @@ impl NamespaceCache {
                 self.set(Some(map));
                 while let Some(Ok(item)) = changes.next().await {
                     if let WatchItem::Change(change) = item
-                        && let Some((name, terminating)) = entry(&change.object)
+                        && let Some((name, terminating)) = entry(change.object())
                     {
                         let gone = change.kind == ChangeKind::Deleted;
                         self.apply(name, (!gone).then_some(terminating));

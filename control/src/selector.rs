@@ -1000,10 +1000,9 @@ impl FieldKind {
         }
     }
 
-    /// The kind's field-label conversion: the field to select on, or why
-    /// not.
-    fn convert(self, field: &str) -> Result<&'static str, SelectorError> {
-        let accepted: &[&'static str] = match self {
+    /// The fields the kind's field-label conversion accepts.
+    fn accepted(self) -> &'static [&'static str] {
+        match self {
             FieldKind::Pod => &[
                 "metadata.name",
                 "metadata.namespace",
@@ -1041,16 +1040,23 @@ impl FieldKind {
                 "spec.clusterIP",
                 "spec.type",
             ],
-            FieldKind::Default => {
-                return match field {
-                    "metadata.name" => Ok("metadata.name"),
-                    "metadata.namespace" => Ok("metadata.namespace"),
-                    _ => Err(SelectorError::UnknownField {
-                        field: field.to_string(),
-                    }),
-                };
-            }
-        };
+            FieldKind::Default => &["metadata.name", "metadata.namespace"],
+        }
+    }
+
+    /// The kind's field-label conversion: the field to select on, or why
+    /// not.
+    fn convert(self, field: &str) -> Result<&'static str, SelectorError> {
+        let accepted = self.accepted();
+        if self == FieldKind::Default {
+            return accepted
+                .iter()
+                .find(|f| **f == field)
+                .copied()
+                .ok_or_else(|| SelectorError::UnknownField {
+                    field: field.to_string(),
+                });
+        }
         if self == FieldKind::Pod && field == "spec.host" {
             // Old v1 clients' name for spec.nodeName.
             return Ok("spec.nodeName");
@@ -1124,6 +1130,63 @@ impl FieldKind {
             _ => String::new(),
         }
     }
+}
+
+/// What selectors read of an object, by top-level field: the fields kept
+/// of it, or `None` for all of it. It covers every JSON pointer
+/// [`FieldKind::value`] reads, and `metadata.labels`.
+const SELECTABLE: &[(&str, Option<&[&str]>)] = &[
+    ("metadata", Some(&["name", "namespace", "labels"])),
+    (
+        "spec",
+        Some(&[
+            "nodeName",
+            "restartPolicy",
+            "schedulerName",
+            "serviceAccountName",
+            "serviceAccount",
+            "hostNetwork",
+            "unschedulable",
+            "clusterIP",
+            "type",
+        ]),
+    ),
+    (
+        "status",
+        Some(&["phase", "podIP", "podIPs", "nominatedNodeName"]),
+    ),
+    ("type", None),
+    ("reason", None),
+    ("reportingComponent", None),
+    ("source", None),
+    ("involvedObject", None),
+];
+
+/// The part of the JSON object `text` that label and field selectors read,
+/// decoded: label and field selectors select it exactly when they select
+/// the whole object. Decoding only that much is what lets a watch with
+/// selectors skip decoding the rest of every object that changes.
+pub fn selectable(text: &[u8]) -> Result<Value, serde_json::Error> {
+    let mut object = Map::new();
+    for (key, raw) in crate::rawjson::Fields::parse(text)?.0 {
+        let Some((_, keep)) = SELECTABLE.iter().find(|(name, _)| *name == key) else {
+            continue;
+        };
+        let value = match keep {
+            Some(keep) if raw.get().starts_with('{') => {
+                let mut kept = Map::new();
+                for (field, raw) in crate::rawjson::Fields::of(raw)?.0 {
+                    if keep.contains(&field.as_ref()) {
+                        kept.insert(field.into_owned(), serde_json::from_str(raw.get())?);
+                    }
+                }
+                Value::Object(kept)
+            }
+            _ => serde_json::from_str(raw.get())?,
+        };
+        object.insert(key.into_owned(), value);
+    }
+    Ok(Value::Object(object))
 }
 
 /// One `field=value` or `field!=value` term.
@@ -1759,6 +1822,120 @@ mod tests {
         assert_eq!(
             fields("pods", "spec.nodeName=a").exact_match("spec.nodeName"),
             Some("a")
+        );
+    }
+
+    /// Objects with every selectable field of every kind set, with some
+    /// unset, and with odd shapes.
+    fn selectable_fixtures() -> Vec<Value> {
+        vec![
+            json!({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": "web-1", "namespace": "prod", "uid": "u1",
+                    "labels": {"app": "web", "tier": "front"}, "annotations": {"a": "b"},
+                    "managedFields": [{"manager": "m", "fieldsV1": {"f:spec": {}}}]},
+                "spec": {"nodeName": "n1", "restartPolicy": "Always", "schedulerName": "s",
+                    "serviceAccount": "old", "hostNetwork": true, "unschedulable": true,
+                    "clusterIP": "10.0.0.1", "type": "NodePort",
+                    "containers": [{"name": "c", "image": "busybox"}]},
+                "status": {"phase": "Running", "podIP": "10.1.0.1",
+                    "podIPs": [{"ip": "10.1.0.2"}], "nominatedNodeName": "n2",
+                    "conditions": [{"type": "Ready", "status": "True"}]},
+                "type": "Opaque", "reason": "Started", "reportingComponent": "kubelet",
+                "source": {"component": "kubelet", "host": "n1"},
+                "involvedObject": {"kind": "Pod", "namespace": "prod", "name": "web-1",
+                    "uid": "u1", "apiVersion": "v1", "resourceVersion": "7",
+                    "fieldPath": "spec.containers{c}"},
+                "data": {"k": "dg=="}
+            }),
+            json!({
+                "metadata": {"name": "sparse", "labels": {"tier": "back"}},
+                "spec": {"serviceAccountName": "sa", "hostNetwork": false},
+                "status": {"podIP": "10.1.0.3"}
+            }),
+            json!({"metadata": {"name": "odd", "labels": null}, "spec": null,
+                "status": "text", "source": null}),
+            json!({"kind": "NoMetadata"}),
+        ]
+    }
+
+    #[test]
+    fn selectors_select_the_selectable_part_as_they_select_the_object() {
+        let kinds = [
+            FieldKind::Pod,
+            FieldKind::Node,
+            FieldKind::Event,
+            FieldKind::Namespace,
+            FieldKind::Secret,
+            FieldKind::Service,
+            FieldKind::Default,
+        ];
+        let label_selectors = [
+            "",
+            "app=web",
+            "app",
+            "!app",
+            "tier in (front,back)",
+            "tier!=front",
+        ];
+        for object in selectable_fixtures() {
+            let text = object.to_string();
+            let part = selectable(text.as_bytes()).expect("fixture projects");
+            for kind in kinds {
+                for field in kind.accepted() {
+                    // The object's own value, and values it does not have.
+                    for value in [kind.value(&object, field), String::new(), "x".to_string()] {
+                        for negated in [false, true] {
+                            let selector = FieldSelector {
+                                kind,
+                                terms: vec![FieldTerm {
+                                    field: field.to_string(),
+                                    value: value.clone(),
+                                    negated,
+                                }],
+                            };
+                            assert_eq!(
+                                selector.matches(&part),
+                                selector.matches(&object),
+                                "{kind:?} selector {selector} on {text}"
+                            );
+                        }
+                    }
+                }
+            }
+            for sel in label_selectors {
+                let selector = LabelSelector::parse(sel).expect("label selector parses");
+                assert_eq!(
+                    selector.matches_object(&part),
+                    selector.matches_object(&object),
+                    "label selector {sel:?} on {text}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_selectable_part_leaves_the_rest_out() {
+        let text = selectable_fixtures()[0].to_string();
+        let part = selectable(text.as_bytes()).expect("fixture projects");
+        for absent in [
+            "/apiVersion",
+            "/data",
+            "/metadata/uid",
+            "/metadata/annotations",
+            "/metadata/managedFields",
+            "/spec/containers",
+            "/status/conditions",
+        ] {
+            assert!(
+                part.pointer(absent).is_none(),
+                "{absent} is left out: {part}"
+            );
+        }
+        assert!(selectable(b"[]").is_err(), "not an object");
+        assert!(
+            selectable(br#"{"spec": {"nodeName": }}"#).is_err(),
+            "not JSON"
         );
     }
 }

@@ -123,79 +123,118 @@ pub enum ChangeKind {
 }
 
 /// One change seen by a watch.
-#[derive(Debug, Clone)]
+///
+/// It carries the object as JSON text, ready to send: a watch without
+/// selectors never decodes it. The decoded object, and the part of it
+/// selectors read, are made on first use and shared by every watcher of the
+/// change.
+#[derive(Debug)]
 pub struct Change {
     /// What happened.
     pub kind: ChangeKind,
     /// The object's key.
     pub key: String,
-    /// The object after the change; for a deletion, the last state, with the
-    /// deletion's revision as its resourceVersion.
-    pub object: Value,
-    /// The object before the change, when there was one: as stored, decoded
-    /// on first use by [`Change::previous`] (only watches with selectors
-    /// need it).
+    /// The object after the change as JSON, with `metadata.resourceVersion`
+    /// set to `revision`; for a deletion, the last state.
+    pub json: bytes::Bytes,
+    /// The object before the change, when there was one, as stored.
     pub previous: Option<Previous>,
     /// The revision of the change.
     pub revision: i64,
     /// The change's JSON watch-event line as its own kind (`ADDED`,
-    /// `MODIFIED`, `DELETED`), encoded by the first watcher that sends it
+    /// `MODIFIED`, `DELETED`), made by the first watcher that sends it
     /// unchanged and shared by the others.
     pub encoded: std::sync::OnceLock<bytes::Bytes>,
+    /// `json` decoded, once asked for.
+    object: std::sync::OnceLock<Value>,
+    /// The part of `json` selectors read, once asked for.
+    selectable: std::sync::OnceLock<Value>,
 }
 
 /// The state of an object before a change, as etcd sent it.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Previous {
     /// The stored JSON.
     bytes: bytes::Bytes,
-    /// Its mod revision, its `metadata.resourceVersion`.
-    revision: i64,
-    /// The decoded object, once asked for; `None` if it does not decode.
-    decoded: std::sync::OnceLock<Option<Value>>,
+    /// The part of it selectors read, once asked for.
+    selectable: std::sync::OnceLock<Value>,
 }
 
 impl Previous {
-    /// A previous state as stored at `revision`, decoded on first use.
-    pub fn stored(bytes: bytes::Bytes, revision: i64) -> Previous {
+    /// A previous state as stored.
+    pub fn stored(bytes: bytes::Bytes) -> Previous {
         Previous {
             bytes,
-            revision,
-            decoded: std::sync::OnceLock::new(),
-        }
-    }
-
-    /// A previous state already decoded as `value`.
-    pub fn decoded(value: Value, revision: i64, bytes: bytes::Bytes) -> Previous {
-        Previous {
-            decoded: std::sync::OnceLock::from(Some(value)),
-            ..Previous::stored(bytes, revision)
+            selectable: std::sync::OnceLock::new(),
         }
     }
 }
 
+/// The part of `text` that selectors read; `Null` (which no selector that
+/// reads a field selects) if it does not decode, which the checks made
+/// when the change arrived rule out.
+fn selectable_or_null(key: &str, text: &[u8]) -> Value {
+    crate::selector::selectable(text).unwrap_or_else(|error| {
+        tracing::warn!(key, %error, "cannot decode a changed object for its selectable fields");
+        Value::Null
+    })
+}
+
 impl Change {
+    /// A change to the object whose JSON (with its resourceVersion) is
+    /// `json`.
+    pub fn new(
+        kind: ChangeKind,
+        key: String,
+        json: bytes::Bytes,
+        previous: Option<Previous>,
+        revision: i64,
+    ) -> Change {
+        Change {
+            kind,
+            key,
+            json,
+            previous,
+            revision,
+            encoded: std::sync::OnceLock::new(),
+            object: std::sync::OnceLock::new(),
+            selectable: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The object after the change (for a deletion, its last state),
+    /// decoded on first use.
+    pub fn object(&self) -> &Value {
+        self.object.get_or_init(|| {
+            serde_json::from_slice(&self.json).unwrap_or_else(|error| {
+                // The text was checked when the change arrived.
+                tracing::warn!(key = self.key, %error, "cannot decode a changed object");
+                Value::Null
+            })
+        })
+    }
+
+    /// What selectors read of the object after the change, decoded on
+    /// first use (see [`crate::selector::selectable`]).
+    pub fn selectable(&self) -> &Value {
+        self.selectable
+            .get_or_init(|| selectable_or_null(&self.key, &self.json))
+    }
+
     /// Whether the object existed before the change.
     pub fn had_previous(&self) -> bool {
         self.previous.is_some()
     }
 
-    /// The object before the change, decoded on first use; `None` if there
-    /// was none (or, logged, if the stored bytes do not decode).
-    pub fn previous(&self) -> Option<&Value> {
+    /// What selectors read of the object before the change, decoded on
+    /// first use; `None` if there was none.
+    pub fn previous_selectable(&self) -> Option<&Value> {
         let previous = self.previous.as_ref()?;
-        previous
-            .decoded
-            .get_or_init(
-                || match decode(&self.key, &previous.bytes, previous.revision) {
-                    Ok(stored) => Some(stored.value),
-                    Err(error) => {
-                        tracing::warn!(%error, "cannot decode the previous state of a change");
-                        None
-                    }
-                },
-            )
-            .as_ref()
+        Some(
+            previous
+                .selectable
+                .get_or_init(|| selectable_or_null(&self.key, &previous.bytes)),
+        )
     }
 }
 
@@ -616,12 +655,17 @@ fn change(event: &etcd_client::Event) -> Result<Option<Change>, StorageError> {
     let previous = event
         .prev_kv()
         .filter(|prev| !prev.value().is_empty())
-        .map(|prev| {
-            (
-                bytes::Bytes::copy_from_slice(prev.value()),
-                prev.mod_revision(),
-            )
-        });
+        .map(|prev| bytes::Bytes::copy_from_slice(prev.value()));
+    // The object is sent as stored with its resourceVersion spliced in;
+    // splicing checks the text as decoding it would.
+    let json = |text: &[u8], revision: i64| {
+        crate::rawjson::with_resource_version(text, revision)
+            .map(bytes::Bytes::from)
+            .map_err(|source| StorageError::Corrupt {
+                key: key.clone(),
+                source,
+            })
+    };
     match event.event_type() {
         EventType::Put => {
             let kind = if kv.create_revision() == kv.mod_revision() {
@@ -629,32 +673,29 @@ fn change(event: &etcd_client::Event) -> Result<Option<Change>, StorageError> {
             } else {
                 ChangeKind::Modified
             };
-            let object = decode(&key, kv.value(), kv.mod_revision())?.value;
-            Ok(Some(Change {
+            let json = json(kv.value(), kv.mod_revision())?;
+            Ok(Some(Change::new(
                 kind,
                 key,
-                object,
-                previous: previous.map(|(bytes, revision)| Previous::stored(bytes, revision)),
-                revision: kv.mod_revision(),
-                encoded: std::sync::OnceLock::new(),
-            }))
+                json,
+                previous.map(Previous::stored),
+                kv.mod_revision(),
+            )))
         }
         EventType::Delete => {
-            // A deletion is sent as the last state, so that one is decoded now.
-            let Some((bytes, revision)) = previous else {
+            // A deletion is sent as the last state, at the deletion's
+            // revision.
+            let Some(last) = previous else {
                 return Ok(None);
             };
-            let last = decode(&key, &bytes, revision)?.value;
-            let mut object = last.clone();
-            set_resource_version(&mut object, kv.mod_revision());
-            Ok(Some(Change {
-                kind: ChangeKind::Deleted,
+            let json = json(&last, kv.mod_revision())?;
+            Ok(Some(Change::new(
+                ChangeKind::Deleted,
                 key,
-                object,
-                previous: Some(Previous::decoded(last, revision, bytes)),
-                revision: kv.mod_revision(),
-                encoded: std::sync::OnceLock::new(),
-            }))
+                json,
+                Some(Previous::stored(last)),
+                kv.mod_revision(),
+            )))
         }
     }
 }
@@ -719,12 +760,44 @@ fn found_keys(responses: &[TxnOpResponse]) -> Vec<String> {
         .collect()
 }
 
+/// The stored form of an object: its JSON without
+/// `metadata.resourceVersion`, which is the key's revision instead.
 fn encode(value: &Value) -> Vec<u8> {
-    let mut value = value.clone();
-    if let Some(meta) = value.get_mut("metadata").and_then(Value::as_object_mut) {
-        meta.remove("resourceVersion");
+    serde_json::to_vec(&WithoutResourceVersion(value)).unwrap_or_default()
+}
+
+/// Serializes an object as it is but for `metadata.resourceVersion`,
+/// without copying it first.
+struct WithoutResourceVersion<'a>(&'a Value);
+
+impl serde::Serialize for WithoutResourceVersion<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let Value::Object(fields) = self.0 else {
+            return self.0.serialize(serializer);
+        };
+        let mut map = serializer.serialize_map(Some(fields.len()))?;
+        for (key, value) in fields {
+            match value {
+                Value::Object(metadata) if key == "metadata" => {
+                    let kept = metadata.iter().filter(|(k, _)| *k != "resourceVersion");
+                    map.serialize_entry(key, &MapOf(std::cell::Cell::new(Some(kept))))?;
+                }
+                _ => map.serialize_entry(key, value)?,
+            }
+        }
+        map.end()
     }
-    serde_json::to_vec(&value).unwrap_or_default()
+}
+
+/// Serializes the entries of an iterator as a JSON object (once).
+struct MapOf<I>(std::cell::Cell<Option<I>>);
+
+impl<'a, I: Iterator<Item = (&'a String, &'a Value)>> serde::Serialize for MapOf<I> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let entries = self.0.take().into_iter().flatten();
+        serializer.collect_map(entries)
+    }
 }
 
 fn decode(key: &str, bytes: &[u8], revision: i64) -> Result<Stored, StorageError> {
@@ -754,10 +827,19 @@ mod tests {
 
     #[test]
     fn resource_version_is_never_stored() {
+        let obj = json!({"kind": "K", "metadata": {"name": "a", "resourceVersion": "12",
+            "labels": {"resourceVersion": "kept"}}, "spec": {"resourceVersion": "kept"}});
+        let bytes = encode(&obj);
+        assert_eq!(
+            String::from_utf8_lossy(&bytes),
+            r#"{"kind":"K","metadata":{"name":"a","labels":{"resourceVersion":"kept"}},"spec":{"resourceVersion":"kept"}}"#,
+            "only metadata.resourceVersion is left out, and the order is kept"
+        );
+        for other in [json!({"metadata": null}), json!([1]), json!({})] {
+            assert_eq!(encode(&other), serde_json::to_vec(&other).expect("json"));
+        }
         let obj = json!({"metadata": {"name": "a", "resourceVersion": "12"}});
         let bytes = encode(&obj);
-        let back: Value = serde_json::from_slice(&bytes).expect("encoded json");
-        assert_eq!(back, json!({"metadata": {"name": "a"}}));
         let stored = decode("/k", &bytes, 34).expect("decodes");
         assert_eq!(stored.value["metadata"]["resourceVersion"], "34");
         assert_eq!(stored.revision, 34);

@@ -43,11 +43,12 @@ use tokio_util::sync::CancellationToken;
 use crate::storage::{Change, StorageError, Store, WatchItem};
 
 /// Changes kept per resource, for watches that start a little in the past
-/// (a client resuming, or listing then watching). Each holds the object
-/// decoded and its previous state as stored (decoded only for watches with
-/// selectors); 1,024 of them cost ~250 MiB more at the peak
-/// of the scheduler bench (pods, events, nodes and leases changing at once),
-/// so the window is kept short: a watch from further back is served by etcd.
+/// (a client resuming, or listing then watching). Each holds the object's
+/// text and its previous state's (and what of them was decoded for watches
+/// with selectors or tables). When each held its object decoded, 1,024 of
+/// them cost ~250 MiB more at the peak of the scheduler bench (pods,
+/// events, nodes and leases changing at once), so the window is kept short:
+/// a watch from further back is served by etcd.
 pub const WINDOW: usize = 256;
 
 /// Live items a watcher may fall behind before it is ended.
@@ -390,14 +391,13 @@ mod tests {
     use serde_json::json;
 
     fn change(key: &str, revision: i64) -> Arc<Change> {
-        Arc::new(Change {
-            kind: ChangeKind::Added,
-            key: key.to_string(),
-            object: json!({"metadata": {"name": key}}),
-            previous: None,
+        Arc::new(Change::new(
+            ChangeKind::Added,
+            key.to_string(),
+            bytes::Bytes::from(json!({"metadata": {"name": key}}).to_string()),
+            None,
             revision,
-            encoded: Default::default(),
-        })
+        ))
     }
 
     /// A hub whose watchers may fall `lag` items behind.
