@@ -287,6 +287,15 @@ impl Pki {
         let pair = issue_client(&self.ca, cn, orgs, SystemTime::now())?;
         Ok((pair.cert, pair.key))
     }
+
+    /// Issue a client certificate for the common name `cn` (the user name),
+    /// signed by the CA, as DER: the identity of a daemon whose requests
+    /// reach the API server in process, with no TLS handshake to present it
+    /// (see [`crate::client::in_process`]).
+    pub fn issue_client_identity(&self, cn: &str) -> Result<CertificateDer<'static>, PkiError> {
+        let (cert, _key) = self.issue_client_cert(cn, &[])?;
+        parse_cert(&cert, "client certificate")
+    }
 }
 
 /// Write an admin kubeconfig to `path` (mode 0600, parent directories
@@ -295,19 +304,6 @@ impl Pki {
 pub fn write_kubeconfig(path: &Path, server_url: &str, pki: &Pki) -> Result<(), PkiError> {
     let (cert, key) = pki.admin_cert();
     write_kubeconfig_for(path, server_url, pki, ADMIN_USER, cert, key)
-}
-
-/// Write a kubeconfig for a control-plane daemon: a client certificate
-/// with common name `user` (e.g. `system:kube-scheduler`), freshly issued
-/// by the CA.
-pub fn write_daemon_kubeconfig(
-    path: &Path,
-    server_url: &str,
-    pki: &Pki,
-    user: &str,
-) -> Result<(), PkiError> {
-    let (cert, key) = pki.issue_client_cert(user, &[])?;
-    write_kubeconfig_for(path, server_url, pki, user, &cert, &key)
 }
 
 fn write_kubeconfig_for(

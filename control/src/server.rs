@@ -137,6 +137,9 @@ pub struct Ready {
     pub url: String,
     /// Its certificates, to issue the daemons' client certificates.
     pub pki: Pki,
+    /// Its handler stack, for clients in the same process
+    /// ([`crate::client::in_process`]).
+    pub app: axum::Router,
 }
 
 /// Run the API server, telling `ready` once it listens.
@@ -255,6 +258,7 @@ pub async fn run_apiserver_with(
         let _ = ready.send(Ready {
             url: server_url.clone(),
             pki: pki.clone(),
+            app: app.clone(),
         });
     }
     let stop = shutdown.clone();
@@ -382,8 +386,8 @@ pub enum DaemonError {
     /// The client could not be built.
     #[error(transparent)]
     Client(#[from] crate::client::ClientError),
-    /// The daemon's credentials could not be written.
-    #[error("cannot write the {daemon} kubeconfig: {source}")]
+    /// The daemon's client certificate could not be issued.
+    #[error("cannot issue the {daemon} client certificate: {source}")]
     Credentials {
         /// Which daemon.
         daemon: &'static str,
@@ -428,7 +432,8 @@ pub async fn run_controller_manager(
 }
 
 /// `skiff-control all`: the API server, then the controller manager and
-/// the scheduler, each with its own client certificate, over loopback.
+/// the scheduler, each with its own client certificate, their requests
+/// handed to the server's handler stack in process.
 pub async fn run_all(
     args: crate::cli::AllArgs,
     shutdown: CancellationToken,
@@ -458,10 +463,11 @@ pub async fn run_all(
         ("controller-manager", "system:kube-controller-manager"),
         ("scheduler", "system:kube-scheduler"),
     ] {
-        let path = data_dir.join(format!("{daemon}.kubeconfig"));
-        pki::write_daemon_kubeconfig(&path, &ready.url, &ready.pki, user)
+        let identity = ready
+            .pki
+            .issue_client_identity(user)
             .map_err(|source| DaemonError::Credentials { daemon, source })?;
-        let client = crate::client::client(Some(&path)).await?;
+        let client = crate::client::in_process(ready.app.clone(), identity);
         let token = shutdown.clone();
         if daemon == "scheduler" {
             daemons.spawn(crate::scheduler::run(
