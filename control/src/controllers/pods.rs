@@ -487,6 +487,8 @@ struct QueueState {
     dirty: HashSet<String>,
     processing: HashSet<String>,
     failures: HashMap<String, u32>,
+    /// Keys waiting for their batch period to end ([`WorkQueue::add_batched`]).
+    batched: HashSet<String>,
 }
 
 /// A work queue of object keys as client-go's: a key is queued at most once,
@@ -523,6 +525,26 @@ impl WorkQueue {
         let key = key.to_string();
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
+            queue.add(&key);
+        });
+    }
+
+    /// Queue `key` at the end of a batch `period` that starts now, unless it
+    /// is already waiting to be processed or for a batch: every change
+    /// reported meanwhile is handled by one sync (client-go's `AddAfter`
+    /// with a batch period, as the endpoints controllers' batching does).
+    pub fn add_batched(self: &std::sync::Arc<Self>, key: &str, period: Duration) {
+        {
+            let mut state = self.state.lock().expect("queue lock");
+            if state.dirty.contains(key) || !state.batched.insert(key.to_string()) {
+                return;
+            }
+        }
+        let queue = self.clone();
+        let key = key.to_string();
+        tokio::spawn(async move {
+            tokio::time::sleep(period).await;
+            queue.state.lock().expect("queue lock").batched.remove(&key);
             queue.add(&key);
         });
     }
@@ -1044,6 +1066,33 @@ mod tests {
             "a",
             "changed while processing: queued again"
         );
+    }
+
+    // A current-thread runtime: timers fire in deadline order, so the
+    // test's sleeps end after the batch periods they outlast.
+    #[tokio::test]
+    async fn batched_keys_are_queued_once_at_the_end_of_the_period() {
+        let q = std::sync::Arc::new(WorkQueue::new());
+        let period = Duration::from_millis(100);
+        q.add_batched("a", period);
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        q.add_batched("a", period);
+        assert!(q.is_empty(), "nothing is queued during the period");
+        tokio::time::sleep(Duration::from_millis(70)).await;
+        assert_eq!(q.len(), 1, "queued once, when the first period ended");
+        assert_eq!(q.next().await, "a");
+        // Processing: a batched change waits for its period, then runs again.
+        q.add_batched("a", period);
+        q.done("a");
+        assert!(q.is_empty());
+        tokio::time::sleep(Duration::from_millis(110)).await;
+        assert_eq!(q.next().await, "a", "a change during the sync is not lost");
+        q.done("a");
+        // Already queued: the queued sync will see the change.
+        q.add("b");
+        q.add_batched("b", period);
+        tokio::time::sleep(Duration::from_millis(110)).await;
+        assert_eq!(q.len(), 1, "b is queued once");
     }
 
     #[test]
