@@ -37,9 +37,19 @@ use crate::table::{self, IncludeObject};
 /// The largest request body accepted (upstream's limit for writes).
 pub const MAX_BODY_BYTES: usize = 3 * 1024 * 1024;
 
-/// How often a write that lost a race on resourceVersion is retried when
-/// the client gave no precondition (patch, allocation).
-const WRITE_RETRIES: usize = 8;
+/// How long a write that keeps losing races on resourceVersion is retried
+/// when the client gave no precondition (patch, binding, allocation): as
+/// upstream's `GuaranteedUpdate`, until it lands or the request times out
+/// (upstream's default `--request-timeout`). Each lost race is another
+/// writer's win, so contention ends.
+const WRITE_RETRY_BUDGET: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Attempt numbers of a write, 0 first, for as long as
+/// [`WRITE_RETRY_BUDGET`] allows.
+fn write_attempts() -> impl Iterator<Item = usize> {
+    let started = std::time::Instant::now();
+    (0..).take_while(move |attempt| *attempt == 0 || started.elapsed() < WRITE_RETRY_BUDGET)
+}
 
 /// What every handler shares.
 pub struct AppState {
@@ -403,6 +413,25 @@ impl Request<'_> {
             .await
             .map_err(|e| self.storage_error(e))?
             .ok_or_else(|| self.not_found())
+    }
+
+    /// The object a write starts from, and whether it came from the watch
+    /// cache. The first attempt of a write takes the cache's latest state
+    /// of the object when it has one, sparing etcd a read (upstream's
+    /// `cachedExistingObject`). That state may be behind etcd's: the write,
+    /// guarded by its revision, then conflicts, and any other failure the
+    /// stale state could cause is retried too, from etcd, which every later
+    /// attempt reads.
+    async fn read_for_write(&self, attempt: usize) -> Result<(Stored, bool), ApiError> {
+        if attempt == 0 && !self.dry_run() {
+            let root = meta::collection_prefix(self.info(), None);
+            if let Some((text, revision)) = self.state.watches.latest(&root, &self.key())
+                && let Ok(value) = serde_json::from_slice(&text)
+            {
+                return Ok((Stored { value, revision }, true));
+            }
+        }
+        Ok((self.read().await?, false))
     }
 
     fn selectors(&self) -> Result<(LabelSelector, FieldSelector), ApiError> {
@@ -831,7 +860,7 @@ impl Request<'_> {
         }
         let key = meta::key(info, namespace.as_deref(), &name);
         let base = object.clone();
-        for _ in 0..WRITE_RETRIES {
+        for _ in write_attempts() {
             let mut object = base.clone();
             let (claims, _) = self.admit(&mut object, None).await?;
             apply::record_update(info, None, &mut object, manager, None, &meta::now());
@@ -1030,15 +1059,24 @@ impl Request<'_> {
             return self.server_side_apply().await;
         }
         let manager = self.manager();
-        for _ in 0..WRITE_RETRIES {
-            let current = self.read().await?;
+        for attempt in write_attempts() {
+            // A failure on the watch cache's state is retried from etcd's.
+            let (current, cached) = self.read_for_write(attempt).await?;
             let view = match self.target.subresource {
                 Some(Subresource::Scale) => scale_of(&current.value),
                 _ => current.value.clone(),
             };
-            let mut patched = patch::apply_patch(info, ty, &view, &self.body).map_err(|e| {
-                ApiError::new(e.http_code(), reason_for(e.http_code()), e.to_string())
-            })?;
+            let mut patched = match patch::apply_patch(info, ty, &view, &self.body) {
+                Ok(patched) => patched,
+                Err(_) if cached => continue,
+                Err(e) => {
+                    return Err(ApiError::new(
+                        e.http_code(),
+                        reason_for(e.http_code()),
+                        e.to_string(),
+                    ));
+                }
+            };
             let warnings = self.field_validation(&mut patched)?;
             // The patched object keeps the current resourceVersion unless the
             // patch itself names another one: that is a precondition.
@@ -1048,6 +1086,9 @@ impl Request<'_> {
                 .and_then(|v| v.parse::<i64>().ok())
                 .filter(|p| *p != current.revision);
             if precondition.is_some() {
+                if cached {
+                    continue;
+                }
                 return Err(ApiError::conflict(info.group, info.plural, self.name()));
             }
             let (next, sub) = match self.target.subresource {
@@ -1077,8 +1118,9 @@ impl Request<'_> {
                     };
                     return Ok(self.render_one(StatusCode::OK, object, written.warnings));
                 }
-                // Lost a race with another writer: patch the new state.
-                Err(e) if e.reason == "Conflict" => continue,
+                // Lost a race with another writer (or the watch cache was
+                // behind): patch the new state.
+                Err(e) if e.reason == "Conflict" || cached => continue,
                 Err(e) => return Err(e),
             }
         }
@@ -1101,7 +1143,7 @@ impl Request<'_> {
         };
         let force = self.flag("force");
         let warnings = self.field_validation(&mut applied)?;
-        for _ in 0..WRITE_RETRIES {
+        for _ in write_attempts() {
             let live = self
                 .state
                 .store
@@ -1185,8 +1227,19 @@ impl Request<'_> {
                 )
             })?
             .to_string();
-        for _ in 0..WRITE_RETRIES {
-            let current = self.read().await?;
+        for attempt in write_attempts() {
+            // A refusal on the watch cache's state, which may be behind
+            // (the pod deleted and created again), is checked against etcd's.
+            let (current, cached) = self.read_for_write(attempt).await?;
+            let taken = meta::is_deleting(&current.value)
+                || current
+                    .value
+                    .pointer("/spec/nodeName")
+                    .and_then(Value::as_str)
+                    .is_some_and(|n| !n.is_empty());
+            if cached && taken {
+                continue;
+            }
             if meta::is_deleting(&current.value) {
                 return Err(
                     ApiError::conflict("", "pods", self.name()).with_message(format!(
@@ -1262,7 +1315,7 @@ impl Request<'_> {
 
     async fn delete_one(&self, options: &Value) -> Result<Value, ApiError> {
         let info = self.info();
-        for _ in 0..WRITE_RETRIES {
+        for _ in write_attempts() {
             let current = self.read().await?;
             if let Some(uid) = options
                 .pointer("/preconditions/uid")

@@ -40,7 +40,7 @@ use futures::{Stream, StreamExt};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
-use crate::storage::{Change, StorageError, Store, WatchItem};
+use crate::storage::{Change, ChangeKind, StorageError, Store, WatchItem};
 
 /// Changes kept per resource, for watches that start a little in the past
 /// (a client resuming, or listing then watching). Each holds the object's
@@ -79,6 +79,10 @@ struct Window {
     started: i64,
     /// Recent changes, oldest first.
     changes: VecDeque<Arc<Change>>,
+    /// key → the latest state the hub has seen of it (its text, with its
+    /// resourceVersion, and its revision), for every key that changed since
+    /// the hub started and still exists.
+    latest: HashMap<String, (bytes::Bytes, i64)>,
     /// The etcd watch ended.
     failed: bool,
 }
@@ -99,6 +103,7 @@ impl Window {
             head: from,
             started: current,
             changes: VecDeque::new(),
+            latest: HashMap::new(),
             failed: false,
         }
     }
@@ -147,12 +152,28 @@ impl Hub {
         Some((backlog, live))
     }
 
+    /// The latest state of `key` the hub has seen, unless it failed.
+    fn latest(&self, key: &str) -> Option<(bytes::Bytes, i64)> {
+        let window = self.window();
+        if window.failed {
+            return None;
+        }
+        window.latest.get(key).cloned()
+    }
+
     /// Append `item` to the window and broadcast it, under the lock.
     fn publish(&self, item: HubItem) {
         let mut window = self.window();
         match &item {
             HubItem::Change(change) => {
                 window.head = window.head.max(change.revision);
+                if change.kind == ChangeKind::Deleted {
+                    window.latest.remove(&change.key);
+                } else {
+                    window
+                        .latest
+                        .insert(change.key.clone(), (change.json.clone(), change.revision));
+                }
                 window.changes.push_back(change.clone());
                 if window.changes.len() > WINDOW
                     && let Some(oldest) = window.changes.pop_front()
@@ -263,6 +284,24 @@ impl WatchCache {
             self.shutdown.clone(),
         ));
         Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
+    }
+
+    /// The latest state of `key` that the running hub of `root` has seen:
+    /// its text (with its resourceVersion) and revision. `None` when no hub
+    /// runs, or `key` has not changed since it started (or is deleted).
+    ///
+    /// It may be behind etcd: it is for writes guarded by its revision,
+    /// which then fail and read etcd (upstream's `cachedExistingObject`).
+    pub fn latest(&self, root: &str, key: &str) -> Option<(bytes::Bytes, i64)> {
+        let slot = self
+            .hubs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(root)?
+            .clone();
+        // A hub being started has nothing yet.
+        let hub = slot.try_lock().ok()?.clone()?;
+        hub.latest(key)
     }
 
     /// The running hub of `root`, started if there is none or the last one
@@ -387,7 +426,6 @@ async fn follow(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::storage::ChangeKind;
     use serde_json::json;
 
     fn change(key: &str, revision: i64) -> Arc<Change> {
@@ -428,6 +466,36 @@ mod tests {
         assert_eq!(hub.window().head, 5000);
         hub.publish(HubItem::Failed("gone".into()));
         assert!(hub.window().failed);
+    }
+
+    #[test]
+    fn the_hub_knows_the_latest_state_of_what_changed_until_it_is_deleted() {
+        let hub = hub(10);
+        assert_eq!(hub.latest("/registry/pods/a/x"), None, "not seen yet");
+        hub.publish(HubItem::Change(change("/registry/pods/a/x", 11)));
+        hub.publish(HubItem::Change(change("/registry/pods/a/x", 12)));
+        hub.publish(HubItem::Change(change("/registry/pods/a/y", 13)));
+        let (text, revision) = hub
+            .latest("/registry/pods/a/x")
+            .expect("x changed since the hub started");
+        assert_eq!(revision, 12, "the latest change");
+        let value: serde_json::Value = serde_json::from_slice(&text).expect("text is JSON");
+        assert_eq!(value["metadata"]["name"], "/registry/pods/a/x");
+        hub.publish(HubItem::Change(Arc::new(Change::new(
+            ChangeKind::Deleted,
+            "/registry/pods/a/x".to_string(),
+            text,
+            None,
+            14,
+        ))));
+        assert_eq!(hub.latest("/registry/pods/a/x"), None, "deleted");
+        assert_eq!(hub.latest("/registry/pods/a/y").map(|l| l.1), Some(13));
+        hub.publish(HubItem::Failed("gone".into()));
+        assert_eq!(
+            hub.latest("/registry/pods/a/y"),
+            None,
+            "a failed hub knows nothing"
+        );
     }
 
     #[test]
