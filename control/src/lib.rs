@@ -14,6 +14,7 @@ pub mod controllers;
 pub mod discovery;
 pub mod etcd;
 pub mod events;
+pub mod informer;
 pub mod leader;
 pub mod meta;
 pub mod metrics;

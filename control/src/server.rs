@@ -15,6 +15,7 @@ use crate::api::{self, AppState};
 use crate::auth::{self, AllowAuthenticated, AuthState, Authenticator};
 use crate::cli::ApiserverArgs;
 use crate::etcd::EtcdChild;
+use crate::informer::SharedWatch;
 use crate::metrics::{self, Metrics};
 use crate::openapi::OpenApi;
 use crate::pki::{self, Pki};
@@ -403,9 +404,11 @@ pub async fn run_scheduler(
     shutdown: CancellationToken,
 ) -> Result<(), DaemonError> {
     let client = crate::client::client(args.daemon.kubeconfig.as_deref()).await?;
+    let pods = SharedWatch::new(client.clone(), shutdown.clone());
     crate::scheduler::run(
         client,
         args.options,
+        pods,
         args.daemon.leader_elect,
         args.daemon.timing,
         shutdown,
@@ -420,9 +423,11 @@ pub async fn run_controller_manager(
     shutdown: CancellationToken,
 ) -> Result<(), DaemonError> {
     let client = crate::client::client(args.daemon.kubeconfig.as_deref()).await?;
+    let pods = SharedWatch::new(client.clone(), shutdown.clone());
     crate::controllers::run(
         client,
         args.options,
+        pods,
         args.daemon.leader_elect,
         args.daemon.timing,
         shutdown,
@@ -459,6 +464,10 @@ pub async fn run_all(
         };
     };
     let mut daemons = tokio::task::JoinSet::new();
+    // One watch of every pod serves both daemons (upstream's shared
+    // informers; here across daemons as well, since they share a process),
+    // under the controller manager's identity, the first one issued below.
+    let mut pods = None;
     for (daemon, user) in [
         ("controller-manager", "system:kube-controller-manager"),
         ("scheduler", "system:kube-scheduler"),
@@ -469,10 +478,14 @@ pub async fn run_all(
             .map_err(|source| DaemonError::Credentials { daemon, source })?;
         let client = crate::client::in_process(ready.app.clone(), identity);
         let token = shutdown.clone();
+        let pods = pods
+            .get_or_insert_with(|| SharedWatch::new(client.clone(), shutdown.clone()))
+            .clone();
         if daemon == "scheduler" {
             daemons.spawn(crate::scheduler::run(
                 client,
                 args.scheduler.clone(),
+                pods,
                 args.leader_elect,
                 args.timing,
                 token,
@@ -481,6 +494,7 @@ pub async fn run_all(
             daemons.spawn(crate::controllers::run(
                 client,
                 args.controllers.clone(),
+                pods,
                 args.leader_elect,
                 args.timing,
                 token,

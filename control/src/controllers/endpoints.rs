@@ -498,7 +498,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
     // change still triggers the services it left.
     let memo: Arc<Mutex<PodServices>> = Arc::default();
     let pod_services = services.clone();
-    let map_pod = move |pod: Trimmed<Pod>| {
+    let map_pod = move |pod: Arc<Pod>| {
         let key = (
             pod.metadata.namespace.clone().unwrap_or_default(),
             pod.metadata.name.clone().unwrap_or_default(),
@@ -526,11 +526,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
     let slice_config =
         watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"));
     let controller_stream = controller
-        .watches(
-            Api::<Trimmed<Pod>>::all(client.clone()),
-            watcher::Config::default(),
-            map_pod,
-        )
+        .watches_shared_stream(ctx.pods.touched(), map_pod)
         .watches(
             Api::<EndpointSlice>::all(client.clone()),
             slice_config,

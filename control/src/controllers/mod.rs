@@ -15,7 +15,10 @@ use std::time::Duration;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use k8s_openapi::api::core::v1::Pod;
+
 use crate::events::EventRecorder;
+use crate::informer::SharedWatch;
 use crate::leader::{self, ElectionTiming, LeaderElection};
 
 pub mod deployment;
@@ -89,15 +92,23 @@ pub struct Context {
     pub events: EventRecorder,
     /// Configuration.
     pub options: ControllerOptions,
+    /// Every pod, watched once for all the controllers (and, in `all`, the
+    /// scheduler).
+    pub pods: Arc<SharedWatch<Pod>>,
 }
 
 impl Context {
-    /// A context over `client`.
-    pub fn new(client: kube::Client, options: ControllerOptions) -> Arc<Context> {
+    /// A context over `client`, with the pods of `pods`.
+    pub fn new(
+        client: kube::Client,
+        options: ControllerOptions,
+        pods: Arc<SharedWatch<Pod>>,
+    ) -> Arc<Context> {
         Arc::new(Context {
             events: EventRecorder::new(client.clone(), "controller-manager"),
             client,
             options,
+            pods,
         })
     }
 }
@@ -120,15 +131,17 @@ pub async fn run_controllers(ctx: Arc<Context>, shutdown: CancellationToken) {
     while tasks.join_next().await.is_some() {}
 }
 
-/// Run the controller manager: elect, then run every controller while leading.
+/// Run the controller manager: elect, then run every controller while
+/// leading; the controllers' pods come from `pods`.
 pub async fn run(
     client: kube::Client,
     options: ControllerOptions,
+    pods: Arc<SharedWatch<Pod>>,
     leader_elect: bool,
     timing: ElectionTiming,
     shutdown: CancellationToken,
 ) {
-    let ctx = Context::new(client.clone(), options);
+    let ctx = Context::new(client.clone(), options, pods);
     if !leader_elect {
         run_controllers(ctx, shutdown).await;
         return;

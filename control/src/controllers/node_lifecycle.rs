@@ -40,6 +40,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Context;
 use crate::events::{EventType, reference};
+use crate::informer::SharedWatch;
 use crate::trimmed::Trimmed;
 
 /// The taint of Nodes whose Ready condition is Unknown.
@@ -311,7 +312,6 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
     let client = ctx.client.clone();
     let (nodes, nodes_writer) = reflector::store::<Trimmed<Node>>();
     let (leases, leases_writer) = reflector::store::<Trimmed<Lease>>();
-    let (pods, pods_writer) = reflector::store::<Trimmed<Pod>>();
     let mut watches = tokio::task::JoinSet::new();
     let token = shutdown.clone();
     let stream = watcher(
@@ -328,18 +328,18 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
     .default_backoff()
     .reflect(leases_writer);
     watches.spawn(drive(stream, token.clone()));
-    let stream = watcher(
-        Api::<Trimmed<Pod>>::all(client.clone()),
-        watcher::Config::default().fields("spec.nodeName!="),
-    )
-    .default_backoff()
-    .reflect(pods_writer);
-    watches.spawn(drive(stream, token.clone()));
+    // Pods come from the watch the other controllers share.
+    let pods = ctx.pods.clone();
+    {
+        let pods = pods.clone();
+        let token = token.clone();
+        watches.spawn(async move { pods.hold(token).await });
+    }
 
     let ready = async {
         let _ = nodes.wait_until_ready().await;
         let _ = leases.wait_until_ready().await;
-        let _ = pods.wait_until_ready().await;
+        pods.synced().await;
     };
     tokio::select! {
         _ = shutdown.cancelled() => {}
@@ -382,7 +382,7 @@ struct Monitor {
     ctx: Arc<Context>,
     nodes: Store<Trimmed<Node>>,
     leases: Store<Trimmed<Lease>>,
-    pods: Store<Trimmed<Pod>>,
+    pods: Arc<SharedWatch<Pod>>,
     probes: HashMap<String, Probe>,
     /// Node name → the resourceVersion last acted on: while the store still
     /// shows it (it lags behind our own write), the Node is not acted on again.
@@ -408,8 +408,10 @@ impl Monitor {
     async fn tick(&mut self) {
         let now = Timestamp::now();
         let grace = self.ctx.options.node_monitor_grace_period;
-        let mut by_node: HashMap<String, Vec<Arc<Trimmed<Pod>>>> = HashMap::new();
-        for pod in self.pods.state() {
+        let pods = self.pods.snapshot();
+        let known: HashSet<String> = pods.iter().filter_map(|p| p.metadata.uid.clone()).collect();
+        let mut by_node: HashMap<String, Vec<Arc<Pod>>> = HashMap::new();
+        for pod in pods {
             let node = pod
                 .spec
                 .as_ref()
@@ -465,16 +467,10 @@ impl Monitor {
             }
         }
         self.orphans.retain(|uid, _| live.contains(uid));
-        let known: HashSet<String> = self
-            .pods
-            .state()
-            .iter()
-            .filter_map(|p| p.metadata.uid.clone())
-            .collect();
         self.acted_pods.retain(|uid, _| known.contains(uid));
     }
 
-    async fn node(&mut self, node: &Node, stale: bool, pods: &[Arc<Trimmed<Pod>>], now: Timestamp) {
+    async fn node(&mut self, node: &Node, stale: bool, pods: &[Arc<Pod>], now: Timestamp) {
         let name = node.metadata.name.clone().unwrap_or_default();
         let mut node = node.clone();
         let seen = rv(&node.metadata);

@@ -147,11 +147,13 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
     let mut tasks = tokio::task::JoinSet::new();
     {
         let c = controller.clone();
-        tasks.spawn(pods::watch_changes::<Pod, _>(
-            ctx.client.clone(),
-            shutdown.clone(),
-            move |change| c.pod_changed(change),
-        ));
+        let shared = ctx.pods.clone();
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            shared
+                .watch(shutdown, move |change| c.pod_changed(change))
+                .await;
+        });
     }
     {
         let c = controller.clone();
@@ -210,10 +212,9 @@ impl Controller {
     }
 
     /// A pod was created or changed.
-    fn pod_applied(&self, pod: Pod) {
+    fn pod_applied(&self, pod: Arc<Pod>) {
         let namespace = pod.metadata.namespace.clone().unwrap_or_default();
         let name = pod.metadata.name.clone().unwrap_or_default();
-        let pod = Arc::new(pod);
         let old = self
             .cache
             .pods
@@ -301,7 +302,7 @@ impl Controller {
         }
     }
 
-    fn pod_changed(&self, change: Change<Pod>) {
+    fn pod_changed(&self, change: Change<Arc<Pod>>) {
         match change {
             Change::Applied(pod) => self.pod_applied(pod),
             Change::Deleted(pod) => self.pod_deleted(&pod),

@@ -40,6 +40,7 @@ use tokio_util::sync::CancellationToken;
 use crate::controllers::DaemonArgs;
 use crate::controllers::pods::{Change, watch_changes};
 use crate::events::{EventRecorder, EventType};
+use crate::informer::SharedWatch;
 use crate::leader::{self, LeaderElection};
 use cache::{Cache, NodeChange, PodUsage};
 use filter::Candidate;
@@ -111,16 +112,17 @@ impl BindError {
 }
 
 /// Run the scheduler until `shutdown`; with `leader_elect`, only while
-/// holding the `kube-system/kube-scheduler` Lease.
+/// holding the `kube-system/kube-scheduler` Lease. Pods come from `pods`.
 pub async fn run(
     client: kube::Client,
     options: SchedulerOptions,
+    pods: Arc<SharedWatch<Pod>>,
     leader_elect: bool,
     timing: crate::leader::ElectionTiming,
     shutdown: CancellationToken,
 ) {
     if !leader_elect {
-        Scheduler::new(client, options).run(shutdown).await;
+        Scheduler::new(client, options, pods).run(shutdown).await;
         return;
     }
     let election = LeaderElection::new(
@@ -132,7 +134,7 @@ pub async fn run(
     );
     election
         .run(shutdown, move |leading| {
-            Scheduler::new(client.clone(), options.clone()).run(leading)
+            Scheduler::new(client.clone(), options.clone(), pods.clone()).run(leading)
         })
         .await;
 }
@@ -201,6 +203,7 @@ pub fn find_node(
 struct Scheduler {
     client: kube::Client,
     options: SchedulerOptions,
+    pods: Arc<SharedWatch<Pod>>,
     cache: Mutex<Cache>,
     queue: SchedulingQueue,
     binds: Arc<Semaphore>,
@@ -208,10 +211,15 @@ struct Scheduler {
 }
 
 impl Scheduler {
-    fn new(client: kube::Client, options: SchedulerOptions) -> Arc<Scheduler> {
+    fn new(
+        client: kube::Client,
+        options: SchedulerOptions,
+        pods: Arc<SharedWatch<Pod>>,
+    ) -> Arc<Scheduler> {
         Arc::new(Scheduler {
             client,
             options,
+            pods,
             cache: Mutex::new(Cache::new()),
             queue: SchedulingQueue::new(),
             binds: Arc::new(Semaphore::new(MAX_BINDS_IN_FLIGHT)),
@@ -405,7 +413,8 @@ impl Scheduler {
         synced: tokio::sync::oneshot::Sender<()>,
     ) {
         let mut synced = Some(synced);
-        watch_changes::<Pod, _>(self.client.clone(), shutdown, |change| match change {
+        let pods = self.pods.clone();
+        pods.watch(shutdown, |change| match change {
             Change::Resynced(pods) => {
                 let listed: HashSet<String> = pods
                     .iter()
@@ -445,7 +454,7 @@ impl Scheduler {
 
     /// Route one pod from the watch: bound pods into the cache, pending pods
     /// of this scheduler into the queue, finished pods out of both.
-    fn apply_pod(&self, pod: Pod) {
+    fn apply_pod(&self, pod: Arc<Pod>) {
         let uid = pod.metadata.uid.clone().unwrap_or_default();
         let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
         if matches!(phase, Some("Succeeded" | "Failed")) {
@@ -470,7 +479,7 @@ impl Scheduler {
             .unwrap_or(COMPONENT)
             == self.options.scheduler_name;
         if ours && pod.metadata.deletion_timestamp.is_none() {
-            self.queue.add_or_update(Arc::new(pod), Instant::now());
+            self.queue.add_or_update(pod, Instant::now());
         } else {
             self.queue.remove(&uid);
         }
