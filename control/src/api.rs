@@ -750,23 +750,23 @@ impl Request<'_> {
             return Ok(Vec::new());
         }
         let info = self.info();
-        if let Some(error) = self.state.openapi.type_error(info, obj) {
-            return Err(ApiError::bad_request(format!(
-                "{kind} in version \"{version}\" cannot be handled as a {kind}: {error}",
-                kind = info.kind,
-                version = info.version,
-            )));
-        }
         let mode = self
             .query
             .get("fieldValidation")
             .map(String::as_str)
             .unwrap_or("Warn");
-        let unknown = if mode == "Strict" {
-            self.state.openapi.unknown_fields(info, obj)
-        } else {
-            self.state.openapi.prune_unknown_fields(info, obj)
-        };
+        // One walk finds both a type error and the unknown fields.
+        let unknown = self
+            .state
+            .openapi
+            .decode_check(info, obj, mode != "Strict")
+            .map_err(|error| {
+                ApiError::bad_request(format!(
+                    "{kind} in version \"{version}\" cannot be handled as a {kind}: {error}",
+                    kind = info.kind,
+                    version = info.version,
+                ))
+            })?;
         if unknown.is_empty() || mode == "Ignore" {
             return Ok(Vec::new());
         }

@@ -934,6 +934,28 @@ impl OpenApi {
         self.check(info, obj).mistyped
     }
 
+    /// Upstream's typed decoding in one walk of `obj`: `Err` with the first
+    /// [`type_error`](Self::type_error), else the
+    /// [`unknown_fields`](Self::unknown_fields), which are also removed from
+    /// `obj` when `prune` (as [`prune_unknown_fields`](Self::prune_unknown_fields)).
+    pub fn decode_check(
+        &self,
+        info: &ResourceInfo,
+        obj: &mut Value,
+        prune: bool,
+    ) -> Result<Vec<String>, String> {
+        let findings = self.check(info, obj);
+        if let Some(error) = findings.mistyped {
+            return Err(error);
+        }
+        if prune {
+            for location in findings.unknown.iter().rev() {
+                remove_at(obj, location);
+            }
+        }
+        Ok(findings.unknown.iter().map(|f| display(f)).collect())
+    }
+
     fn check(&self, info: &ResourceInfo, obj: &Value) -> Findings {
         let api_version = info.api_version();
         let mut findings = Findings::default();
@@ -1551,6 +1573,39 @@ mod tests {
             json!(1);
         numbers["spec"]["strategy"]["rollingUpdate"]["maxSurge"] = json!(2);
         assert_eq!(API.type_error(info, &numbers), None);
+    }
+
+    #[test]
+    fn decode_check_finds_type_errors_and_unknown_fields_in_one_walk() {
+        let info = info("apps/v1", "Deployment");
+        let mut bad = deployment();
+        bad["spec"]["template"]["metadata"]["labels"]["app"] = json!(true);
+        bad["spec"]["bogus"] = json!(1);
+        let before = bad.clone();
+        assert_eq!(
+            API.decode_check(info, &mut bad, true),
+            Err(API.type_error(info, &before).expect("mistyped")),
+            "a type error wins over unknown fields"
+        );
+        assert_eq!(bad, before, "nothing is pruned from a refused object");
+
+        let mut unknown = deployment();
+        unknown["spec"]["bogus"] = json!(1);
+        unknown["spec"]["template"]["spec"]["containers"][0]["nope"] = json!("x");
+        let mut kept = unknown.clone();
+        let expected = API.unknown_fields(info, &unknown);
+        assert_eq!(expected.len(), 2);
+        assert_eq!(
+            API.decode_check(info, &mut kept, false),
+            Ok(expected.clone())
+        );
+        assert_eq!(kept, unknown, "without prune the object is left as it is");
+        assert_eq!(API.decode_check(info, &mut unknown, true), Ok(expected));
+        assert_eq!(
+            unknown,
+            deployment(),
+            "with prune the unknown fields are gone"
+        );
     }
 
     #[test]
