@@ -460,12 +460,17 @@ pub fn record_update(
         maps_are_members: true,
         strict: false,
     };
-    let empty = Value::Object(Map::new());
-    let old = old.unwrap_or(&empty);
-    let old_set = walker.object_set(old, scope).unwrap_or_default();
     let new_set = walker.object_set(new, scope).unwrap_or_default();
-    let diff = compare(old, &old_set, new, &new_set);
-    let changed: FieldSet = diff.modified.union(&diff.added).cloned().collect();
+    let (diff, changed) = match old {
+        // A create adds every field it sets.
+        None => (Diff::default(), new_set),
+        Some(old) => {
+            let old_set = walker.object_set(old, scope).unwrap_or_default();
+            let diff = compare(old, &old_set, new, &new_set);
+            let changed: FieldSet = diff.modified.union(&diff.added).cloned().collect();
+            (diff, changed)
+        }
+    };
 
     let api_version = info.api_version();
     let mine = entries
@@ -802,6 +807,7 @@ fn strip_nulls(value: &Value) -> Value {
 }
 
 /// What changed between two objects, by path.
+#[derive(Default)]
 struct Diff {
     added: FieldSet,
     removed: FieldSet,
@@ -1059,36 +1065,42 @@ fn decode_fields(value: &Value, prefix: &mut Path, out: &mut FieldSet) {
     }
 }
 
-/// A field set as a `FieldsV1` tree.
-#[derive(Default)]
-struct Tree {
-    member: bool,
-    children: BTreeMap<String, Tree>,
-}
-
-impl Tree {
-    fn to_json(&self) -> Value {
-        let mut out = Map::new();
-        if self.member && !self.children.is_empty() {
-            out.insert(".".into(), Value::Object(Map::new()));
-        }
-        for (k, child) in &self.children {
-            out.insert(k.clone(), child.to_json());
-        }
-        Value::Object(out)
-    }
-}
-
+/// A field set as a `FieldsV1` tree: each node's children in order, and
+/// `"."` first in a node that is a member itself and has children.
+///
+/// The set is sorted, so a path comes before its descendants and siblings
+/// in order: the tree is built in one pass, in its final key order. A node
+/// is created empty (`{}`) either as a member leaf or on the way to a
+/// descendant; an empty node that gains its first child while it is a
+/// member (it was the previous path's end) gets its `"."` then.
 fn encode_fields(set: &FieldSet) -> Value {
-    let mut root = Tree::default();
-    for path in set {
-        let mut node = &mut root;
-        for element in path {
-            node = node.children.entry(element.clone()).or_default();
-        }
-        node.member = true;
+    let mut root = Map::new();
+    // The empty path (the object itself), if there, sorts first.
+    if set.first().is_some_and(Vec::is_empty) && set.len() > 1 {
+        root.insert(".".into(), Value::Object(Map::new()));
     }
-    root.to_json()
+    for path in set.iter().filter(|p| !p.is_empty()) {
+        let mut node = &mut root;
+        for (i, element) in path.iter().enumerate() {
+            let last = i + 1 == path.len();
+            if !node.contains_key(element.as_str()) {
+                node.insert(element.clone(), Value::Object(Map::new()));
+            } else if !last {
+                // Descending into an existing node: if it is still an
+                // empty member leaf, it becomes a member with children.
+                if let Some(Value::Object(child)) = node.get_mut(element.as_str())
+                    && child.is_empty()
+                {
+                    child.insert(".".into(), Value::Object(Map::new()));
+                }
+            }
+            let Some(Value::Object(child)) = node.get_mut(element.as_str()) else {
+                unreachable!("every node is an object");
+            };
+            node = child;
+        }
+    }
+    Value::Object(root)
 }
 
 #[cfg(test)]
@@ -1455,6 +1467,40 @@ mod tests {
         let paths: Vec<String> = set.iter().map(|p| display_path(p)).collect();
         assert!(paths.contains(&".spec.ports[port=80,protocol=\"TCP\"].port".to_string()));
         assert!(paths.contains(&".metadata.finalizers[=\"a\"]".to_string()));
+    }
+
+    #[test]
+    fn fields_v1_is_written_in_upstream_key_order() {
+        let paths: &[&[&str]] = &[
+            &["f:spec", "f:template", "f:spec", "f:containers"],
+            &["f:metadata", "f:labels"],
+            &["f:metadata", "f:labels", "f:b"],
+            &["f:metadata", "f:labels", "f:a"],
+            &["f:metadata", "f:annotations", "f:x"],
+            &["f:spec", "f:replicas"],
+            &["f:spec", "f:template", "f:metadata", "f:labels", "f:app"],
+            &["f:spec", "f:template", "f:metadata", "f:labels"],
+        ];
+        let set: FieldSet = paths
+            .iter()
+            .map(|p| p.iter().map(|e| e.to_string()).collect())
+            .collect();
+        assert_eq!(
+            encode_fields(&set).to_string(),
+            concat!(
+                r#"{"f:metadata":{"f:annotations":{"f:x":{}},"f:labels":{".":{},"f:a":{},"f:b":{}}},"#,
+                r#""f:spec":{"f:replicas":{},"f:template":{"f:metadata":{"f:labels":{".":{},"f:app":{}}},"#,
+                r#""f:spec":{"f:containers":{}}}}}"#
+            ),
+            "children sorted, \".\" first in a member that has children"
+        );
+        let mut with_root = set.clone();
+        with_root.insert(Vec::new());
+        assert!(
+            encode_fields(&with_root)
+                .to_string()
+                .starts_with(r#"{".":{},"f:metadata":"#)
+        );
     }
 
     #[test]
