@@ -1231,35 +1231,11 @@ impl Request<'_> {
             // A refusal on the watch cache's state, which may be behind
             // (the pod deleted and created again), is checked against etcd's.
             let (current, cached) = self.read_for_write(attempt).await?;
-            let taken = meta::is_deleting(&current.value)
-                || current
-                    .value
-                    .pointer("/spec/nodeName")
-                    .and_then(Value::as_str)
-                    .is_some_and(|n| !n.is_empty());
-            if cached && taken {
-                continue;
-            }
-            if meta::is_deleting(&current.value) {
-                return Err(
-                    ApiError::conflict("", "pods", self.name()).with_message(format!(
-                        "pod {} is being deleted, cannot be assigned to a host",
-                        self.name()
-                    )),
-                );
-            }
-            if let Some(existing) = current
-                .value
-                .pointer("/spec/nodeName")
-                .and_then(Value::as_str)
-                .filter(|n| !n.is_empty())
-            {
-                return Err(
-                    ApiError::conflict("", "pods", self.name()).with_message(format!(
-                        "pod {} is already assigned to node \"{existing}\"",
-                        self.name()
-                    )),
-                );
+            if let Some(refusal) = self.bind_refusal(&current.value) {
+                if cached {
+                    continue;
+                }
+                return Err(refusal);
             }
             let mut next = current.value.clone();
             next["spec"]["nodeName"] = json!(node);
@@ -1282,6 +1258,26 @@ impl Request<'_> {
             }
         }
         Err(ApiError::conflict("", "pods", self.name()))
+    }
+
+    /// Why `pod` cannot be bound: it is being deleted, or already bound.
+    fn bind_refusal(&self, pod: &Value) -> Option<ApiError> {
+        let message = if meta::is_deleting(pod) {
+            format!(
+                "pod {} is being deleted, cannot be assigned to a host",
+                self.name()
+            )
+        } else {
+            let existing = pod
+                .pointer("/spec/nodeName")
+                .and_then(Value::as_str)
+                .filter(|n| !n.is_empty())?;
+            format!(
+                "pod {} is already assigned to node \"{existing}\"",
+                self.name()
+            )
+        };
+        Some(ApiError::conflict("", "pods", self.name()).with_message(message))
     }
 
     // ---- deletes --------------------------------------------------------

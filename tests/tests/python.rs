@@ -224,6 +224,69 @@ print(json.dumps({"errors": errors, "keys": len([k for k in data if k.startswith
     );
 }
 
+/// Bindings refuse a pod that is already bound or being deleted, with
+/// upstream's messages, and only those: a pod deleted and created again
+/// under the same name binds at once, while a watch keeps the pods' watch
+/// cache (which bindings start from) running.
+#[test]
+fn bindings_refuse_bound_and_deleting_pods_only() {
+    let server = server();
+    let result = run(
+        &server,
+        r#"
+ns("py-bind")
+w = watch.Watch()
+def watcher():
+    for _ in w.stream(core.list_namespaced_pod, "py-bind", timeout_seconds=60):
+        pass
+threading.Thread(target=watcher, daemon=True).start()
+time.sleep(0.5)
+def pod(name, finalizers=None):
+    return client.V1Pod(metadata=client.V1ObjectMeta(name=name, finalizers=finalizers),
+        spec=client.V1PodSpec(containers=[client.V1Container(name="c", image="busybox")]))
+def bind(name, node):
+    body = client.V1Binding(metadata=client.V1ObjectMeta(name=name),
+        target=client.V1ObjectReference(kind="Node", name=node))
+    try:
+        core.create_namespaced_pod_binding(name, "py-bind", body, _preload_content=False)
+        return "bound"
+    except ApiException as e:
+        return f"{e.status}: {json.loads(e.body)['message']}"
+out = {}
+core.create_namespaced_pod("py-bind", pod("a"))
+out["first"] = bind("a", "node-a")
+out["again"] = bind("a", "node-b")
+core.create_namespaced_pod("py-bind", pod("held", ["example.com/hold"]))
+core.delete_namespaced_pod("held", "py-bind", grace_period_seconds=0)
+out["deleting"] = bind("held", "node-a")
+core.patch_namespaced_pod("held", "py-bind", {"metadata": {"finalizers": None}})
+recreated = []
+for n in range(10):
+    core.create_namespaced_pod("py-bind", pod("re"))
+    recreated.append(bind("re", "node-a"))
+    core.delete_namespaced_pod("re", "py-bind", grace_period_seconds=0)
+    while True:
+        try:
+            core.read_namespaced_pod("re", "py-bind")
+        except ApiException as e:
+            if e.status == 404: break
+out["recreated"] = sorted(set(recreated))
+w.stop()
+print(json.dumps(out))
+"#,
+    );
+    assert_eq!(
+        result,
+        serde_json::json!({
+            "first": "bound",
+            "again": "409: pod a is already assigned to node \"node-a\"",
+            "deleting": "409: pod held is being deleted, cannot be assigned to a host",
+            "recreated": ["bound"],
+        }),
+        "only a pod really bound or being deleted is refused"
+    );
+}
+
 /// A watch with a label selector sees an object that starts to match as
 /// ADDED, one that stops matching as DELETED, and a matching one deleted
 /// as DELETED; changes to objects that never match are not sent.
