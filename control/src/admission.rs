@@ -3271,71 +3271,10 @@ mod tests {
         assert!(a.releases_for(&headless).is_empty());
     }
 
-    /// An etcd child process, killed when dropped (also on panic).
-    struct Etcd {
-        child: std::process::Child,
-        _dir: tempfile::TempDir,
-        endpoint: String,
-    }
-
-    impl Drop for Etcd {
-        fn drop(&mut self) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-
-    fn free_port() -> u16 {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .expect("bind a free port")
-            .local_addr()
-            .expect("local addr")
-            .port()
-    }
-
-    fn start_etcd() -> Etcd {
-        let binary = std::path::Path::new("/usr/bin/etcd");
-        assert!(
-            binary.exists(),
-            "etcd is not installed at /usr/bin/etcd: run cargo xtask setup"
-        );
-        let dir = tempfile::tempdir().expect("tempdir for etcd");
-        let (client, peer) = (free_port(), free_port());
-        let endpoint = format!("http://127.0.0.1:{client}");
-        let peer_url = format!("http://127.0.0.1:{peer}");
-        let child = std::process::Command::new(binary)
-            .arg("--name=test")
-            .arg(format!("--data-dir={}", dir.path().join("data").display()))
-            .arg(format!("--listen-client-urls={endpoint}"))
-            .arg(format!("--advertise-client-urls={endpoint}"))
-            .arg(format!("--listen-peer-urls={peer_url}"))
-            .arg(format!("--initial-advertise-peer-urls={peer_url}"))
-            .arg(format!("--initial-cluster=test={peer_url}"))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(dir.path().join("etcd.log")).expect("etcd log file"))
-            .spawn()
-            .expect("start etcd");
-        Etcd {
-            child,
-            _dir: dir,
-            endpoint,
-        }
-    }
-
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn allocations_against_real_etcd() {
-        let etcd = start_etcd();
-        let mut store = None;
-        for _ in 0..100 {
-            if let Ok(s) = Store::connect(std::slice::from_ref(&etcd.endpoint)).await
-                && s.healthy().await
-            {
-                store = Some(s);
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        }
-        let store = store.expect("etcd answers within 10s");
+        let etcd = crate::testing::Etcd::start();
+        let store = etcd.store().await;
         let allocator = std::sync::Arc::new(allocator());
 
         // Three concurrent creates, each retrying when it loses a race.

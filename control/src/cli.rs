@@ -99,6 +99,10 @@ pub struct ApiserverArgs {
     /// `<data-dir>/pki/sa.pub`, generated with `sa.key` when missing.
     #[arg(long)]
     pub service_account_key_file: Option<PathBuf>,
+    /// How long events are kept after their last write (etcd deletes them
+    /// then); 0 keeps them.
+    #[arg(long, value_parser = crate::leader::parse_seconds, default_value = "1h0m0s")]
+    pub event_ttl: std::time::Duration,
 }
 
 /// Parse `first-last` into a port range.
@@ -140,6 +144,7 @@ mod tests {
         assert_eq!(args.service_node_port_range, 30000..=32767);
         assert_eq!(args.service_cluster_ip_range.to_string(), "10.96.0.0/12");
         assert_eq!(args.secure_port, 6443);
+        assert_eq!(args.event_ttl, std::time::Duration::from_secs(3600));
     }
 
     #[test]

@@ -41,19 +41,49 @@ impl Default for ElectionTiming {
     }
 }
 
-/// Parse `10s`, `2m` or a bare number of seconds.
+/// Parse a duration as upstream's flags write it: a bare number of seconds,
+/// or whole numbers with units `h`, `m`, `s` and `ms` (`10s`, `2m`,
+/// `1h0m0s`, `1m30s`, `500ms`).
 pub fn parse_seconds(s: &str) -> Result<Duration, String> {
-    let (number, unit) = match s.strip_suffix('s') {
-        Some(n) => (n, 1),
-        None => match s.strip_suffix('m') {
-            Some(n) => (n, 60),
-            None => (s, 1),
-        },
-    };
-    number
-        .parse::<u64>()
-        .map(|n| Duration::from_secs(n * unit))
-        .map_err(|e| format!("bad duration {s:?}: {e}"))
+    if let Ok(secs) = s.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    let bad = |why: &str| format!("bad duration {s:?}: {why}");
+    let mut total = Duration::ZERO;
+    let mut rest = s;
+    if rest.is_empty() {
+        return Err(bad("empty"));
+    }
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        if digits == 0 {
+            return Err(bad("expected a number"));
+        }
+        let number: u64 = rest[..digits]
+            .parse()
+            .map_err(|_| bad("number too large"))?;
+        rest = &rest[digits..];
+        let (unit, len) = if rest.starts_with("ms") {
+            (Duration::from_millis(1), 2)
+        } else if rest.starts_with('h') {
+            (Duration::from_secs(3600), 1)
+        } else if rest.starts_with('m') {
+            (Duration::from_secs(60), 1)
+        } else if rest.starts_with('s') {
+            (Duration::from_secs(1), 1)
+        } else {
+            return Err(bad("expected a unit h, m, s or ms after each number"));
+        };
+        rest = &rest[len..];
+        let part = u32::try_from(number)
+            .ok()
+            .and_then(|n| unit.checked_mul(n))
+            .ok_or_else(|| bad("too long"))?;
+        total = total.checked_add(part).ok_or_else(|| bad("too long"))?;
+    }
+    Ok(total)
 }
 
 /// One candidate in one election.
@@ -237,6 +267,11 @@ mod tests {
         assert_eq!(parse_seconds("15s"), Ok(Duration::from_secs(15)));
         assert_eq!(parse_seconds("2m"), Ok(Duration::from_secs(120)));
         assert_eq!(parse_seconds("7"), Ok(Duration::from_secs(7)));
-        assert!(parse_seconds("x").is_err());
+        assert_eq!(parse_seconds("1h0m0s"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_seconds("1m30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_seconds("1s500ms"), Ok(Duration::from_millis(1500)));
+        for bad in ["x", "", "5d", "1h x", "m", "99999999999h"] {
+            assert!(parse_seconds(bad).is_err(), "{bad:?} parsed");
+        }
     }
 }

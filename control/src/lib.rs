@@ -33,5 +33,7 @@ pub mod server;
 pub mod status;
 pub mod storage;
 pub mod table;
+#[cfg(test)]
+mod testing;
 pub mod trimmed;
 pub mod watchcache;

@@ -19,8 +19,8 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KvClient, Txn, TxnOp,
-    TxnOpResponse, WatchClient, WatchOptions,
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KvClient, PutOptions, Txn,
+    TxnOp, TxnOpResponse, WatchClient, WatchOptions,
 };
 use futures::Stream;
 use serde_json::Value;
@@ -302,6 +302,13 @@ async fn probe_loop(mut kv: KvClient, health: Weak<Health>) {
     }
 }
 
+/// Whether a write failed because its lease is gone (revoked, or expired
+/// early): the write is tried again with a new one.
+fn lease_gone(error: &StorageError) -> bool {
+    matches!(error, StorageError::Unavailable { source: etcd_client::Error::GRpcStatus(status) }
+        if status.message().contains("lease not found"))
+}
+
 async fn probe(kv: &mut KvClient) -> bool {
     matches!(
         tokio::time::timeout(
@@ -320,6 +327,48 @@ pub struct Store {
     watch: WatchClient,
     client: Client,
     health: Arc<Health>,
+    expiry: Option<Arc<Expiry>>,
+}
+
+/// The longest a lease is shared past the TTL, and the most objects on one
+/// lease (upstream's lease manager defaults).
+const LEASE_REUSE_MAX: Duration = Duration::from_secs(60);
+const LEASE_MAX_OBJECTS: u32 = 1000;
+
+/// Objects under a key prefix that expire (upstream's `--event-ttl`): each
+/// write of one attaches an etcd lease, and etcd deletes the object when
+/// the lease runs out, which watches see as a deletion.
+///
+/// As upstream's lease manager, objects written within a short window share
+/// one lease: it is granted for the TTL plus that window (5% of the TTL, at
+/// most a minute) and used while it still has the TTL to run, for at most
+/// [`LEASE_MAX_OBJECTS`] objects. So each object lives at least the TTL
+/// after its last write and at most the window longer, and a burst of
+/// events costs one lease grant, not one each.
+struct Expiry {
+    prefix: String,
+    ttl: Duration,
+    lease: tokio::sync::Mutex<Option<SharedLease>>,
+}
+
+/// The lease being shared.
+struct SharedLease {
+    id: i64,
+    expires: tokio::time::Instant,
+    objects: u32,
+}
+
+impl Expiry {
+    /// The window a lease is shared for: 5% of the TTL in whole seconds, at
+    /// most [`LEASE_REUSE_MAX`].
+    fn reuse_window(&self) -> Duration {
+        Duration::from_secs(self.ttl.as_secs() / 20).min(LEASE_REUSE_MAX)
+    }
+
+    /// Whether `lease` may carry one more object written at `now`.
+    fn usable(&self, lease: &SharedLease, now: tokio::time::Instant) -> bool {
+        now + self.ttl < lease.expires && lease.objects < LEASE_MAX_OBJECTS
+    }
 }
 
 impl Store {
@@ -347,7 +396,54 @@ impl Store {
                 .max_decoding_message_size(MAX_RESPONSE_BYTES),
             client,
             health,
+            expiry: None,
         })
+    }
+
+    /// Let objects under `prefix` expire `ttl` after their last write, as
+    /// upstream's `--event-ttl` does for events. A zero `ttl` keeps them.
+    pub fn expiring(mut self, prefix: &str, ttl: Duration) -> Store {
+        self.expiry = (!ttl.is_zero()).then(|| {
+            Arc::new(Expiry {
+                prefix: prefix.to_string(),
+                // etcd counts lease TTLs in whole seconds.
+                ttl: Duration::from_secs(ttl.as_secs().max(1)),
+                lease: tokio::sync::Mutex::new(None),
+            })
+        });
+        self
+    }
+
+    /// The options of a write of `key`: a lease when objects under its
+    /// prefix expire. `fresh` asks for a new lease (the shared one was
+    /// found gone).
+    async fn put_options(
+        &self,
+        key: &str,
+        fresh: bool,
+    ) -> Result<Option<PutOptions>, StorageError> {
+        let Some(expiry) = self.expiry.as_ref().filter(|e| key.starts_with(&e.prefix)) else {
+            return Ok(None);
+        };
+        let mut shared = expiry.lease.lock().await;
+        let now = tokio::time::Instant::now();
+        if let Some(lease) = shared.as_mut().filter(|l| !fresh && expiry.usable(l, now)) {
+            lease.objects += 1;
+            return Ok(Some(PutOptions::new().with_lease(lease.id)));
+        }
+        let ttl = expiry.ttl + expiry.reuse_window();
+        let mut leases = self.client.lease_client();
+        let granted = self
+            .call(leases.grant(i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX), None))
+            .await?;
+        // etcd may raise a TTL below its minimum; the lease runs as granted.
+        let granted_ttl = Duration::from_secs(u64::try_from(granted.ttl()).unwrap_or(0));
+        *shared = Some(SharedLease {
+            id: granted.id(),
+            expires: now + granted_ttl.max(ttl),
+            objects: 1,
+        });
+        Ok(Some(PutOptions::new().with_lease(granted.id())))
     }
 
     /// Whether etcd answered the last probe (at most [`PROBE_INTERVAL`]
@@ -438,22 +534,17 @@ impl Store {
         value: &Value,
         claims: &[String],
     ) -> Result<i64, StorageError> {
-        let mut compares = vec![Compare::create_revision(key, CompareOp::Equal, 0)];
-        let mut ops = vec![TxnOp::put(key, encode(value), None)];
-        for claim in claims {
-            compares.push(Compare::create_revision(
-                claim.as_str(),
-                CompareOp::Equal,
-                0,
-            ));
-            ops.push(TxnOp::put(claim.as_str(), key, None));
-        }
-        let txn = Txn::new()
-            .when(compares)
-            .and_then(ops)
-            .or_else(conflict_reads(key, claims));
-        let mut kv = self.kv.clone();
-        let resp = self.call(kv.txn(txn)).await?;
+        let resp = self
+            .write(key, value, claims, |mut compares, ops| async move {
+                compares.push(Compare::create_revision(key, CompareOp::Equal, 0));
+                let txn = Txn::new()
+                    .when(compares)
+                    .and_then(ops)
+                    .or_else(conflict_reads(key, claims));
+                let mut kv = self.kv.clone();
+                self.call(kv.txn(txn)).await
+            })
+            .await?;
         let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
         if resp.succeeded() {
             return Ok(revision);
@@ -481,20 +572,57 @@ impl Store {
         claims: &[String],
         releases: &[String],
     ) -> Result<i64, StorageError> {
-        let mut compares = vec![Compare::mod_revision(key, CompareOp::Equal, expected)];
-        let mut ops = vec![TxnOp::put(key, encode(value), None)];
-        for claim in claims {
-            compares.push(Compare::create_revision(
-                claim.as_str(),
-                CompareOp::Equal,
-                0,
-            ));
-            ops.push(TxnOp::put(claim.as_str(), key, None));
+        self.write(key, value, claims, |mut compares, mut ops| async move {
+            compares.push(Compare::mod_revision(key, CompareOp::Equal, expected));
+            for release in releases {
+                ops.push(TxnOp::delete(release.as_str(), None));
+            }
+            self.guarded(key, expected, claims, compares, ops).await
+        })
+        .await
+    }
+
+    /// Run `txn` with the compares and ops that write `value` at `key` and
+    /// claim `claims`: the put carries a lease when objects under the key's
+    /// prefix expire, and a write whose shared lease was found gone is run
+    /// once more on a new one.
+    async fn write<T, F, Fut>(
+        &self,
+        key: &str,
+        value: &Value,
+        claims: &[String],
+        txn: F,
+    ) -> Result<T, StorageError>
+    where
+        F: Fn(Vec<Compare>, Vec<TxnOp>) -> Fut,
+        Fut: Future<Output = Result<T, StorageError>>,
+    {
+        let mut value = encode(value);
+        let mut fresh_lease = false;
+        loop {
+            let options = self.put_options(key, fresh_lease).await?;
+            // Only a leased write can be run again; any other takes the text.
+            let leased = options.is_some();
+            let text = if leased {
+                value.clone()
+            } else {
+                std::mem::take(&mut value)
+            };
+            let mut compares = Vec::with_capacity(claims.len() + 1);
+            let mut ops = vec![TxnOp::put(key, text, options)];
+            for claim in claims {
+                compares.push(Compare::create_revision(
+                    claim.as_str(),
+                    CompareOp::Equal,
+                    0,
+                ));
+                ops.push(TxnOp::put(claim.as_str(), key, None));
+            }
+            match txn(compares, ops).await {
+                Err(e) if leased && !fresh_lease && lease_gone(&e) => fresh_lease = true,
+                other => return other,
+            }
         }
-        for release in releases {
-            ops.push(TxnOp::delete(release.as_str(), None));
-        }
-        self.guarded(key, expected, claims, compares, ops).await
     }
 
     /// Delete `key` if its revision is still `expected`, releasing `releases`
@@ -891,6 +1019,151 @@ mod tests {
         let refused = etcd_client::Error::InvalidArgs("bad".into());
         assert!(!is_connection_error(&refused));
         assert!(matches!(known_down(), StorageError::Unavailable { .. }));
+    }
+
+    /// The lease etcd holds `key` under (0: none), read past the store.
+    async fn lease_of(etcd: &mut etcd_client::Client, key: &str) -> Option<i64> {
+        let resp = etcd.get(key, None).await.expect("etcd get");
+        resp.kvs().first().map(|kv| kv.lease())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn events_expire_on_shared_leases_and_other_objects_stay() {
+        let etcd = crate::testing::Etcd::start();
+        let base = etcd.store().await;
+        let mut raw = etcd_client::Client::connect([etcd.endpoint.as_str()], None)
+            .await
+            .expect("raw etcd client");
+        let events = "/registry/core/events/";
+        let event = json!({"kind": "Event", "metadata": {"name": "e"}});
+
+        // A TTL of 40 s shares a lease for 2 s (5%): writes in a burst
+        // share one; other keys get none; an update keeps a lease.
+        let store = base.clone().expiring(events, Duration::from_secs(40));
+        store
+            .create("/registry/core/events/ns/a", &event, &[])
+            .await
+            .expect("create a");
+        store
+            .create("/registry/core/events/ns/b", &event, &[])
+            .await
+            .expect("create b");
+        store
+            .create("/registry/core/configmaps/ns/c", &event, &[])
+            .await
+            .expect("create c");
+        let a = lease_of(&mut raw, "/registry/core/events/ns/a")
+            .await
+            .expect("a stored");
+        let b = lease_of(&mut raw, "/registry/core/events/ns/b")
+            .await
+            .expect("b stored");
+        assert!(a != 0, "an event is written with a lease");
+        assert_eq!(a, b, "events written together share a lease");
+        assert_eq!(
+            lease_of(&mut raw, "/registry/core/configmaps/ns/c").await,
+            Some(0)
+        );
+        let ttl = raw
+            .lease_time_to_live(a, None)
+            .await
+            .expect("lease ttl")
+            .ttl();
+        assert!(
+            (38..=42).contains(&ttl),
+            "lease of the TTL plus the window, {ttl} s left"
+        );
+
+        // A write whose shared lease was revoked gets a new one rather than
+        // failing, and keeps expiring.
+        raw.lease_revoke(a).await.expect("revoke the shared lease");
+        let revision = store
+            .create("/registry/core/events/ns/d", &event, &[])
+            .await
+            .expect("create on a revoked lease");
+        let d = lease_of(&mut raw, "/registry/core/events/ns/d")
+            .await
+            .expect("d stored");
+        assert!(d != 0 && d != a, "a new lease, not {a}");
+        store
+            .update("/registry/core/events/ns/d", &event, revision, &[], &[])
+            .await
+            .expect("update d");
+        let d2 = lease_of(&mut raw, "/registry/core/events/ns/d")
+            .await
+            .expect("d stored");
+        assert_eq!(d2, d, "an update within the window keeps the shared lease");
+        assert_eq!(
+            lease_of(&mut raw, "/registry/core/events/ns/a").await,
+            None,
+            "revoking the lease deleted the events on it"
+        );
+
+        // With a TTL of 2 s, etcd deletes the event and a watch sees it go;
+        // the configmap stays. An event updated 1 s in lives on 2 s from
+        // then: its update re-attached a lease.
+        let short = base.clone().expiring(events, Duration::from_secs(2));
+        let start = revision;
+        let first = short
+            .create("/registry/core/events/ns/short", &event, &[])
+            .await
+            .expect("create short");
+        short
+            .create("/registry/core/events/ns/renewed", &event, &[])
+            .await
+            .expect("create renewed");
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        let renewed = short
+            .get("/registry/core/events/ns/renewed")
+            .await
+            .expect("get renewed")
+            .expect("renewed still there after 1 s");
+        short
+            .update(
+                "/registry/core/events/ns/renewed",
+                &event,
+                renewed.revision,
+                &[],
+                &[],
+            )
+            .await
+            .expect("update renewed");
+        let mut watch = Box::pin(short.watch(events, start).await.expect("watch events"));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        let mut deleted = Vec::new();
+        while !deleted.iter().any(|k: &String| k.ends_with("/short")) {
+            let item = tokio::time::timeout_at(deadline, futures::StreamExt::next(&mut watch))
+                .await
+                .expect("the short-lived event is deleted within 15 s")
+                .expect("watch goes on")
+                .expect("watch item");
+            if let WatchItem::Change(change) = item
+                && change.kind == ChangeKind::Deleted
+                && change.revision > first
+            {
+                deleted.push(change.key.clone());
+            }
+        }
+        assert!(
+            short
+                .get("/registry/core/events/ns/short")
+                .await
+                .expect("get")
+                .is_none(),
+            "the expired event is gone"
+        );
+        assert!(
+            !deleted.iter().any(|k| k.ends_with("/renewed")),
+            "the renewed event outlived the first: {deleted:?}"
+        );
+        assert!(
+            short
+                .get("/registry/core/configmaps/ns/c")
+                .await
+                .expect("get c")
+                .is_some(),
+            "objects outside the prefix do not expire"
+        );
     }
 
     #[test]

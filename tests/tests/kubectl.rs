@@ -1174,3 +1174,52 @@ fn delete_wait_and_wait_for_delete_return() {
         started.elapsed()
     );
 }
+
+#[test]
+fn events_expire_after_the_event_ttl_and_nothing_else_does() {
+    // Its own server: the shared one keeps events for the default hour.
+    let server = ApiServer::start_with(&["--event-ttl", "2s"]);
+    let ns = "event-ttl";
+    namespace(&server, ns);
+    server.kubectl_stdin_ok(
+        &["apply", "-f", "-"],
+        &format!(
+            "apiVersion: v1\nkind: Event\nmetadata:\n  name: ev\n  namespace: {ns}\n\
+             involvedObject:\n  kind: ConfigMap\n  name: cm\n  namespace: {ns}\n\
+             reason: Tested\nmessage: short-lived\ntype: Normal\n---\n{}",
+            configmap_yaml(ns, "cm", "kept")
+        ),
+    );
+    let created = Instant::now();
+    assert_eq!(
+        server
+            .kubectl_ok(&["-n", ns, "get", "event", "ev", "-o", "name"])
+            .trim(),
+        "event/ev"
+    );
+    loop {
+        let out = server.kubectl(&["-n", ns, "get", "event", "ev", "-o", "name"]);
+        if !out.status.success() {
+            assert!(stderr(&out).contains("NotFound"), "{}", stderr(&out));
+            break;
+        }
+        assert!(
+            created.elapsed() < Duration::from_secs(20),
+            "event/ev still there {:?} after its 2 s TTL",
+            created.elapsed()
+        );
+        thread::sleep(Duration::from_millis(250));
+    }
+    assert!(
+        created.elapsed() >= Duration::from_millis(1500),
+        "event/ev went after {:?}, before its TTL",
+        created.elapsed()
+    );
+    assert_eq!(
+        server
+            .kubectl_ok(&["-n", ns, "get", "configmap", "cm", "-o", "name"])
+            .trim(),
+        "configmap/cm",
+        "objects other than events do not expire"
+    );
+}
