@@ -1734,6 +1734,175 @@ fn add_warnings(response: &mut Response, warnings: &[String]) {
 mod tests {
     use super::*;
 
+    /// The API server's routes on a real etcd, without authentication.
+    struct TestServer {
+        app: Router,
+        state: Arc<AppState>,
+        _etcd: crate::testing::Etcd,
+        _dir: tempfile::TempDir,
+    }
+
+    impl TestServer {
+        async fn start() -> TestServer {
+            let etcd = crate::testing::Etcd::start();
+            let store = etcd.store().await;
+            let dir = tempfile::tempdir().expect("tempdir for the pki");
+            let pki = crate::pki::Pki::load_or_create(&dir.path().join("pki"), &[]).expect("pki");
+            let shutdown = CancellationToken::new();
+            let state = Arc::new(AppState {
+                watches: crate::watchcache::WatchCache::new(store.clone(), shutdown.clone()),
+                namespaces: crate::nscache::NamespaceCache::spawn(store.clone(), shutdown.clone()),
+                store,
+                openapi: OpenApi::build(),
+                allocator: ServiceAllocator::new(
+                    "10.96.0.0/12".parse().expect("range"),
+                    30000..=32767,
+                ),
+                metrics: Arc::new(crate::metrics::Metrics::new()),
+                server_addr: "127.0.0.1:6443".into(),
+                shutdown,
+                node_proxy: crate::nodeproxy::NodeProxy::new(&pki).expect("node proxy"),
+            });
+            TestServer {
+                app: router(state.clone()),
+                state,
+                _etcd: etcd,
+                _dir: dir,
+            }
+        }
+
+        /// Send `method path` with a JSON `body`: the status and the JSON answer.
+        async fn call(
+            &self,
+            method: Method,
+            path: &str,
+            body: Option<Value>,
+        ) -> (StatusCode, Value) {
+            let content_type = if method == Method::PATCH {
+                "application/merge-patch+json"
+            } else {
+                "application/json"
+            };
+            let request = axum::http::Request::builder()
+                .method(method)
+                .uri(path)
+                .header(header::CONTENT_TYPE, content_type)
+                .body(Body::from(body.map(|b| b.to_string()).unwrap_or_default()))
+                .expect("request");
+            let response = tower::ServiceExt::oneshot(self.app.clone(), request)
+                .await
+                .expect("infallible");
+            let status = response.status();
+            let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+                .await
+                .expect("body");
+            let value = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
+                panic!("{path}: not json: {}", String::from_utf8_lossy(&bytes))
+            });
+            (status, value)
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn writes_refused_on_stale_cached_state_are_decided_on_etcds() {
+        let server = TestServer::start().await;
+        let (code, _) = server
+            .call(
+                Method::POST,
+                "/api/v1/namespaces",
+                Some(json!({"metadata": {"name": "t"}})),
+            )
+            .await;
+        assert_eq!(code, StatusCode::CREATED);
+        let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"},
+            "spec": {"containers": [{"name": "c", "image": "busybox"}]}});
+        let (code, created) = server
+            .call(Method::POST, "/api/v1/namespaces/t/pods", Some(pod))
+            .await;
+        assert_eq!(code, StatusCode::CREATED, "{created}");
+
+        // The cache has the pod bound to node-a (a pod of that name that
+        // was deleted, say); etcd has it unbound.
+        let mut stale = created.clone();
+        stale["spec"]["nodeName"] = json!("node-a");
+        let revision: i64 = created["metadata"]["resourceVersion"]
+            .as_str()
+            .and_then(|rv| rv.parse().ok())
+            .expect("resourceVersion");
+        server.state.watches.install_stale_hub(
+            "/registry/core/pods/",
+            vec![Arc::new(crate::storage::Change::new(
+                crate::storage::ChangeKind::Modified,
+                "/registry/core/pods/t/p".into(),
+                bytes::Bytes::from(stale.to_string()),
+                None,
+                revision,
+            ))],
+        );
+        assert!(
+            server
+                .state
+                .watches
+                .latest("/registry/core/pods/", "/registry/core/pods/t/p")
+                .is_some(),
+            "the stale state is what a write starts from"
+        );
+
+        let binding = |node: &str| {
+            json!({"apiVersion": "v1", "kind": "Binding", "metadata": {"name": "p"},
+                "target": {"kind": "Node", "name": node}})
+        };
+        let (code, answer) = server
+            .call(
+                Method::POST,
+                "/api/v1/namespaces/t/pods/p/binding",
+                Some(binding("node-b")),
+            )
+            .await;
+        assert_eq!(code, StatusCode::CREATED, "bound on etcd's state: {answer}");
+        let (_, got) = server
+            .call(Method::GET, "/api/v1/namespaces/t/pods/p", None)
+            .await;
+        assert_eq!(got["spec"]["nodeName"], "node-b");
+
+        // Now bound in etcd too: refused, naming etcd's node, not the cache's.
+        let (code, answer) = server
+            .call(
+                Method::POST,
+                "/api/v1/namespaces/t/pods/p/binding",
+                Some(binding("node-c")),
+            )
+            .await;
+        assert_eq!(code, StatusCode::CONFLICT, "{answer}");
+        assert_eq!(
+            answer["message"], "pod p is already assigned to node \"node-b\"",
+            "{answer}"
+        );
+
+        // A patch guarded by etcd's resourceVersion fails on the cache's
+        // older one, and lands on etcd's; one guarded by the older fails.
+        let current = got["metadata"]["resourceVersion"].clone();
+        let labels =
+            |rv: &Value| json!({"metadata": {"resourceVersion": rv, "labels": {"a": "b"}}});
+        let (code, answer) = server
+            .call(
+                Method::PATCH,
+                "/api/v1/namespaces/t/pods/p",
+                Some(labels(&current)),
+            )
+            .await;
+        assert_eq!(code, StatusCode::OK, "patched on etcd's state: {answer}");
+        assert_eq!(answer["metadata"]["labels"]["a"], "b");
+        let (code, answer) = server
+            .call(
+                Method::PATCH,
+                "/api/v1/namespaces/t/pods/p",
+                Some(labels(&json!(revision.to_string()))),
+            )
+            .await;
+        assert_eq!(code, StatusCode::CONFLICT, "a stale precondition: {answer}");
+    }
+
     #[test]
     fn paths_name_their_targets() {
         let t = parse_path("/api/v1/namespaces/default/pods/web/status").expect("pod status");

@@ -304,6 +304,28 @@ impl WatchCache {
         hub.latest(key)
     }
 
+    /// Put in place, for `root`, a hub that follows no etcd watch and has
+    /// seen only `changes`: one fallen behind etcd, for tests of what
+    /// writes do with a stale cached state.
+    #[cfg(test)]
+    pub(crate) fn install_stale_hub(&self, root: &str, changes: Vec<Arc<Change>>) {
+        let from = changes.first().map_or(0, |c| c.revision - 1);
+        let hub = Arc::new(Hub {
+            window: Mutex::new(Window::starting(0, from)),
+            fanout: broadcast::channel(16).0,
+        });
+        for change in changes {
+            hub.publish(HubItem::Change(change));
+        }
+        self.hubs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(
+                root.to_string(),
+                Arc::new(tokio::sync::Mutex::new(Some(hub))),
+            );
+    }
+
     /// The running hub of `root`, started if there is none or the last one
     /// failed: from `after` (the revision the watch asking for it starts
     /// from) when that is in the past, else from etcd's current revision.
