@@ -525,3 +525,62 @@ fn recreate_and_paused_deployments() {
         },
     );
 }
+
+#[test]
+fn deleting_a_deployment_cascades_to_its_replicasets_and_pods() {
+    let server = server();
+    let ns = "cascade";
+    server.kubectl_ok(&["create", "namespace", ns]);
+    let _marker = ReadyMarker::start(server.clone(), ns);
+    // Deploy 3 replicas, then delete the Deployment with `cascade`.
+    let deploy_and_delete = |cascade: &str| {
+        server.kubectl_stdin_ok(
+            &["apply", "-f", "-"],
+            &deployment_manifest(ns, 3, "nginx:1"),
+        );
+        wait_for(&server, "a ReplicaSet with 3 pods", || {
+            (items(&server, "rs", ns).len() == 1 && active_pods(&server, ns).len() == 3)
+                .then_some(())
+        });
+        let cascade = format!("--cascade={cascade}");
+        let args = [
+            "delete",
+            "deployment",
+            "web",
+            "-n",
+            ns,
+            &cascade,
+            "--timeout=60s",
+        ];
+        server.kubectl_ok(&args);
+    };
+
+    // Background (kubectl's default): the Deployment goes at once, then the
+    // collector deletes its ReplicaSet, then the set's pods.
+    deploy_and_delete("background");
+    wait_for(&server, "the ReplicaSet and its pods collected", || {
+        (items(&server, "rs", ns).is_empty() && items(&server, "pods", ns).is_empty()).then_some(())
+    });
+
+    // Foreground: kubectl waits for the Deployment, which goes only after
+    // its ReplicaSet, which goes only after its pods (blockOwnerDeletion).
+    deploy_and_delete("foreground");
+    let sets = items(&server, "rs", ns);
+    let pods = items(&server, "pods", ns);
+    assert!(
+        sets.is_empty() && pods.is_empty(),
+        "the Deployment went before its dependents: sets {sets:?}, pods {pods:?}"
+    );
+
+    // Orphan: the ReplicaSet and its pods stay, the set without its owner.
+    deploy_and_delete("orphan");
+    thread::sleep(Duration::from_secs(2));
+    let sets = items(&server, "rs", ns);
+    assert_eq!(sets.len(), 1, "the orphaned ReplicaSet stays: {sets:?}");
+    assert!(
+        sets[0]["metadata"].get("ownerReferences").is_none(),
+        "the orphan keeps its reference: {}",
+        sets[0]
+    );
+    assert_eq!(active_pods(&server, ns).len(), 3, "the set's pods stay");
+}
