@@ -170,14 +170,12 @@ pub async fn run_apiserver_with(
     } else {
         (None, args.etcd_servers.clone())
     };
-    let events = crate::registry::find("", "v1", "events").map(|info| info.key_prefix());
-    let store = Store::connect(&endpoints)
+    let mut store = Store::connect(&endpoints)
         .await
-        .map_err(|source| ServerError::Storage { source })?
-        .expiring(
-            events.as_deref().unwrap_or("/registry/core/events/"),
-            args.event_ttl,
-        );
+        .map_err(|source| ServerError::Storage { source })?;
+    if let Some(events) = crate::registry::find("", "v1", "events") {
+        store = store.expiring(&events.key_prefix(), args.event_ttl);
+    }
 
     let addr = SocketAddr::new(args.bind_address, args.secure_port);
     let listener = tokio::net::TcpListener::bind(addr)
