@@ -3274,7 +3274,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn allocations_against_real_etcd() {
         let etcd = crate::testing::Etcd::start();
-        let store = etcd.store().await;
+        let store = crate::testing::store(&etcd).await;
         let allocator = std::sync::Arc::new(allocator());
 
         // Three concurrent creates, each retrying when it loses a race.

@@ -1745,7 +1745,7 @@ mod tests {
     impl TestServer {
         async fn start() -> TestServer {
             let etcd = crate::testing::Etcd::start();
-            let store = etcd.store().await;
+            let store = crate::testing::store(&etcd).await;
             let dir = tempfile::tempdir().expect("tempdir for the pki");
             let pki = crate::pki::Pki::load_or_create(&dir.path().join("pki"), &[]).expect("pki");
             let shutdown = CancellationToken::new();

@@ -1030,8 +1030,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn events_expire_on_shared_leases_and_other_objects_stay() {
         let etcd = crate::testing::Etcd::start();
-        let base = etcd.store().await;
-        let mut raw = etcd_client::Client::connect([etcd.endpoint.as_str()], None)
+        let base = crate::testing::store(&etcd).await;
+        let mut raw = etcd_client::Client::connect([etcd.url()], None)
             .await
             .expect("raw etcd client");
         let events = "/registry/core/events/";
