@@ -65,6 +65,7 @@ pub(crate) const STOP_GRACE: Duration = Duration::from_secs(10);
 /// Namespace of the create and get levels.
 const NAMESPACE: &str = "bench";
 /// What the etcd baselines store: a ConfigMap as skiff-control stores it (same size).
+#[cfg(feature = "etcd-baseline")]
 const STORED_CONFIG_MAP: &str = r#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"c1-0","namespace":"bench","uid":"189d4275-1b88-4ebf-833e-daf6d991b566","creationTimestamp":"2026-01-01T00:00:00Z","labels":{"app":"bench"},"managedFields":[{"manager":"xtask","operation":"Update","apiVersion":"v1","time":"2026-01-01T00:00:00Z","fieldsType":"FieldsV1","fieldsV1":{"f:data":{".":{},"f:key":{},"f:other":{}},"f:metadata":{"f:labels":{".":{},"f:app":{}}}}}]},"data":{"key":"value","other":"a somewhat longer value"}}"#;
 /// Namespace of the watch fan-out.
 const WATCH_NAMESPACE: &str = "bench-watch";
@@ -127,7 +128,10 @@ impl Target {
 pub fn bench(ws: &Path, args: &BenchArgs) -> Result<()> {
     ensure!(args.requests > 0, "--requests must be at least 1");
     ensure!(args.seconds > 0, "--seconds must be at least 1");
-    reexec_in_release(ws, args)?;
+    // protoc, the eBPF toolchain: what building the benched binaries (and the etcd baselines)
+    // needs on a fresh machine.
+    crate::setup(ws)?;
+    reexec_for_bench(ws, args)?;
     match args.target {
         Target::Apiserver => apiserver(ws, args),
         Target::Scheduler => crate::bench_scheduler::scheduler(ws, args),
@@ -135,18 +139,35 @@ pub fn bench(ws: &Path, args: &BenchArgs) -> Result<()> {
     }
 }
 
-/// From a debug build (what `cargo xtask` runs), builds xtask in release and replaces this
-/// process with it, same arguments: the load generator shares the machine with what it
-/// measures, so it must be cheap. Returns only if nothing was to be done.
-fn reexec_in_release(ws: &Path, args: &BenchArgs) -> Result<()> {
-    if !cfg!(debug_assertions) || args.debug_client {
+/// Unless this process is already one, builds the load generator (xtask in release, or in debug
+/// with `--debug-client`, with the `etcd-baseline` feature) and replaces this process with it,
+/// same arguments: the load generator shares the machine with what it measures, so it must be
+/// cheap. `cargo xtask` is a debug build without the feature (which needs protoc, so that `setup`
+/// builds on a fresh machine). Returns only if nothing was to be done.
+fn reexec_for_bench(ws: &Path, args: &BenchArgs) -> Result<()> {
+    let release = !args.debug_client;
+    if cfg!(feature = "etcd-baseline") && cfg!(debug_assertions) != release {
         return Ok(());
     }
-    say("cargo build --release -p xtask (the load generator; --debug-client skips this)");
-    run(cargo()
-        .current_dir(ws)
-        .args(["build", "--release", "-p", "xtask"]))?;
-    let exe = target_dir(ws)?.join("release").join("xtask");
+    let mut build = cargo();
+    build.current_dir(ws).arg("build");
+    if release {
+        build.arg("--release");
+    }
+    build.args(["-p", "xtask", "--features", "etcd-baseline"]);
+    say(format!(
+        "cargo build{} -p xtask --features etcd-baseline (the load generator{})",
+        if release { " --release" } else { "" },
+        if release {
+            "; --debug-client skips the release build"
+        } else {
+            ""
+        },
+    ));
+    run(&mut build)?;
+    let exe = target_dir(ws)?
+        .join(if release { "release" } else { "debug" })
+        .join("xtask");
     let error = std::os::unix::process::CommandExt::exec(
         Command::new(&exe).args(std::env::args_os().skip(1)),
     );
@@ -388,36 +409,7 @@ async fn measure(server: &mut Server, data: &Path, port: u16, args: &BenchArgs) 
 
     // The baselines go last, outside the memory sampling: they load etcd alone, through one
     // gRPC connection shared by every task as skiff-control does, with the same client library.
-    let etcd_port = etcd_client_port(data)?;
-    let endpoint = format!("http://127.0.0.1:{etcd_port}");
-    let etcd = etcd_client::Client::connect([endpoint.as_str()], None)
-        .await
-        .with_context(|| format!("could not connect to etcd at {endpoint}"))?;
-    let kv = etcd.kv_client();
-    let mut etcd_puts = Vec::new();
-    let mut etcd_creates = Vec::new();
-    for clients in CLIENT_LEVELS {
-        let conns = (0..clients)
-            .map(|_| Conn::Etcd(Box::new(kv.clone())))
-            .collect();
-        let op = Op::EtcdPut {
-            prefix: format!("/skiff-bench-baseline/put{clients}/"),
-        };
-        let level = drive(conns, clients, op, args.requests, limit, pids).await?;
-        say(format!("etcd put x{clients}: {}", level.summary()));
-        etcd_puts.push(level);
-    }
-    for clients in CLIENT_LEVELS {
-        let conns = (0..clients)
-            .map(|_| Conn::Etcd(Box::new(kv.clone())))
-            .collect();
-        let op = Op::EtcdCreate {
-            prefix: format!("/skiff-bench-baseline/create{clients}/"),
-        };
-        let level = drive(conns, clients, op, args.requests, limit, pids).await?;
-        say(format!("etcd create txn x{clients}: {}", level.summary()));
-        etcd_creates.push(level);
-    }
+    let (etcd_puts, etcd_creates) = etcd_baselines(data, args.requests, limit, pids).await?;
 
     Ok(Report {
         requests: args.requests,
@@ -434,6 +426,59 @@ async fn measure(server: &mut Server, data: &Path, port: u16, args: &BenchArgs) 
             peak_etcd: peak_etcd.max(idle_etcd),
         },
     })
+}
+
+/// The etcd baselines: plain puts, then a create's etcd work, at each client level.
+#[cfg(feature = "etcd-baseline")]
+async fn etcd_baselines(
+    data: &Path,
+    requests: usize,
+    limit: Duration,
+    pids: Pids,
+) -> Result<(Vec<Level>, Vec<Level>)> {
+    let etcd_port = etcd_client_port(data)?;
+    let endpoint = format!("http://127.0.0.1:{etcd_port}");
+    let etcd = etcd_client::Client::connect([endpoint.as_str()], None)
+        .await
+        .with_context(|| format!("could not connect to etcd at {endpoint}"))?;
+    let kv = etcd.kv_client();
+    let mut etcd_puts = Vec::new();
+    let mut etcd_creates = Vec::new();
+    for clients in CLIENT_LEVELS {
+        let conns = (0..clients)
+            .map(|_| Conn::Etcd(Box::new(kv.clone())))
+            .collect();
+        let op = Op::EtcdPut {
+            prefix: format!("/skiff-bench-baseline/put{clients}/"),
+        };
+        let level = drive(conns, clients, op, requests, limit, pids).await?;
+        say(format!("etcd put x{clients}: {}", level.summary()));
+        etcd_puts.push(level);
+    }
+    for clients in CLIENT_LEVELS {
+        let conns = (0..clients)
+            .map(|_| Conn::Etcd(Box::new(kv.clone())))
+            .collect();
+        let op = Op::EtcdCreate {
+            prefix: format!("/skiff-bench-baseline/create{clients}/"),
+        };
+        let level = drive(conns, clients, op, requests, limit, pids).await?;
+        say(format!("etcd create txn x{clients}: {}", level.summary()));
+        etcd_creates.push(level);
+    }
+    Ok((etcd_puts, etcd_creates))
+}
+
+/// Without the etcd client built in there are no baselines: `bench` re-runs itself from a build
+/// with `etcd-baseline`, so this is reached only by a build that skipped that.
+#[cfg(not(feature = "etcd-baseline"))]
+async fn etcd_baselines(
+    _data: &Path,
+    _requests: usize,
+    _limit: Duration,
+    _pids: Pids,
+) -> Result<(Vec<Level>, Vec<Level>)> {
+    bail!("the etcd baselines need xtask built with --features etcd-baseline")
 }
 
 /// Waits until the server's certificates exist and `GET /readyz` answers 200; returns the
@@ -612,6 +657,7 @@ impl Client {
 /// A load generator's connection: to skiff-control, or a handle on the shared etcd channel.
 enum Conn {
     Http(Client),
+    #[cfg(feature = "etcd-baseline")]
     Etcd(Box<etcd_client::KvClient>),
 }
 
@@ -631,11 +677,13 @@ impl Conn {
                     .expect(Method::GET, path, None, StatusCode::OK)
                     .await?;
             }
+            #[cfg(feature = "etcd-baseline")]
             (Conn::Etcd(kv), Op::EtcdPut { prefix }) => {
                 kv.put(format!("{prefix}{i}"), STORED_CONFIG_MAP, None)
                     .await
                     .context("etcd put failed")?;
             }
+            #[cfg(feature = "etcd-baseline")]
             (Conn::Etcd(kv), Op::EtcdCreate { prefix }) => {
                 use etcd_client::{Compare, CompareOp, Txn, TxnOp};
                 let key = format!("{prefix}{i}");
@@ -646,6 +694,7 @@ impl Conn {
                 let answer = kv.txn(txn).await.context("etcd txn failed")?;
                 ensure!(answer.succeeded(), "etcd txn found {key} already there");
             }
+            #[cfg(feature = "etcd-baseline")]
             _ => bail!("this operation needs another kind of connection"),
         }
         Ok(())
@@ -679,9 +728,11 @@ enum Op {
     /// GET `path`.
     Get { path: String },
     /// Put key `<prefix><i>` into etcd.
+    #[cfg(feature = "etcd-baseline")]
     EtcdPut { prefix: String },
     /// What a create costs in etcd alone: create `<prefix><i>` in a transaction that checks it
     /// is absent (skiff-control checks the namespace in its watch-fed cache, not in etcd).
+    #[cfg(feature = "etcd-baseline")]
     EtcdCreate { prefix: String },
 }
 
@@ -1210,6 +1261,7 @@ fn clock_ticks() -> u64 {
 }
 
 /// The client port of the server's etcd child, from `<data>/etcd.ports` ("client peer").
+#[cfg(feature = "etcd-baseline")]
 fn etcd_client_port(data: &Path) -> Result<u16> {
     let path = data.join("etcd.ports");
     let text =

@@ -33,6 +33,9 @@ const APT_PACKAGES: &[&str] = &[
     "etcd-client",
     // protoc, for crates that compile protobuf definitions (etcd and containerd clients).
     "protobuf-compiler",
+    // protobuf's well-known types (google/protobuf/descriptor.proto and the others), which
+    // etcd's and containerd's definitions import; protoc alone does not ship them on Debian.
+    "libprotobuf-dev",
     // /bin/busybox, the content of skiff's local image (`cargo xtask image`).
     "busybox-static",
     // The container runtime the agent drives (and its `ctr` to import images).
