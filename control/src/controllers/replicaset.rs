@@ -50,10 +50,12 @@ const STATUS_BATCH: Duration = Duration::from_millis(100);
 struct NamespacePods {
     /// name → pod.
     all: HashMap<String, Arc<Pod>>,
-    /// controller uid → names of the pods it controls.
-    by_controller: HashMap<String, HashSet<String>>,
-    /// Names of the pods without a controller (candidates for adoption).
-    orphans: HashSet<String>,
+    /// controller uid → its pods by name. The pods themselves, not their
+    /// names: a sync walks a set's every pod, and a second lookup per pod
+    /// in `all` was most of the sync's time for 1,000-pod sets.
+    by_controller: HashMap<String, HashMap<String, Arc<Pod>>>,
+    /// The pods without a controller (candidates for adoption), by name.
+    orphans: HashMap<String, Arc<Pod>>,
 }
 
 impl NamespacePods {
@@ -65,10 +67,10 @@ impl NamespacePods {
                 self.by_controller
                     .entry(owner.uid.clone())
                     .or_default()
-                    .insert(name.clone());
+                    .insert(name.clone(), pod.clone());
             }
             None => {
-                self.orphans.insert(name.clone());
+                self.orphans.insert(name.clone(), pod.clone());
             }
         }
         self.all.insert(name, pod);
@@ -80,9 +82,9 @@ impl NamespacePods {
         let old = self.all.remove(name)?;
         match controller_of(&old.metadata) {
             Some(owner) => {
-                if let Some(names) = self.by_controller.get_mut(&owner.uid) {
-                    names.remove(name);
-                    if names.is_empty() {
+                if let Some(pods) = self.by_controller.get_mut(&owner.uid) {
+                    pods.remove(name);
+                    if pods.is_empty() {
                         self.by_controller.remove(&owner.uid);
                     }
                 }
@@ -99,17 +101,14 @@ impl NamespacePods {
         owners
             .into_iter()
             .filter_map(|uid| self.by_controller.get(uid))
-            .flatten()
-            .filter_map(|name| self.all.get(name).cloned())
+            .flat_map(HashMap::values)
+            .cloned()
             .collect()
     }
 
     /// The pods without a controller.
     fn orphans(&self) -> Vec<Arc<Pod>> {
-        self.orphans
-            .iter()
-            .filter_map(|name| self.all.get(name).cloned())
-            .collect()
+        self.orphans.values().cloned().collect()
     }
 }
 
