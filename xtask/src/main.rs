@@ -46,6 +46,8 @@ const APT_PACKAGES: &[&str] = &[
     "containernetworking-plugins",
     // `ip`, for network namespaces in the agent's tests and skiffctl.
     "iproute2",
+    // ping, which the CNI, datapath and cluster tests reach pods with from their namespaces.
+    "iputils-ping",
     // iptables (nf_tables backend), which the portmap plugin wires hostPorts with.
     "iptables",
     // curl and openssl: the kubelet tests call the agent's HTTPS API with client certificates.
