@@ -84,8 +84,15 @@ pub struct Graph {
 
 impl Graph {
     /// Insert or replace `uid`; returns the uids to re-examine: the object,
-    /// its old and new owners, and its dependents.
+    /// its old and new owners, and its dependents. None if the object is
+    /// unchanged in all the graph holds of it (a status or spec update):
+    /// decisions read only the graph, so none of them changes. An owner's
+    /// status updates would otherwise re-examine each of its dependents,
+    /// every time.
     pub fn upsert(&mut self, uid: &str, node: Node) -> Vec<String> {
+        if self.nodes.get(uid) == Some(&node) {
+            return Vec::new();
+        }
         let mut touched = vec![uid.to_string()];
         if let Some(old) = self.nodes.get(uid) {
             for owner in &old.owners {
@@ -640,6 +647,25 @@ mod tests {
             uid: uid.into(),
             finalizer: finalizer.into(),
         }
+    }
+
+    #[test]
+    fn updates_that_leave_the_graph_as_it_was_touch_nothing() {
+        let mut graph = Graph::default();
+        graph.upsert("owner", node(vec![], &[], false));
+        graph.upsert("dep", node(vec![owner_ref("owner", false)], &[], false));
+        // A status update of the owner or of the dependent.
+        assert!(graph.upsert("owner", node(vec![], &[], false)).is_empty());
+        let dep = node(vec![owner_ref("owner", false)], &[], false);
+        assert!(graph.upsert("dep", dep).is_empty());
+        // What decisions read does touch: the owner being deleted...
+        let mut touched = graph.upsert("owner", node(vec![], &[FOREGROUND], true));
+        touched.sort();
+        assert_eq!(touched, ["dep", "owner"]);
+        // ...and the dependent's owner references.
+        let mut touched = graph.upsert("dep", node(vec![owner_ref("owner", true)], &[], false));
+        touched.sort();
+        assert_eq!(touched, ["dep", "owner", "owner"]);
     }
 
     #[test]
