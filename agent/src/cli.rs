@@ -81,20 +81,15 @@ pub fn parse_label(s: &str) -> Result<(String, String), String> {
     Ok((key.to_string(), value.to_string()))
 }
 
-/// Parse `10s`, `2m`, `500ms` or a bare number of seconds.
+/// Parse a duration as upstream's flags write it (`10s`, `2m`, `1h0m0s`,
+/// `1m30s`, `500ms`; jiff's friendly format, which also takes `1h 30m`), or
+/// a bare number of seconds.
 pub fn parse_seconds(s: &str) -> Result<Duration, String> {
-    let bad = |e: std::num::ParseIntError| format!("bad duration {s:?}: {e}");
-    if let Some(ms) = s.strip_suffix("ms") {
-        return ms.parse::<u64>().map(Duration::from_millis).map_err(bad);
+    if let Ok(secs) = s.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
     }
-    if let Some(m) = s.strip_suffix('m') {
-        return m
-            .parse::<u64>()
-            .map(|m| Duration::from_secs(m * 60))
-            .map_err(bad);
-    }
-    let n = s.strip_suffix('s').unwrap_or(s);
-    n.parse::<u64>().map(Duration::from_secs).map_err(bad)
+    let parsed: jiff::SignedDuration = s.parse().map_err(|e| format!("bad duration {s:?}: {e}"))?;
+    Duration::try_from(parsed).map_err(|_| format!("bad duration {s:?}: negative"))
 }
 
 #[cfg(test)]
@@ -177,7 +172,12 @@ mod tests {
     fn durations_and_labels_are_checked() {
         assert_eq!(parse_seconds("2m"), Ok(Duration::from_secs(120)));
         assert_eq!(parse_seconds("7"), Ok(Duration::from_secs(7)));
-        assert!(parse_seconds("x").is_err());
+        assert_eq!(parse_seconds("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_seconds("1h0m0s"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_seconds("1m30s"), Ok(Duration::from_secs(90)));
+        for bad in ["x", "", "5d", "1h x", "-5s"] {
+            assert!(parse_seconds(bad).is_err(), "{bad:?} parsed");
+        }
         assert!(parse_label("novalue").is_err());
         assert!(parse_label("=v").is_err());
         assert_eq!(
