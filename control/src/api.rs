@@ -74,6 +74,31 @@ pub struct AppState {
     pub watches: crate::watchcache::WatchCache,
 }
 
+impl AppState {
+    /// The state of a server on `store`: its watch and namespace caches
+    /// follow etcd until `shutdown`; the OpenAPI documents are generated.
+    pub fn new(
+        store: Store,
+        allocator: ServiceAllocator,
+        metrics: Arc<Metrics>,
+        server_addr: String,
+        shutdown: CancellationToken,
+        node_proxy: crate::nodeproxy::NodeProxy,
+    ) -> AppState {
+        AppState {
+            watches: crate::watchcache::WatchCache::new(store.clone(), shutdown.clone()),
+            namespaces: crate::nscache::NamespaceCache::spawn(store.clone(), shutdown.clone()),
+            store,
+            openapi: OpenApi::build(),
+            allocator,
+            metrics,
+            server_addr,
+            shutdown,
+            node_proxy,
+        }
+    }
+}
+
 /// One line of a JSON watch stream.
 #[derive(serde::Serialize)]
 struct WatchEventLine<'a> {
@@ -1748,21 +1773,14 @@ mod tests {
             let store = crate::testing::store(&etcd).await;
             let dir = tempfile::tempdir().expect("tempdir for the pki");
             let pki = crate::pki::Pki::load_or_create(&dir.path().join("pki"), &[]).expect("pki");
-            let shutdown = CancellationToken::new();
-            let state = Arc::new(AppState {
-                watches: crate::watchcache::WatchCache::new(store.clone(), shutdown.clone()),
-                namespaces: crate::nscache::NamespaceCache::spawn(store.clone(), shutdown.clone()),
+            let state = Arc::new(AppState::new(
                 store,
-                openapi: OpenApi::build(),
-                allocator: ServiceAllocator::new(
-                    "10.96.0.0/12".parse().expect("range"),
-                    30000..=32767,
-                ),
-                metrics: Arc::new(crate::metrics::Metrics::new()),
-                server_addr: "127.0.0.1:6443".into(),
-                shutdown,
-                node_proxy: crate::nodeproxy::NodeProxy::new(&pki).expect("node proxy"),
-            });
+                ServiceAllocator::new("10.96.0.0/12".parse().expect("range"), 30000..=32767),
+                Arc::new(crate::metrics::Metrics::new()),
+                "127.0.0.1:6443".into(),
+                CancellationToken::new(),
+                crate::nodeproxy::NodeProxy::new(&pki).expect("node proxy"),
+            ));
             TestServer {
                 app: router(state.clone()),
                 state,

@@ -17,7 +17,6 @@ use crate::cli::ApiserverArgs;
 use crate::etcd::EtcdChild;
 use crate::informer::SharedWatch;
 use crate::metrics::{self, Metrics};
-use crate::openapi::OpenApi;
 use crate::pki::{self, Pki};
 use crate::registry;
 use crate::storage::{StorageError, Store};
@@ -228,22 +227,18 @@ pub async fn run_apiserver_with(
         authorizer: Box::new(AllowAuthenticated),
     });
     let metrics = Arc::new(Metrics::new());
-    let namespaces = crate::nscache::NamespaceCache::spawn(store.clone(), shutdown.clone());
-    let state = Arc::new(AppState {
-        watches: crate::watchcache::WatchCache::new(store.clone(), shutdown.clone()),
-        namespaces,
+    let state = Arc::new(AppState::new(
         store,
-        openapi: OpenApi::build(),
-        allocator: ServiceAllocator::new(
+        ServiceAllocator::new(
             args.service_cluster_ip_range,
             args.service_node_port_range.clone(),
         ),
-        metrics: metrics.clone(),
-        server_addr: format!("{host}:{}", local.port()),
-        shutdown: shutdown.clone(),
-        node_proxy: crate::nodeproxy::NodeProxy::new(&pki)
+        metrics.clone(),
+        format!("{host}:{}", local.port()),
+        shutdown.clone(),
+        crate::nodeproxy::NodeProxy::new(&pki)
             .map_err(|source| ServerError::NodeProxy { source })?,
-    });
+    ));
     let app = api::router(state)
         .layer(axum::middleware::from_fn_with_state(
             auth_state,

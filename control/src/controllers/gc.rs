@@ -90,11 +90,12 @@ impl Graph {
     /// status updates would otherwise re-examine each of its dependents,
     /// every time.
     pub fn upsert(&mut self, uid: &str, node: Node) -> Vec<String> {
-        if self.nodes.get(uid) == Some(&node) {
+        let old = self.nodes.get(uid);
+        if old == Some(&node) {
             return Vec::new();
         }
         let mut touched = vec![uid.to_string()];
-        if let Some(old) = self.nodes.get(uid) {
+        if let Some(old) = old {
             for owner in &old.owners {
                 touched.push(owner.uid.clone());
                 if let Some(set) = self.dependents.get_mut(&owner.uid) {
