@@ -948,6 +948,14 @@ fn available_of(rs: &ReplicaSet) -> i32 {
         .unwrap_or(0)
 }
 
+/// Available replicas, counting none beyond `spec.replicas`. Right after a
+/// ReplicaSet is scaled down, its status still counts the pods about to be
+/// deleted until its controller catches up; counted, they would let the next
+/// step take away pods that are no longer there.
+fn available_within_size(rs: &ReplicaSet) -> i32 {
+    available_of(rs).min(replicas_of(rs))
+}
+
 fn created_of(rs: &ReplicaSet) -> Option<jiff::Timestamp> {
     rs.metadata.creation_timestamp.as_ref().map(|t| t.0)
 }
@@ -1159,7 +1167,7 @@ pub fn plan_old_scale_down(d: &Deployment, new_rs: &ReplicaSet, old: &[ReplicaSe
     let desired = d.spec.replicas.unwrap_or(1);
     let all_pods = old_pods + replicas_of(new_rs);
     let min_available = desired - max_unavailable(d);
-    let new_unavailable = replicas_of(new_rs) - available_of(new_rs);
+    let new_unavailable = replicas_of(new_rs) - available_within_size(new_rs);
     let max_scaled_down = all_pods - min_available - new_unavailable;
     if max_scaled_down <= 0 {
         return targets;
@@ -1176,7 +1184,7 @@ pub fn plan_old_scale_down(d: &Deployment, new_rs: &ReplicaSet, old: &[ReplicaSe
         if cleaned >= max_scaled_down {
             break;
         }
-        let unhealthy = targets[i] - available_of(&old[i]);
+        let unhealthy = targets[i] - available_within_size(&old[i]);
         if targets[i] == 0 || unhealthy <= 0 {
             continue;
         }
@@ -1185,7 +1193,8 @@ pub fn plan_old_scale_down(d: &Deployment, new_rs: &ReplicaSet, old: &[ReplicaSe
         cleaned += down;
     }
     // Then available ones, while enough stay available.
-    let available: i32 = old.iter().map(available_of).sum::<i32>() + available_of(new_rs);
+    let available: i32 =
+        old.iter().map(available_within_size).sum::<i32>() + available_within_size(new_rs);
     if available <= min_available {
         return targets;
     }
@@ -1644,6 +1653,7 @@ mod tests {
     use k8s_openapi::api::core::v1::{Container, PodSpec, PodTemplateSpec};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
     use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    use std::collections::VecDeque;
 
     fn template(image: &str) -> PodTemplateSpec {
         PodTemplateSpec {
@@ -1801,58 +1811,82 @@ mod tests {
         let old = [set("old", "nginx:1", 8, 8, 1, 1)];
         let new = set("new", "nginx:2", 5, 0, 2, 2);
         assert_eq!(plan_old_scale_down(&d, &new, &old), vec![8]);
+        // Just scaled from 5 to 4, its status still counting 5: only as many
+        // go as the new ReplicaSet has made available since (one).
+        let d = deployment(5, IntOrString::Int(1), IntOrString::Int(1));
+        let old = [set("old", "nginx:1", 4, 5, 1, 1)];
+        let new = set("new", "nginx:2", 2, 1, 2, 2);
+        assert_eq!(plan_old_scale_down(&d, &new, &old), vec![3]);
     }
 
     /// A whole rollout with pods that become available one step after
     /// they are created: at no step are there more than replicas+maxSurge
-    /// pods or fewer than replicas-maxUnavailable available ones.
+    /// pods or fewer than replicas-maxUnavailable available ones. The old
+    /// ReplicaSets' status lags by `lag` steps, as a busy ReplicaSet
+    /// controller's does: a scale-down shows there only later, and until
+    /// then the status counts pods that are already gone.
     #[test]
     fn a_simulated_rollout_respects_both_bounds_at_every_step() {
-        for (replicas, surge, unavailable) in [
-            (10, pct("25%"), pct("25%")),
-            (5, IntOrString::Int(1), IntOrString::Int(0)),
-            (5, IntOrString::Int(0), IntOrString::Int(1)),
-            (7, pct("50%"), pct("10%")),
-        ] {
-            let d = deployment(replicas, surge, unavailable);
-            let (max_surge, max_unavailable) = (max_surge(&d), max_unavailable(&d));
-            let mut old = vec![set("old", "nginx:1", replicas, replicas, 1, 1)];
-            let mut new = set("new", "nginx:2", 0, 0, 2, 2);
-            let mut done = false;
-            for step in 0..200 {
-                let target = new_set_replicas(&d, &old, Some(&new));
-                if target != replicas_of(&new) {
-                    new.spec.replicas = Some(target);
-                } else {
-                    let targets = plan_old_scale_down(&d, &new, &old);
-                    for (rs, t) in old.iter_mut().zip(targets) {
-                        let still = available_of(rs).min(t);
-                        rs.spec.replicas = Some(t);
-                        rs.status.as_mut().expect("status").available_replicas = Some(still);
-                    }
-                }
-                let total: i32 = old.iter().map(replicas_of).sum::<i32>() + replicas_of(&new);
-                let available: i32 = old.iter().map(available_of).sum::<i32>() + available_of(&new);
-                assert!(
-                    total <= replicas + max_surge,
-                    "step {step}: {total} pods > {replicas}+{max_surge}"
-                );
-                assert!(
-                    available >= replicas - max_unavailable,
-                    "step {step}: {available} available < {replicas}-{max_unavailable}"
-                );
-                // The new ReplicaSet's pods become available a step later.
-                let size = replicas_of(&new);
-                let status = new.status.as_mut().expect("status");
-                status.available_replicas = Some(size);
-                status.replicas = size;
-                if replicas_of(&new) == replicas && old.iter().all(|rs| replicas_of(rs) == 0) {
-                    done = true;
-                    break;
+        for lag in 0..4 {
+            for (replicas, surge, unavailable) in [
+                (10, pct("25%"), pct("25%")),
+                (5, IntOrString::Int(1), IntOrString::Int(0)),
+                (5, IntOrString::Int(0), IntOrString::Int(1)),
+                (5, IntOrString::Int(1), IntOrString::Int(1)),
+                (7, pct("50%"), pct("10%")),
+            ] {
+                let d = deployment(replicas, surge, unavailable);
+                simulate_rollout(&d, lag);
+            }
+        }
+    }
+
+    fn simulate_rollout(d: &Deployment, lag: usize) {
+        let replicas = d.spec.replicas.expect("replicas");
+        let (max_surge, max_unavailable) = (max_surge(d), max_unavailable(d));
+        let mut old = vec![set("old", "nginx:1", replicas, replicas, 1, 1)];
+        // What the old pods really are, and the reports still on their way.
+        let mut old_available = vec![replicas];
+        let mut reports: VecDeque<Vec<i32>> = VecDeque::new();
+        let mut new = set("new", "nginx:2", 0, 0, 2, 2);
+        for step in 0..200 {
+            let target = new_set_replicas(d, &old, Some(&new));
+            if target != replicas_of(&new) {
+                new.spec.replicas = Some(target);
+            } else {
+                let targets = plan_old_scale_down(d, &new, &old);
+                for ((rs, t), really) in old.iter_mut().zip(targets).zip(&mut old_available) {
+                    rs.spec.replicas = Some(t);
+                    *really = (*really).min(t);
                 }
             }
-            assert!(done, "rollout of {replicas} finished");
+            let total: i32 = old.iter().map(replicas_of).sum::<i32>() + replicas_of(&new);
+            let available: i32 = old_available.iter().sum::<i32>() + available_of(&new);
+            assert!(
+                total <= replicas + max_surge,
+                "lag {lag}, step {step}: {total} pods > {replicas}+{max_surge}"
+            );
+            assert!(
+                available >= replicas - max_unavailable,
+                "lag {lag}, step {step}: {available} available < {replicas}-{max_unavailable}"
+            );
+            reports.push_back(old_available.clone());
+            if reports.len() > lag {
+                let report = reports.pop_front().expect("a report");
+                for (rs, available) in old.iter_mut().zip(report) {
+                    rs.status.as_mut().expect("status").available_replicas = Some(available);
+                }
+            }
+            // The new ReplicaSet's pods become available a step later.
+            let size = replicas_of(&new);
+            let status = new.status.as_mut().expect("status");
+            status.available_replicas = Some(size);
+            status.replicas = size;
+            if replicas_of(&new) == replicas && old.iter().all(|rs| replicas_of(rs) == 0) {
+                return;
+            }
         }
+        panic!("lag {lag}: the rollout of {replicas} did not finish");
     }
 
     #[test]
