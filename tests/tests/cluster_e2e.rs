@@ -8,8 +8,8 @@
 //! outside namespace reaching pods, per-pod eBPF counters that keep counting
 //! across an agent restart, a killed container restarted, a failing
 //! readiness probe making a pod NotReady, a two-container pod sharing
-//! localhost and an emptyDir, `kubectl logs`/`exec`, and a deleted pod
-//! releasing its IP, host veth and network namespace. Each scenario runs
+//! localhost and an emptyDir, `kubectl logs`/`exec`/`port-forward`, and a
+//! deleted pod releasing its IP, host veth and network namespace. Each scenario runs
 //! even when an earlier one failed (all failures are reported at the end);
 //! a guard runs `skiffctl down` however the test ends.
 //!
@@ -978,6 +978,208 @@ spec:
     assert_eq!(hostname.trim(), "duo");
 }
 
+/// A running `kubectl port-forward`; dropping it stops kubectl.
+struct PortForward {
+    child: std::process::Child,
+    stderr: Option<thread::JoinHandle<String>>,
+}
+
+impl PortForward {
+    /// Forward 127.0.0.1:`local` to `remote` of pod `name`; `websockets`
+    /// picks kubectl's transport (`true`: SPDY tunnelled in a WebSocket,
+    /// its default; `false`: a plain SPDY upgrade). Returns once kubectl
+    /// says it listens.
+    fn start(c: &Cluster, name: &str, local: u16, remote: u16, websockets: bool) -> PortForward {
+        use std::io::{BufRead, BufReader, Read};
+        let mut child = c
+            .kubectl_cmd(&[
+                "port-forward",
+                "-n",
+                NS,
+                &format!("pod/{name}"),
+                &format!("{local}:{remote}"),
+                "--address",
+                "127.0.0.1",
+            ])
+            .env("KUBECTL_PORT_FORWARD_WEBSOCKETS", websockets.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("kubectl port-forward starts");
+        let mut stderr = child.stderr.take().expect("stderr");
+        let stderr = thread::spawn(move || {
+            let mut text = String::new();
+            let _ = stderr.read_to_string(&mut text);
+            text
+        });
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let mut forward = PortForward {
+            child,
+            stderr: Some(stderr),
+        };
+        let wanted = format!("Forwarding from 127.0.0.1:{local} -> {remote}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) if line.contains(&wanted) => return forward,
+                Ok(_) => {}
+                Err(_) => {
+                    let stderr = forward.stop();
+                    panic!(
+                        "kubectl port-forward (websockets={websockets}) never said {wanted:?}; stderr: {stderr}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Stop kubectl (if it still runs) and return what it wrote on stderr.
+    /// The child is `timeout`, which passes SIGTERM on to kubectl; killing
+    /// it would leave kubectl running, holding the stderr pipe open.
+    fn stop(&mut self) -> String {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &self.child.id().to_string()])
+                .status();
+        }
+        let _ = self.child.wait();
+        self.stderr
+            .take()
+            .map(|t| t.join().unwrap_or_default())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for PortForward {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// One HTTP/1.0 request to 127.0.0.1:`port`: the whole reply, or the error.
+fn http_get(port: u16, path: &str) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(20)))?;
+    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())?;
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply)?;
+    Ok(reply)
+}
+
+/// `kubectl port-forward` over both of kubectl's transports: a loopback
+/// port reaches the pod's port 8080 for several connections in turn; the
+/// Python client's port-forward reaches it too; and forwarding a port
+/// nothing listens on fails with the agent's message.
+fn port_forward_reaches_the_pod(c: &Cluster, pods: &[WebPod]) {
+    let web = &pods[1];
+    let hello = format!("hello from {}", web.name);
+    for websockets in [true, false] {
+        let local = free_port();
+        let mut forward = PortForward::start(c, &web.name, local, 8080, websockets);
+        for attempt in 0..3 {
+            let reply = http_get(local, "/index.html").unwrap_or_else(|e| {
+                panic!("GET through port-forward (websockets={websockets}, attempt {attempt}): {e}; kubectl: {}", forward.stop())
+            });
+            assert!(
+                reply.starts_with("HTTP/1.") && reply.contains(&hello),
+                "websockets={websockets}, attempt {attempt}: {reply:?}"
+            );
+        }
+        // A reply larger than one SPDY frame comes whole.
+        let big = c.kubectl_ok(&[
+            "exec",
+            "-n",
+            NS,
+            &web.name,
+            "--",
+            "sh",
+            "-c",
+            "yes 0123456789abcdef | head -c 200000 > /www/big.txt && wc -c < /www/big.txt",
+        ]);
+        assert_eq!(big.trim(), "200000");
+        let reply = http_get(local, "/big.txt").expect("GET /big.txt");
+        let body = reply
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b)
+            .unwrap_or_default();
+        assert_eq!(
+            body.len(),
+            200_000,
+            "websockets={websockets}: the whole file"
+        );
+        assert!(
+            body.starts_with("0123456789abcdef\n"),
+            "{:?}",
+            &body[..body.len().min(40)]
+        );
+        drop(forward);
+    }
+
+    // The official Python client: the kubelet's WebSocket channel protocol.
+    let script = format!(
+        r#"
+import sys
+from kubernetes import client, config
+from kubernetes.stream import portforward
+config.load_kube_config(config_file=sys.argv[1])
+core = client.CoreV1Api()
+pf = portforward(core.connect_get_namespaced_pod_portforward, "{name}", "{NS}", ports="8080")
+sock = pf.socket(8080)
+sock.setblocking(True)
+sock.sendall(b"GET /index.html HTTP/1.0\r\nHost: localhost\r\n\r\n")
+reply = b""
+while True:
+    chunk = sock.recv(65536)
+    if not chunk:
+        break
+    reply += chunk
+sock.close()
+print(reply.decode())
+print("error:", pf.error(8080))
+"#,
+        name = web.name
+    );
+    let out = Command::new("timeout")
+        .arg("60")
+        .arg(skiff_tests::python_path())
+        .arg("-c")
+        .arg(&script)
+        .arg(&c.kubeconfig)
+        .stdin(Stdio::null())
+        .output()
+        .expect("python runs");
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && printed.contains(&hello) && printed.contains("error: None"),
+        "Python portforward: {}",
+        text(&out)
+    );
+
+    let local = free_port();
+    let mut forward = PortForward::start(c, &web.name, local, 9999, true);
+    let reply = http_get(local, "/").unwrap_or_default();
+    assert!(reply.is_empty(), "nothing listens on 9999, yet: {reply:?}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline && forward.child.try_wait().ok().flatten().is_none() {
+        thread::sleep(Duration::from_millis(200));
+    }
+    let stderr = forward.stop();
+    assert!(
+        stderr.contains("error forwarding port 9999 to pod")
+            && stderr.to_lowercase().contains("connection refused"),
+        "kubectl shows the agent's error: {stderr}"
+    );
+}
+
 /// Deleting a pod releases its IP (the IPAM file), its host veth (and
 /// route) in the node namespace, and its network namespace file.
 fn deleted_pod_releases_ip_veth_and_netns(c: &Cluster) {
@@ -1111,6 +1313,10 @@ fn three_node_cluster_runs_real_pods_end_to_end() {
         (
             "kubectl logs and exec",
             Box::new(|| logs_and_exec(c, &pods)),
+        ),
+        (
+            "kubectl port-forward",
+            Box::new(|| port_forward_reaches_the_pod(c, &pods)),
         ),
         (
             "deleted pod releases IP, veth and netns",

@@ -26,9 +26,11 @@ pub mod logs;
 pub mod netns;
 pub mod node;
 pub mod pod;
+pub mod portforward;
 pub mod probe;
 pub mod runtime;
 pub mod server;
+pub mod spdy;
 pub mod spec;
 pub mod status;
 

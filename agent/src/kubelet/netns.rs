@@ -9,11 +9,13 @@
 //! localhost), bind-mounts its own namespace file and exits; the agent's
 //! other threads never change namespace.
 
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
-use nix::sched::{CloneFlags, unshare};
+use nix::sched::{CloneFlags, setns, unshare};
 
 /// Errors creating or removing a namespace.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +41,20 @@ pub enum NetnsError {
         /// The cause.
         #[source]
         source: nix::Error,
+    },
+    /// Nothing listens on the port inside the namespace, on either
+    /// loopback address.
+    #[error("cannot connect to localhost:{port} inside {path}: IPv4: {ipv4}; IPv6: {ipv6}")]
+    Connect {
+        /// The namespace file.
+        path: PathBuf,
+        /// The port.
+        port: u16,
+        /// Why 127.0.0.1 failed.
+        #[source]
+        ipv4: std::io::Error,
+        /// Why ::1 failed.
+        ipv6: std::io::Error,
     },
     /// Bringing loopback up failed.
     #[error("cannot bring lo up in {path}: {message}")]
@@ -126,6 +142,46 @@ pub fn create(path: &Path) -> Result<(), NetnsError> {
         let _ = remove(path);
     }
     made
+}
+
+/// A TCP connection to `localhost:port` inside the namespace at `path`
+/// (127.0.0.1, else ::1), as `kubectl port-forward` reaches a pod. The
+/// socket is made on a short-lived thread that joins the namespace; it
+/// stays in that namespace wherever it is used after.
+pub fn connect(path: &Path, port: u16, timeout: Duration) -> Result<TcpStream, NetnsError> {
+    let target = path.to_path_buf();
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&target).map_err(|source| NetnsError::Io {
+            what: "open",
+            path: target.clone(),
+            source,
+        })?;
+        setns(&file, CloneFlags::CLONE_NEWNET).map_err(|source| NetnsError::Sys {
+            what: "join the network namespace",
+            path: target.clone(),
+            source,
+        })?;
+        let v4 = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        let ipv4 = match TcpStream::connect_timeout(&v4, timeout) {
+            Ok(stream) => return Ok(stream),
+            Err(e) => e,
+        };
+        let v6 = SocketAddr::from((Ipv6Addr::LOCALHOST, port));
+        TcpStream::connect_timeout(&v6, timeout).map_err(|ipv6| NetnsError::Connect {
+            path: target.clone(),
+            port,
+            ipv4,
+            ipv6,
+        })
+    })
+    .join()
+    .unwrap_or_else(|_| {
+        Err(NetnsError::Io {
+            what: "connect inside",
+            path: path.to_path_buf(),
+            source: std::io::Error::other("the connecting thread panicked"),
+        })
+    })
 }
 
 /// Unmount and remove a namespace file; nothing to do is fine.

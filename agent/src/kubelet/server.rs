@@ -1,5 +1,5 @@
 //! The agent's HTTPS API: the part of the kubelet API the API server
-//! proxies `kubectl logs` and `kubectl exec` to, plus `/metrics` and
+//! proxies `kubectl logs`, `exec` and `port-forward` to, plus `/metrics` and
 //! `/healthz`.
 //!
 //! - TLS with a serving certificate of the node's own, self-signed (SANs:
@@ -12,8 +12,11 @@
 //!   and group `system:masters` may call anything but `/healthz` (403).
 //! - `GET /containerLogs/{ns}/{pod}/{container}` ([`super::logs`]),
 //!   `GET /exec/{ns}/{pod}/{container}` as a WebSocket upgrade
-//!   ([`super::exec`]), `GET /metrics` (the datapath's per-pod counters and
-//!   the agent's gauges, Prometheus text), `GET /healthz`.
+//!   ([`super::exec`]), `GET|POST /portForward/{ns}/{pod}` as a SPDY/3.1
+//!   upgrade, SPDY tunnelled in a WebSocket, or the WebSocket channel
+//!   protocol ([`super::portforward`]), `GET /metrics` (the
+//!   datapath's per-pod counters and the agent's gauges, Prometheus text),
+//!   `GET /healthz`.
 //! - Errors are metav1 `Status` objects (JSON) with the kubelet's messages,
 //!   so that kubectl shows them through the API server's proxy.
 
@@ -25,10 +28,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::body::{Body, Bytes};
+use axum::extract::FromRequestParts;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::{Path as UrlPath, RawQuery, Request, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -47,6 +51,10 @@ use tower::ServiceExt;
 use super::Kubelet;
 use super::exec::{ExecOptions, ExecTarget, PROTOCOL_V5, PROTOCOLS};
 use super::logs::{LogOptions, LogSource, log_files};
+use super::portforward::{
+    CHANNEL_PROTOCOL as PORT_FORWARD_CHANNELS, PROTOCOL as PORT_FORWARD_PROTOCOL,
+    Target as PortForwardTarget, WEBSOCKET_PROTOCOL as PORT_FORWARD_WEBSOCKET,
+};
 use super::runtime::{LABEL_CONTAINER, LABEL_POD_UID, LABEL_RESTART};
 
 /// The kubelet port, as upstream.
@@ -378,6 +386,7 @@ struct ServerState {
     k: Arc<Kubelet>,
     exec_sessions: AtomicUsize,
     log_streams: AtomicUsize,
+    port_forwards: AtomicUsize,
 }
 
 /// Counts one in-flight stream while alive.
@@ -425,6 +434,10 @@ fn router(state: Arc<ServerState>) -> Router {
             get(container_logs),
         )
         .route("/exec/{namespace}/{pod}/{container}", get(exec).post(exec))
+        .route(
+            "/portForward/{namespace}/{pod}",
+            get(port_forward).post(port_forward),
+        )
         .route_layer(axum::middleware::from_fn(authorize))
         .route("/healthz", get(|| async { "ok" }))
         .fallback(|request: Request| async move {
@@ -469,7 +482,7 @@ async fn metrics(State(state): State<Arc<ServerState>>) -> Response {
             Err(error) => tracing::warn!(%error, "cannot read the datapath's counters"),
         }
     }
-    let gauges: [(&str, &str, usize); 4] = [
+    let gauges: [(&str, &str, usize); 5] = [
         (
             "skiff_agent_pods",
             "Pods bound to this node that the agent runs.",
@@ -489,6 +502,11 @@ async fn metrics(State(state): State<Arc<ServerState>>) -> Response {
             "skiff_agent_log_streams",
             "Container log requests in progress.",
             state.log_streams.load(Ordering::Relaxed),
+        ),
+        (
+            "skiff_agent_port_forwards",
+            "kubectl port-forward connections in progress.",
+            state.port_forwards.load(Ordering::Relaxed),
         ),
     ];
     for (name, help, value) in gauges {
@@ -686,6 +704,137 @@ async fn exec(
     })
 }
 
+/// `kubectl port-forward`: the pod's ports over SPDY, on an `Upgrade:
+/// SPDY/3.1` connection or tunnelled in a WebSocket ([`super::portforward`]).
+async fn port_forward(
+    State(state): State<Arc<ServerState>>,
+    UrlPath((namespace, name)): UrlPath<(String, String)>,
+    request: Request,
+) -> Response {
+    let k = &state.k;
+    let Some((uid, pod)) = k.find_pod(&namespace, &name) else {
+        return status(
+            StatusCode::NOT_FOUND,
+            format!("pod \"{name}\" does not exist"),
+        );
+    };
+    let host_network = pod.spec.as_ref().and_then(|s| s.host_network) == Some(true);
+    let netns = if host_network {
+        None
+    } else {
+        let path = super::netns::netns_path(&k.run_dir, &uid);
+        if !super::netns::is_mounted(&path) {
+            return status(
+                StatusCode::BAD_REQUEST,
+                format!("pod \"{name}\" has no network namespace yet"),
+            );
+        }
+        Some(path)
+    };
+    let target = PortForwardTarget {
+        pod: format!("{namespace}/{name}"),
+        uid,
+        netns,
+    };
+    let upgrade = request
+        .headers()
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    if upgrade.eq_ignore_ascii_case("websocket") {
+        let (mut parts, _) = request.into_parts();
+        let offered = parts.headers.contains_key(header::SEC_WEBSOCKET_PROTOCOL);
+        let socket = match WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
+            Ok(u) => u.protocols([PORT_FORWARD_WEBSOCKET, PORT_FORWARD_CHANNELS]),
+            Err(rejection) => return status(StatusCode::BAD_REQUEST, rejection.body_text()),
+        };
+        let tunnel = match socket.selected_protocol().map(|p| p.as_bytes()) {
+            Some(p) if p == PORT_FORWARD_WEBSOCKET.as_bytes() => true,
+            Some(_) => false,
+            None if !offered => false,
+            None => {
+                return status(
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "none of the requested WebSocket subprotocols is served; use {PORT_FORWARD_WEBSOCKET} or {PORT_FORWARD_CHANNELS}"
+                    ),
+                );
+            }
+        };
+        if tunnel {
+            tracing::info!(pod = %target.pod, "port-forward (SPDY over WebSocket)");
+            return socket.on_upgrade(move |socket| async move {
+                let _in_flight = InFlight::new(&state.port_forwards);
+                super::portforward::serve_websocket(socket, target).await;
+            });
+        }
+        let ports = match super::portforward::query_ports(parts.uri.query()) {
+            Ok(ports) => ports,
+            Err(message) => return status(StatusCode::BAD_REQUEST, message),
+        };
+        tracing::info!(pod = %target.pod, ?ports, "port-forward (WebSocket channels)");
+        return socket.on_upgrade(move |socket| async move {
+            let _in_flight = InFlight::new(&state.port_forwards);
+            super::portforward::serve_channels(socket, target, ports).await;
+        });
+    }
+    if !upgrade.eq_ignore_ascii_case(super::spdy::UPGRADE) {
+        return status(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "port-forward needs an upgrade to {} or a WebSocket with subprotocol {PORT_FORWARD_WEBSOCKET}",
+                super::spdy::UPGRADE
+            ),
+        );
+    }
+    // Upstream's handshake: the client's protocol list must name ours,
+    // unless it sends none (clients before the header).
+    let offered: Vec<String> = request
+        .headers()
+        .get_all("x-stream-protocol-version")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|v| v.trim().to_string())
+        .collect();
+    if !offered.is_empty() && !offered.iter().any(|p| p == PORT_FORWARD_PROTOCOL) {
+        return status(
+            StatusCode::FORBIDDEN,
+            format!(
+                "unable to upgrade: unable to negotiate protocol: client supports {offered:?}, server supports [\"{PORT_FORWARD_PROTOCOL}\"]"
+            ),
+        );
+    }
+    let mut request = request;
+    let on_upgrade = hyper::upgrade::on(&mut request);
+    tracing::info!(pod = %target.pod, "port-forward (SPDY)");
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                let _in_flight = InFlight::new(&state.port_forwards);
+                super::portforward::serve_spdy(TokioIo::new(upgraded), target).await;
+            }
+            Err(error) => tracing::debug!(%error, "port-forward upgrade failed"),
+        }
+    });
+    let mut response = Response::new(Body::empty());
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = response.headers_mut();
+    headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    headers.insert(
+        header::UPGRADE,
+        HeaderValue::from_static(super::spdy::UPGRADE),
+    );
+    if !offered.is_empty() {
+        headers.insert(
+            "x-stream-protocol-version",
+            HeaderValue::from_static(PORT_FORWARD_PROTOCOL),
+        );
+    }
+    response
+}
+
 /// Serve the API on `listener` until `shutdown`.
 pub(super) async fn serve(
     k: Arc<Kubelet>,
@@ -697,6 +846,7 @@ pub(super) async fn serve(
         k,
         exec_sessions: AtomicUsize::new(0),
         log_streams: AtomicUsize::new(0),
+        port_forwards: AtomicUsize::new(0),
     });
     let app = router(state);
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
