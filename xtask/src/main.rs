@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use clap::{Parser, Subcommand};
@@ -746,6 +746,7 @@ fn demo(ws: &Path, keep: bool) -> Result<()> {
         "-qO-",
         &format!("http://{second_ip}:8080/"),
     ])?;
+    port_forward_step(&cluster, &kubectl, second, curl)?;
     step(
         &cluster,
         "skiffctl bpf pods",
@@ -774,6 +775,72 @@ fn demo(ws: &Path, keep: bool) -> Result<()> {
         say("demo finished; the cluster is down");
     }
     Ok(())
+}
+
+/// `kubectl port-forward` to `pod`'s port 8080 from a loopback port of this
+/// machine, one fetch through it, then kubectl stopped.
+fn port_forward_step(
+    cluster: &DemoCluster,
+    kubectl: &Kubectl,
+    pod: &str,
+    curl: bool,
+) -> Result<()> {
+    use std::io::BufRead;
+    let local = free_port().to_string();
+    let target = format!("pod/{pod}");
+    let ports = format!("{local}:8080");
+    let args = [
+        "port-forward",
+        "-n",
+        "demo",
+        &target,
+        &ports,
+        "--address",
+        "127.0.0.1",
+    ];
+    cluster.check()?;
+    show(&format!("kubectl {} &", shell_words(&args)));
+    let mut child = kubectl
+        .command(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("could not run kubectl port-forward")?;
+    let stdout = child.stdout.take().context("no stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let started = rx.recv_timeout(Duration::from_secs(30));
+    let fetched = match started {
+        Ok(line) => {
+            println!("{line}");
+            let url = format!("http://127.0.0.1:{local}/");
+            let fetch: Vec<&str> = if curl {
+                vec!["curl", "-s", "--max-time", "5", &url]
+            } else {
+                vec!["busybox", "wget", "-qO-", &url]
+            };
+            step(
+                cluster,
+                &fetch.join(" "),
+                Command::new(fetch[0]).args(&fetch[1..]),
+                None,
+            )
+            .map(|_| ())
+        }
+        Err(_) => Err(anyhow::anyhow!(
+            "kubectl port-forward did not start listening"
+        )),
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    fetched
 }
 
 /// Joins arguments for display, quoting those a shell would split.
