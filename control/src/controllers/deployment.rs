@@ -956,6 +956,12 @@ fn available_within_size(rs: &ReplicaSet) -> i32 {
     available_of(rs).min(replicas_of(rs))
 }
 
+/// The pods a ReplicaSet has or is about to have: `spec.replicas`, or more
+/// while its status still counts pods a scale-down is deleting.
+fn pods_within_reach(rs: &ReplicaSet) -> i32 {
+    replicas_of(rs).max(rs.status.as_ref().map_or(0, |s| s.replicas))
+}
+
 fn created_of(rs: &ReplicaSet) -> Option<jiff::Timestamp> {
     rs.metadata.creation_timestamp.as_ref().map(|t| t.0)
 }
@@ -1139,14 +1145,17 @@ pub fn max_unavailable(d: &Deployment) -> i32 {
 }
 
 /// The size the new ReplicaSet may grow to now: up to `replicas +
-/// maxSurge` pods in all (upstream's `NewRSNewReplicas`).
+/// maxSurge` pods in all (upstream's `NewRSNewReplicas`). An old set just
+/// scaled down counts the pods its status still reports until its
+/// controller has deleted them, so the pods that exist never exceed the
+/// bound (upstream counts only `spec.replicas`).
 pub fn new_set_replicas(d: &Deployment, old: &[ReplicaSet], new_rs: Option<&ReplicaSet>) -> i32 {
     let desired = d.spec.replicas.unwrap_or(1);
     if !is_rolling(d) {
         return desired;
     }
     let new_size = new_rs.map(replicas_of).unwrap_or(0);
-    let current: i32 = old.iter().map(replicas_of).sum::<i32>() + new_size;
+    let current: i32 = old.iter().map(pods_within_reach).sum::<i32>() + new_size;
     let max_total = desired + max_surge(d);
     if current >= max_total {
         return new_size;
@@ -1824,7 +1833,8 @@ mod tests {
     /// pods or fewer than replicas-maxUnavailable available ones. The old
     /// ReplicaSets' status lags by `lag` steps, as a busy ReplicaSet
     /// controller's does: a scale-down shows there only later, and until
-    /// then the status counts pods that are already gone.
+    /// then the status counts pods that are already gone (or, worse for
+    /// the surge, still there).
     #[test]
     fn a_simulated_rollout_respects_both_bounds_at_every_step() {
         for lag in 0..4 {
@@ -1846,8 +1856,11 @@ mod tests {
         let (max_surge, max_unavailable) = (max_surge(d), max_unavailable(d));
         let mut old = vec![set("old", "nginx:1", replicas, replicas, 1, 1)];
         // What the old pods really are, and the reports still on their way.
+        // Worst cases: a scale-down makes pods unavailable at once, but
+        // deletes them only when its report comes.
         let mut old_available = vec![replicas];
-        let mut reports: VecDeque<Vec<i32>> = VecDeque::new();
+        let mut old_pods = vec![replicas];
+        let mut reports: VecDeque<(Vec<i32>, Vec<i32>)> = VecDeque::new();
         let mut new = set("new", "nginx:2", 0, 0, 2, 2);
         for step in 0..200 {
             let target = new_set_replicas(d, &old, Some(&new));
@@ -1860,7 +1873,7 @@ mod tests {
                     *really = (*really).min(t);
                 }
             }
-            let total: i32 = old.iter().map(replicas_of).sum::<i32>() + replicas_of(&new);
+            let total: i32 = old_pods.iter().sum::<i32>() + replicas_of(&new);
             let available: i32 = old_available.iter().sum::<i32>() + available_of(&new);
             assert!(
                 total <= replicas + max_surge,
@@ -1870,12 +1883,15 @@ mod tests {
                 available >= replicas - max_unavailable,
                 "lag {lag}, step {step}: {available} available < {replicas}-{max_unavailable}"
             );
-            reports.push_back(old_available.clone());
+            reports.push_back((old_available.clone(), old.iter().map(replicas_of).collect()));
             if reports.len() > lag {
-                let report = reports.pop_front().expect("a report");
-                for (rs, available) in old.iter_mut().zip(report) {
-                    rs.status.as_mut().expect("status").available_replicas = Some(available);
+                let (available, pods) = reports.pop_front().expect("a report");
+                for ((rs, available), pods) in old.iter_mut().zip(available).zip(&pods) {
+                    let status = rs.status.as_mut().expect("status");
+                    status.available_replicas = Some(available);
+                    status.replicas = *pods;
                 }
+                old_pods = pods;
             }
             // The new ReplicaSet's pods become available a step later.
             let size = replicas_of(&new);
