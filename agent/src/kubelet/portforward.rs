@@ -484,7 +484,142 @@ async fn connect_here(port: u16) -> Result<TcpStream, String> {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
+    use crate::kubelet::spdy::Headers;
+    use crate::kubelet::spdy::test_client::{Client, DATA, FIN, REPLY};
+
+    fn headers(kind: &str, port: &str, request: &str) -> Headers {
+        Headers(vec![
+            ("streamType".into(), kind.into()),
+            ("port".into(), port.into()),
+            ("requestID".into(), request.into()),
+        ])
+    }
+
+    fn host_network() -> Target {
+        Target {
+            pod: "ns/web".into(),
+            uid: "uid-1".into(),
+            netns: None,
+        }
+    }
+
+    /// What the client reads until every stream in `until` has sent its
+    /// FIN: the replies (id → FIN flag) and each stream's data.
+    async fn read_until_fin(
+        client: &mut Client,
+        io: &mut (impl AsyncRead + Unpin),
+        until: &[u32],
+    ) -> (BTreeMap<u32, bool>, BTreeMap<u32, Vec<u8>>) {
+        let (mut replies, mut data) = (BTreeMap::new(), BTreeMap::<u32, Vec<u8>>::new());
+        let mut finished = Vec::new();
+        while !until.iter().all(|id| finished.contains(id)) {
+            let (kind, stream, flags, payload) =
+                tokio::time::timeout(Duration::from_secs(10), client.read(io))
+                    .await
+                    .expect("a frame in time")
+                    .expect("a frame");
+            match kind {
+                REPLY => {
+                    replies.insert(stream, flags & FIN != 0);
+                }
+                DATA => {
+                    data.entry(stream).or_default().extend(payload);
+                    if flags & FIN != 0 {
+                        finished.push(stream);
+                    }
+                }
+                other => panic!("unexpected frame type {other} on stream {stream}"),
+            }
+        }
+        (replies, data)
+    }
+
+    #[tokio::test]
+    async fn a_pair_reaches_the_port_and_half_closes_both_ways() {
+        // The pod's side: reads to the end, answers, closes.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("address").port().to_string();
+        let pod = tokio::spawn(async move {
+            let (mut conn, _) = listener.accept().await.expect("accept");
+            let mut got = Vec::new();
+            conn.read_to_end(&mut got).await.expect("read");
+            conn.write_all(&[b"got: ", &got[..]].concat())
+                .await
+                .expect("write");
+        });
+        let (ours, mut theirs) = tokio::io::duplex(1 << 16);
+        let server = tokio::spawn(serve_spdy(ours, host_network()));
+        let mut client = Client::new();
+        let mut frames = client.syn_stream(1, false, &headers("error", &port, "0"));
+        frames.extend(Client::data(1, b"", true));
+        frames.extend(client.syn_stream(3, false, &headers("data", &port, "0")));
+        frames.extend(Client::data(3, b"hello", true));
+        theirs.write_all(&frames).await.expect("write");
+        let (replies, data) = read_until_fin(&mut client, &mut theirs, &[1, 3]).await;
+        assert_eq!(replies, BTreeMap::from([(1, false), (3, false)]));
+        assert_eq!(data.get(&3).map(Vec::as_slice), Some(&b"got: hello"[..]));
+        assert!(data.get(&1).is_none_or(Vec::is_empty), "no error: {data:?}");
+        pod.await.expect("the pod side");
+        drop(theirs);
+        server.await.expect("the connection ends with its client");
+    }
+
+    #[tokio::test]
+    async fn a_port_nothing_listens_on_fails_on_the_error_stream() {
+        let port = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            listener.local_addr().expect("address").port()
+        };
+        let (ours, mut theirs) = tokio::io::duplex(1 << 16);
+        let server = tokio::spawn(serve_spdy(ours, host_network()));
+        let mut client = Client::new();
+        // Without requestID, as older clients: the pair is error id, data id + 2.
+        let old_style = |kind: &str| {
+            Headers(vec![
+                ("streamType".into(), kind.into()),
+                ("port".into(), port.to_string()),
+            ])
+        };
+        let mut frames = client.syn_stream(5, false, &old_style("error"));
+        frames.extend(client.syn_stream(7, false, &old_style("data")));
+        theirs.write_all(&frames).await.expect("write");
+        let (_, data) = read_until_fin(&mut client, &mut theirs, &[5, 7]).await;
+        let message = String::from_utf8_lossy(&data[&5]).into_owned();
+        assert!(
+            message.starts_with(&format!(
+                "error forwarding port {port} to pod ns/web, uid uid-1: cannot connect to localhost:{port} on the node"
+            )),
+            "{message}"
+        );
+        drop(theirs);
+        server.await.expect("the connection ends with its client");
+    }
+
+    #[tokio::test]
+    async fn streams_without_a_type_or_a_port_are_refused() {
+        let (ours, mut theirs) = tokio::io::duplex(1 << 16);
+        let server = tokio::spawn(serve_spdy(ours, host_network()));
+        let mut client = Client::new();
+        let mut frames = client.syn_stream(1, false, &Headers(vec![("port".into(), "80".into())]));
+        frames.extend(client.syn_stream(3, false, &headers("data", "http", "1")));
+        frames.extend(client.syn_stream(5, false, &headers("stdin", "80", "2")));
+        theirs.write_all(&frames).await.expect("write");
+        for id in [1, 3, 5] {
+            let (kind, stream, flags, _) = client.read(&mut theirs).await.expect("a reply");
+            assert_eq!(
+                (kind, stream, flags & FIN != 0),
+                (REPLY, id, true),
+                "refused with a FIN reply"
+            );
+        }
+        drop(theirs);
+        server.await.expect("the connection ends with its client");
+    }
 
     #[test]
     fn ports_come_from_port_or_ports_in_any_form() {

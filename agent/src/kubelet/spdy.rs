@@ -628,8 +628,90 @@ where
     }
 }
 
+/// The peer's side of a connection, for tests here and of the protocols on
+/// top.
+#[cfg(test)]
+pub(crate) mod test_client {
+    use super::*;
+
+    /// The frame kind [`Client::read`] gives a `SYN_REPLY`.
+    pub(crate) const REPLY: u16 = SYN_REPLY;
+    /// The frame kind it gives a data frame.
+    pub(crate) const DATA: u16 = 0;
+    /// The FIN flag.
+    pub(crate) const FIN: u8 = FLAG_FIN;
+
+    /// A client's side: frames with its own compressor.
+    pub(crate) struct Client {
+        deflater: Deflater,
+        inflater: Inflater,
+    }
+
+    impl Client {
+        /// A client with fresh header compression.
+        pub(crate) fn new() -> Client {
+            Client {
+                deflater: Deflater::new(),
+                inflater: Inflater::new(),
+            }
+        }
+
+        /// A `SYN_STREAM` frame.
+        pub(crate) fn syn_stream(&mut self, stream: u32, fin: bool, headers: &Headers) -> Vec<u8> {
+            let mut payload = stream.to_be_bytes().to_vec();
+            payload.extend_from_slice(&0u32.to_be_bytes());
+            payload.extend_from_slice(&[0, 0]);
+            payload.extend(self.deflater.compress(&headers.encode()));
+            control_frame(SYN_STREAM, if fin { FLAG_FIN } else { 0 }, &payload)
+        }
+
+        /// A data frame.
+        pub(crate) fn data(stream: u32, data: &[u8], fin: bool) -> Vec<u8> {
+            encode(
+                &Out::Data {
+                    stream,
+                    data: Bytes::copy_from_slice(data),
+                    fin,
+                },
+                &mut Deflater::new(),
+            )
+        }
+
+        /// Reads frames the server sent, decoding SYN_REPLY with this
+        /// client's inflater.
+        pub(crate) async fn read(
+            &mut self,
+            io: &mut (impl AsyncRead + Unpin),
+        ) -> Option<(u16, u32, u8, Vec<u8>)> {
+            let mut head = [0u8; 8];
+            io.read_exact(&mut head).await.ok()?;
+            let length = u32::from_be_bytes([0, head[5], head[6], head[7]]) as usize;
+            let mut payload = vec![0u8; length];
+            io.read_exact(&mut payload).await.expect("payload");
+            if head[0] & 0x80 == 0 {
+                let stream = u32::from_be_bytes(head[0..4].try_into().expect("4"));
+                return Some((0, stream, head[4], payload));
+            }
+            let kind = u16::from_be_bytes([head[2], head[3]]);
+            let stream = u32::from_be_bytes(payload[0..4].try_into().expect("4"));
+            if kind == SYN_REPLY {
+                let block = self
+                    .inflater
+                    .decompress(&payload[4..])
+                    .expect("reply block");
+                assert_eq!(
+                    Headers::decode(&block).expect("headers"),
+                    Headers::default()
+                );
+            }
+            Some((kind, stream, head[4], payload))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::test_client::Client;
     use super::*;
 
     fn adler32(data: &[u8]) -> u32 {
@@ -691,72 +773,12 @@ mod tests {
         }
     }
 
-    /// A client's side: frames with its own compressor.
-    struct Client {
-        deflater: Deflater,
-        inflater: Inflater,
-    }
-
-    impl Client {
-        fn syn_stream(&mut self, stream: u32, fin: bool, headers: &Headers) -> Vec<u8> {
-            let mut payload = stream.to_be_bytes().to_vec();
-            payload.extend_from_slice(&0u32.to_be_bytes());
-            payload.extend_from_slice(&[0, 0]);
-            payload.extend(self.deflater.compress(&headers.encode()));
-            control_frame(SYN_STREAM, if fin { FLAG_FIN } else { 0 }, &payload)
-        }
-
-        fn data(stream: u32, data: &[u8], fin: bool) -> Vec<u8> {
-            encode(
-                &Out::Data {
-                    stream,
-                    data: Bytes::copy_from_slice(data),
-                    fin,
-                },
-                &mut Deflater::new(),
-            )
-        }
-
-        /// Reads frames the server sent, decoding SYN_REPLY with this
-        /// client's inflater.
-        async fn read(
-            &mut self,
-            io: &mut (impl AsyncRead + Unpin),
-        ) -> Option<(u16, u32, u8, Vec<u8>)> {
-            let mut head = [0u8; 8];
-            io.read_exact(&mut head).await.ok()?;
-            let length = u32::from_be_bytes([0, head[5], head[6], head[7]]) as usize;
-            let mut payload = vec![0u8; length];
-            io.read_exact(&mut payload).await.expect("payload");
-            if head[0] & 0x80 == 0 {
-                let stream = u32::from_be_bytes(head[0..4].try_into().expect("4"));
-                return Some((0, stream, head[4], payload));
-            }
-            let kind = u16::from_be_bytes([head[2], head[3]]);
-            let stream = u32::from_be_bytes(payload[0..4].try_into().expect("4"));
-            if kind == SYN_REPLY {
-                let block = self
-                    .inflater
-                    .decompress(&payload[4..])
-                    .expect("reply block");
-                assert_eq!(
-                    Headers::decode(&block).expect("headers"),
-                    Headers::default()
-                );
-            }
-            Some((kind, stream, head[4], payload))
-        }
-    }
-
     #[tokio::test]
     async fn streams_open_carry_data_both_ways_and_half_close() {
         let (ours, mut theirs) = tokio::io::duplex(1 << 16);
         let (tx, mut rx) = mpsc::channel(4);
         let server = tokio::spawn(serve(ours, tx));
-        let mut client = Client {
-            deflater: Deflater::new(),
-            inflater: Inflater::new(),
-        };
+        let mut client = Client::new();
         let headers = Headers(vec![("streamType".into(), "data".into())]);
         theirs
             .write_all(&client.syn_stream(1, false, &headers))
