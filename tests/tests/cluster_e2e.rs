@@ -161,9 +161,15 @@ impl Cluster {
     }
 
     fn kubectl_stdin(&self, args: &[&str], stdin: &str) -> Output {
+        self.kubectl_env_stdin(args, &[], stdin)
+    }
+
+    /// kubectl with extra environment variables and `stdin` as its input.
+    fn kubectl_env_stdin(&self, args: &[&str], env: &[(&str, &str)], stdin: &str) -> Output {
         use std::io::Write;
         let mut child = self
             .kubectl_cmd(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -365,15 +371,6 @@ impl Cluster {
                     p["txPackets"].as_u64().expect("txPackets"),
                 )
             })
-    }
-
-    /// Whether `kubectl exec` is served at all (the error when the node
-    /// side is missing says so).
-    fn exec_unsupported(out: &Output) -> bool {
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        !out.status.success()
-            && (stderr.contains("unable to upgrade connection")
-                || stderr.contains("could not find the requested resource"))
     }
 }
 
@@ -589,21 +586,14 @@ spec:
     let out = c.kubectl(&[
         "exec", "-n", NS, &a.name, "--", "timeout", "5", "wget", "-qO-", &url,
     ]);
-    if Cluster::exec_unsupported(&out) {
-        eprintln!(
-            "NOTE: kubectl exec is not served yet ({}); pod-to-pod was shown by the client pod only",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    } else {
-        assert!(
-            out.status.success(),
-            "kubectl exec {} -- wget {url}: {}",
-            a.name,
-            text(&out)
-        );
-        let body = String::from_utf8_lossy(&out.stdout);
-        assert!(body.contains(&format!("hello from {}", b.name)), "{body}");
-    }
+    assert!(
+        out.status.success(),
+        "kubectl exec {} -- wget {url}: {}",
+        a.name,
+        text(&out)
+    );
+    let body = String::from_utf8_lossy(&out.stdout);
+    assert!(body.contains(&format!("hello from {}", b.name)), "{body}");
     c.kubectl_ok(&["delete", "pod", "-n", NS, "client", "--wait=true"]);
 }
 
@@ -842,10 +832,6 @@ spec:
         "-c",
         "echo ok > /www/ready",
     ]);
-    if Cluster::exec_unsupported(&out) {
-        eprintln!("NOTE: kubectl exec is not served yet; the NotReady-to-Ready step is skipped");
-        return;
-    }
     assert!(out.status.success(), "kubectl exec: {}", text(&out));
     c.wait_pod("unready", "Ready once the probe passes", |p| {
         condition(p, "Ready") == "True"
@@ -903,12 +889,6 @@ spec:
         "-qO-",
         "http://127.0.0.1:8080/",
     ]);
-    if Cluster::exec_unsupported(&out) {
-        eprintln!(
-            "NOTE: kubectl exec is not served yet; localhost sharing shown by the probe only"
-        );
-        return;
-    }
     assert!(out.status.success(), "exec writer wget: {}", text(&out));
     assert!(String::from_utf8_lossy(&out.stdout).contains("from-writer"));
     let out = c.kubectl_ok(&[
@@ -959,21 +939,62 @@ spec:
     let followed = c.kubectl_ok(&["logs", "-f", "-n", NS, "counter", "-c", "count"]);
     assert_eq!(followed, "line 1\nline 2\nline 3\n", "kubectl logs -f");
 
-    let page = c.kubectl_ok(&["exec", "-n", NS, &web.name, "--", "cat", "/www/index.html"]);
-    assert_eq!(page.trim(), format!("hello from {}", web.name));
-    let out = c.kubectl(&["exec", "-n", NS, &web.name, "--", "sh", "-c", "exit 3"]);
-    assert_eq!(
-        out.status.code(),
-        Some(3),
-        "exit code passes through: {}",
-        text(&out)
-    );
-    let out = c.kubectl_stdin(
-        &["exec", "-i", "-n", NS, &web.name, "--", "tr", "a-z", "A-Z"],
-        "through stdin\n",
-    );
-    assert!(out.status.success(), "exec -i: {}", text(&out));
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "THROUGH STDIN\n");
+    // kubectl's default (WebSocket v5), then SPDY (kubectl before 1.30,
+    // client-go's SPDY executor).
+    for websockets in ["true", "false"] {
+        let env = [("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", websockets)];
+        let exec = |args: &[&str], stdin: &str| c.kubectl_env_stdin(args, &env, stdin);
+        let out = exec(
+            &["exec", "-n", NS, &web.name, "--", "cat", "/www/index.html"],
+            "",
+        );
+        assert!(
+            out.status.success(),
+            "websockets={websockets}: {}",
+            text(&out)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            format!("hello from {}", web.name)
+        );
+        let out = exec(
+            &[
+                "exec",
+                "-n",
+                NS,
+                &web.name,
+                "--",
+                "sh",
+                "-c",
+                "echo out; echo err >&2; exit 3",
+            ],
+            "",
+        );
+        assert_eq!(
+            (
+                out.status.code(),
+                String::from_utf8_lossy(&out.stdout).as_ref()
+            ),
+            (Some(3), "out\n"),
+            "websockets={websockets}: exit code passes through: {}",
+            text(&out)
+        );
+        assert!(
+            String::from_utf8_lossy(&out.stderr).starts_with("err\n"),
+            "websockets={websockets}: stderr apart: {}",
+            text(&out)
+        );
+        let out = exec(
+            &["exec", "-i", "-n", NS, &web.name, "--", "tr", "a-z", "A-Z"],
+            "through stdin\n",
+        );
+        assert!(
+            out.status.success(),
+            "websockets={websockets}: exec -i: {}",
+            text(&out)
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "THROUGH STDIN\n");
+    }
     let hostname = c.kubectl_ok(&["exec", "-n", NS, "duo", "-c", "writer", "--", "hostname"]);
     assert_eq!(hostname.trim(), "duo");
 }

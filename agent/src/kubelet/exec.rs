@@ -1,6 +1,7 @@
 //! `kubectl exec` on the agent: the Kubernetes WebSocket stream protocol
-//! (`v5.channel.k8s.io`, `v4.channel.k8s.io`) over a containerd exec whose
-//! stdio are FIFOs.
+//! (`v5.channel.k8s.io`, `v4.channel.k8s.io`), or `v4.channel.k8s.io` over
+//! SPDY/3.1 ([`spdy_session`]), over a containerd exec whose stdio are
+//! FIFOs. One exec loop serves both transports ([`Output`], [`InputSource`]).
 //!
 //! Every binary WebSocket message starts with a channel byte: 0 stdin (from
 //! the client), 1 stdout, 2 stderr, 3 error (one metav1 `Status` when the
@@ -26,9 +27,12 @@ use axum::body::Bytes;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, close_code};
 use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use super::runtime::{ExecStdio, Runtime};
+use super::spdy::{self, PeerStream, StreamSender};
 
 /// The stream protocols served, preferred first.
 pub const PROTOCOLS: [&str; 2] = [PROTOCOL_V5, PROTOCOL_V4];
@@ -49,6 +53,11 @@ pub const ERROR: u8 = 3;
 pub const RESIZE: u8 = 4;
 /// Channel (v5): close the channel named by the next byte.
 pub const CLOSE: u8 = 255;
+
+/// The stream protocol served over SPDY.
+pub const SPDY_PROTOCOL: &str = PROTOCOL_V4;
+/// How long the client may take to open its SPDY streams, as upstream.
+const STREAM_CREATION_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long output may still drain after the process exited.
 const DRAIN: Duration = Duration::from_secs(5);
@@ -272,25 +281,76 @@ pub struct ExecTarget {
     pub fifo_dir: PathBuf,
 }
 
+/// What the client sends during an exec, whatever carries it.
+#[derive(Debug)]
+pub enum Input {
+    /// Bytes for the process's stdin.
+    Stdin(Bytes),
+    /// The client's stdin ended.
+    CloseStdin,
+    /// The terminal's new size (width, height).
+    Resize(u32, u32),
+    /// The client went away.
+    Gone,
+}
+
+/// Where an exec's output goes: the channels of [`STDOUT`], [`STDERR`] and
+/// [`ERROR`] on the client's transport.
+pub trait Output: Send {
+    /// Send `data` on `channel`; false once the client is gone.
+    fn send(&mut self, channel: u8, data: &[u8]) -> impl Future<Output = bool> + Send;
+}
+
+/// Where an exec's input comes from.
+pub trait InputSource: Send {
+    /// The next input; must be cancel-safe (it is raced against output).
+    fn next(&mut self) -> impl Future<Output = Input> + Send;
+}
+
+struct WsOutput(WsTx);
+
+impl Output for WsOutput {
+    async fn send(&mut self, channel: u8, data: &[u8]) -> bool {
+        self.0.send(frame(channel, data)).await.is_ok()
+    }
+}
+
+struct WsInput {
+    rx: WsRx,
+    v5: bool,
+}
+
+impl InputSource for WsInput {
+    async fn next(&mut self) -> Input {
+        loop {
+            match self.rx.next().await {
+                Some(Ok(Message::Binary(data))) if !data.is_empty() => match data[0] {
+                    STDIN => return Input::Stdin(data.slice(1..)),
+                    RESIZE => {
+                        if let Some((width, height)) = parse_resize(&data[1..]) {
+                            return Input::Resize(width, height);
+                        }
+                    }
+                    CLOSE if self.v5 && data.get(1) == Some(&STDIN) => return Input::CloseStdin,
+                    _ => {}
+                },
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return Input::Gone,
+                Some(Ok(_)) => {}
+            }
+        }
+    }
+}
+
 /// Run one `kubectl exec` over `socket` (already upgraded, with
 /// `protocol` negotiated) and close it.
 pub async fn session(target: ExecTarget, options: ExecOptions, socket: WebSocket, v5: bool) {
-    let id = exec_id();
-    let dir = target.fifo_dir.join(&id);
-    let (mut ws_tx, mut ws_rx) = socket.split();
-    let result = run(&target, &options, &id, &dir, &mut ws_tx, &mut ws_rx, v5).await;
-    let status = match result {
-        Ok(Some(code)) => exit_status(&options.command, code),
-        Ok(None) => {
-            // The client went away.
-            let _ = std::fs::remove_dir_all(&dir);
-            return;
-        }
-        Err(message) => {
-            tracing::info!(container = %target.container_id, %message, "exec failed");
-            error_status(&message)
-        }
+    let (ws_tx, ws_rx) = socket.split();
+    let mut out = WsOutput(ws_tx);
+    let mut input = WsInput { rx: ws_rx, v5 };
+    let Some(status) = run_to_status(&target, &options, &mut out, &mut input).await else {
+        return;
     };
+    let WsOutput(mut ws_tx) = out;
     let _ = ws_tx
         .send(frame(ERROR, status.to_string().as_bytes()))
         .await;
@@ -301,16 +361,232 @@ pub async fn session(target: ExecTarget, options: ExecOptions, socket: WebSocket
             reason: Utf8Bytes::from_static(""),
         })))
         .await;
-    let _ = std::fs::remove_dir_all(&dir);
     // Let the client see the close before the connection drops.
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        while let Some(Ok(message)) = ws_rx.next().await {
+        while let Some(Ok(message)) = input.rx.next().await {
             if matches!(message, Message::Close(_)) {
                 break;
             }
         }
     })
     .await;
+}
+
+/// Run the exec (under a fresh id, its FIFOs in a directory of that name)
+/// and give the `Status` that ends it; `None` when the client went away.
+/// The FIFO directory is removed either way.
+async fn run_to_status(
+    target: &ExecTarget,
+    options: &ExecOptions,
+    out: &mut impl Output,
+    input: &mut impl InputSource,
+) -> Option<Value> {
+    let id = exec_id();
+    let dir = target.fifo_dir.join(&id);
+    let result = run(target, options, &id, &dir, out, input).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    match result {
+        Ok(Some(code)) => Some(exit_status(&options.command, code)),
+        // The client went away.
+        Ok(None) => None,
+        Err(message) => {
+            tracing::info!(container = %target.container_id, %message, "exec failed");
+            Some(error_status(&message))
+        }
+    }
+}
+
+/// The terminal sizes complete in `pending` (JSON objects one after
+/// another, as client-go writes them on the `resize` stream), removed from
+/// it; a partial object stays for the next chunk.
+fn take_sizes(pending: &mut Vec<u8>) -> Vec<(u32, u32)> {
+    let mut values = serde_json::Deserializer::from_slice(pending).into_iter::<Value>();
+    let mut sizes = Vec::new();
+    let mut used = 0;
+    loop {
+        match values.next() {
+            Some(Ok(value)) => {
+                used = values.byte_offset();
+                if let Some(size) = parse_resize(value.to_string().as_bytes()) {
+                    sizes.push(size);
+                }
+            }
+            // Not JSON: nothing after it can be read either.
+            Some(Err(error)) if !error.is_eof() => {
+                used = pending.len();
+                break;
+            }
+            _ => break,
+        }
+    }
+    pending.drain(..used);
+    sizes
+}
+
+/// The exec's streams on SPDY, by `streamType`.
+struct SpdyOutput {
+    stdout: Option<StreamSender>,
+    stderr: Option<StreamSender>,
+    error: StreamSender,
+}
+
+impl Output for SpdyOutput {
+    async fn send(&mut self, channel: u8, data: &[u8]) -> bool {
+        // SPDY streams need no opening frame.
+        if data.is_empty() {
+            return true;
+        }
+        let stream = match channel {
+            STDOUT => self.stdout.as_ref(),
+            STDERR => self.stderr.as_ref(),
+            _ => Some(&self.error),
+        };
+        match stream {
+            Some(stream) => stream.send(Bytes::copy_from_slice(data)).await.is_ok(),
+            None => true,
+        }
+    }
+}
+
+struct SpdyInput(mpsc::Receiver<Input>);
+
+impl InputSource for SpdyInput {
+    async fn next(&mut self) -> Input {
+        self.0.recv().await.unwrap_or(Input::Gone)
+    }
+}
+
+/// The streams an exec over SPDY waits for.
+#[derive(Default)]
+struct SpdyStreams {
+    error: Option<PeerStream>,
+    stdin: Option<PeerStream>,
+    stdout: Option<PeerStream>,
+    stderr: Option<PeerStream>,
+    resize: Option<PeerStream>,
+}
+
+impl SpdyStreams {
+    fn complete(&self, options: &ExecOptions) -> bool {
+        self.error.is_some()
+            && self.stdin.is_some() == options.stdin
+            && self.stdout.is_some() == options.stdout
+            && self.stderr.is_some() == options.stderr
+            && self.resize.is_some() == options.tty
+    }
+}
+
+/// Run one exec over a SPDY connection (`X-Stream-Protocol-Version:
+/// v4.channel.k8s.io`, what kubectl before 1.30 and client-go's SPDY
+/// executor speak): the client opens an `error` stream and one per stream
+/// the options ask for (`stdin`, `stdout`, `stderr`, and `resize` with a
+/// terminal); stdin's FIN closes the process's stdin; `resize` carries
+/// JSON sizes one after another; the `Status` goes on `error`, then every
+/// stream is closed and so is the connection.
+pub async fn spdy_session<IO>(target: ExecTarget, options: ExecOptions, io: IO)
+where
+    IO: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (streams_tx, mut incoming) = mpsc::channel(8);
+    let done = CancellationToken::new();
+    let connection = tokio::spawn(spdy::serve_until(io, streams_tx, done.clone()));
+    let mut streams = SpdyStreams::default();
+    let deadline = tokio::time::sleep(STREAM_CREATION_TIMEOUT);
+    tokio::pin!(deadline);
+    while !streams.complete(&options) {
+        let stream = tokio::select! {
+            stream = incoming.recv() => stream,
+            () = &mut deadline => None,
+        };
+        let Some(stream) = stream else {
+            tracing::info!(container = %target.container_id, "exec over SPDY: the client's streams did not all come");
+            if let Some(error) = &streams.error {
+                let status = error_status("timed out waiting for the client to create its streams");
+                let _ = error.out.send(Bytes::from(status.to_string())).await;
+                let _ = error.out.finish().await;
+            }
+            drop(streams);
+            done.cancel();
+            let _ = connection.await;
+            return;
+        };
+        let slot = match stream.headers.get("streamType") {
+            Some("error") => &mut streams.error,
+            Some("stdin") if options.stdin => &mut streams.stdin,
+            Some("stdout") if options.stdout => &mut streams.stdout,
+            Some("stderr") if options.stderr => &mut streams.stderr,
+            Some("resize") if options.tty => &mut streams.resize,
+            other => {
+                tracing::info!(stream = ?other, "exec over SPDY: stream type not wanted");
+                let _ = stream.out.reply(true).await;
+                continue;
+            }
+        };
+        if slot.is_some() {
+            let _ = stream.out.reset(spdy::PROTOCOL_ERROR).await;
+            continue;
+        }
+        let _ = stream.out.reply(false).await;
+        *slot = Some(stream);
+    }
+    let SpdyStreams {
+        error,
+        stdin,
+        stdout,
+        stderr,
+        resize,
+    } = streams;
+    let error = error.expect("complete");
+    let (inputs, rx) = mpsc::channel(16);
+    if let Some(mut stdin) = stdin {
+        let inputs = inputs.clone();
+        tokio::spawn(async move {
+            while let Some(data) = stdin.data.recv().await {
+                if inputs.send(Input::Stdin(data)).await.is_err() {
+                    return;
+                }
+            }
+            let _ = inputs.send(Input::CloseStdin).await;
+        });
+    }
+    if let Some(mut resize) = resize {
+        let inputs = inputs.clone();
+        tokio::spawn(async move {
+            let mut pending: Vec<u8> = Vec::new();
+            while let Some(data) = resize.data.recv().await {
+                pending.extend_from_slice(&data);
+                for (width, height) in take_sizes(&mut pending) {
+                    if inputs.send(Input::Resize(width, height)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+    }
+    // Streams opened after the set is complete are refused; the end of
+    // the connection is the client's going.
+    tokio::spawn(async move {
+        while let Some(extra) = incoming.recv().await {
+            let _ = extra.out.reset(spdy::REFUSED_STREAM).await;
+        }
+        let _ = inputs.send(Input::Gone).await;
+    });
+    let mut out = SpdyOutput {
+        stdout: stdout.map(|s| s.out),
+        stderr: stderr.map(|s| s.out),
+        error: error.out,
+    };
+    let status = run_to_status(&target, &options, &mut out, &mut SpdyInput(rx)).await;
+    if let Some(status) = status {
+        let _ = out.error.send(Bytes::from(status.to_string())).await;
+        for stream in [&out.stdout, &out.stderr].into_iter().flatten() {
+            let _ = stream.finish().await;
+        }
+        let _ = out.error.finish().await;
+    }
+    drop(out);
+    done.cancel();
+    let _ = connection.await;
 }
 
 type WsTx = futures::stream::SplitSink<WebSocket, Message>;
@@ -324,9 +600,8 @@ async fn run(
     options: &ExecOptions,
     id: &str,
     dir: &Path,
-    ws_tx: &mut WsTx,
-    ws_rx: &mut WsRx,
-    v5: bool,
+    out: &mut impl Output,
+    input: &mut impl InputSource,
 ) -> Result<Option<u32>, String> {
     let runtime = &target.runtime;
     let cid = target.container_id.as_str();
@@ -397,7 +672,7 @@ async fn run(
     } else {
         ERROR
     };
-    let _ = ws_tx.send(frame(first, &[])).await;
+    out.send(first, &[]).await;
 
     let wait = runtime.wait(cid, id);
     tokio::pin!(wait);
@@ -414,40 +689,35 @@ async fn run(
             },
             chunk = out_rx.recv(), if !outputs_done => match chunk {
                 Some((channel, data)) => {
-                    if ws_tx.send(frame(channel, &data)).await.is_err() {
+                    if !out.send(channel, &data).await {
                         client_gone = true;
                         break None;
                     }
                 }
                 None => outputs_done = true,
             },
-            message = ws_rx.next(), if !client_gone => match message {
-                Some(Ok(Message::Binary(data))) if !data.is_empty() => match data[0] {
-                    STDIN => {
-                        if let Some(tx) = &in_tx
-                            && tx.send(data.slice(1..)).await.is_err()
-                        {
-                            in_tx = None;
-                        }
+            next = input.next(), if !client_gone => match next {
+                Input::Stdin(data) => {
+                    if let Some(tx) = &in_tx
+                        && tx.send(data).await.is_err()
+                    {
+                        in_tx = None;
                     }
-                    RESIZE => {
-                        if options.tty
-                            && let Some((width, height)) = parse_resize(&data[1..])
-                            && let Err(error) = runtime.resize_pty(cid, id, width, height).await
-                        {
-                            tracing::debug!(%error, "cannot resize the exec's terminal");
-                        }
+                }
+                Input::Resize(width, height) => {
+                    if options.tty
+                        && let Err(error) = runtime.resize_pty(cid, id, width, height).await
+                    {
+                        tracing::debug!(%error, "cannot resize the exec's terminal");
                     }
-                    CLOSE if v5 && data.get(1) == Some(&STDIN) => {
-                        close_stdin(runtime, cid, id, &mut in_tx, &mut writer).await;
-                    }
-                    _ => {}
-                },
-                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => {
+                }
+                Input::CloseStdin => {
+                    close_stdin(runtime, cid, id, &mut in_tx, &mut writer).await;
+                }
+                Input::Gone => {
                     client_gone = true;
                     break None;
                 }
-                Some(Ok(_)) => {}
             },
         }
     };
@@ -466,7 +736,7 @@ async fn run(
     // What the process wrote before it exited.
     let _ = tokio::time::timeout(DRAIN, async {
         while let Some((channel, data)) = out_rx.recv().await {
-            if ws_tx.send(frame(channel, &data)).await.is_err() {
+            if !out.send(channel, &data).await {
                 break;
             }
         }
@@ -510,6 +780,20 @@ mod tests {
             json!([{"reason": "ExitCode", "message": "3"}])
         );
         assert_eq!(error_status("boom")["reason"], "InternalError");
+    }
+
+    #[test]
+    fn resize_streams_give_each_complete_size_once() {
+        let mut pending = br#"{"Width":80,"Height":24}{"Width":100,"#.to_vec();
+        assert_eq!(take_sizes(&mut pending), [(80, 24)]);
+        assert_eq!(pending, br#"{"Width":100,"#);
+        assert_eq!(take_sizes(&mut pending), []);
+        pending.extend_from_slice(br#""Height":40} {"Width":1,"Height":2}"#);
+        assert_eq!(take_sizes(&mut pending), [(100, 40), (1, 2)]);
+        assert!(pending.is_empty(), "{pending:?}");
+        let mut junk = b"]{\"Width\":1,\"Height\":2}".to_vec();
+        assert_eq!(take_sizes(&mut junk), []);
+        assert!(junk.is_empty(), "what is not JSON is dropped");
     }
 
     #[test]

@@ -11,8 +11,8 @@
 //!   `--client-ca-file`); only the API server (`kube-apiserver-kubelet-client`)
 //!   and group `system:masters` may call anything but `/healthz` (403).
 //! - `GET /containerLogs/{ns}/{pod}/{container}` ([`super::logs`]),
-//!   `GET /exec/{ns}/{pod}/{container}` as a WebSocket upgrade
-//!   ([`super::exec`]), `GET|POST /portForward/{ns}/{pod}` as a SPDY/3.1
+//!   `GET|POST /exec/{ns}/{pod}/{container}` as a WebSocket or SPDY/3.1
+//!   upgrade ([`super::exec`]), `GET|POST /portForward/{ns}/{pod}` as a SPDY/3.1
 //!   upgrade, SPDY tunnelled in a WebSocket, or the WebSocket channel
 //!   protocol ([`super::portforward`]), `GET /metrics` (the
 //!   datapath's per-pod counters and the agent's gauges, Prometheus text),
@@ -30,7 +30,6 @@ use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::FromRequestParts;
 use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::{Path as UrlPath, RawQuery, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::Next;
@@ -49,7 +48,7 @@ use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
 use super::Kubelet;
-use super::exec::{ExecOptions, ExecTarget, PROTOCOL_V5, PROTOCOLS};
+use super::exec::{ExecOptions, ExecTarget, PROTOCOL_V5, PROTOCOLS, SPDY_PROTOCOL};
 use super::logs::{LogOptions, LogSource, log_files};
 use super::portforward::{
     CHANNEL_PROTOCOL as PORT_FORWARD_CHANNELS, PROTOCOL as PORT_FORWARD_PROTOCOL,
@@ -647,7 +646,7 @@ async fn exec(
     State(state): State<Arc<ServerState>>,
     UrlPath((namespace, name, container)): UrlPath<(String, String, String)>,
     RawQuery(query): RawQuery,
-    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    request: Request,
 ) -> Response {
     let options = match ExecOptions::parse(query.as_deref()) {
         Ok(o) => o,
@@ -668,13 +667,27 @@ async fn exec(
         Ok(spec) => spec,
         Err(error) => return status(StatusCode::INTERNAL_SERVER_ERROR, error.to_string()),
     };
-    let upgrade = match upgrade {
+    let target = ExecTarget {
+        runtime: k.runtime.clone(),
+        container_id,
+        spec,
+        fifo_dir: k.run_dir.join("exec"),
+    };
+    if wants_spdy(&request) {
+        tracing::info!(pod = %format!("{namespace}/{name}"), %container, command = ?options.command, "exec (SPDY)");
+        return spdy_upgrade(request, SPDY_PROTOCOL, false, move |io| async move {
+            let _in_flight = InFlight::new(&state.exec_sessions);
+            super::exec::spdy_session(target, options, io).await;
+        });
+    }
+    let (mut parts, _) = request.into_parts();
+    let upgrade = match WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
         Ok(u) => u.protocols(PROTOCOLS),
         Err(rejection) => {
             return status(
                 StatusCode::BAD_REQUEST,
                 format!(
-                    "exec needs a WebSocket upgrade with subprotocol {} (SPDY is not served): {rejection}",
+                    "exec needs an upgrade to SPDY/3.1, or to a WebSocket with subprotocol {}: {rejection}",
                     PROTOCOLS.join(" or ")
                 ),
             );
@@ -690,12 +703,6 @@ async fn exec(
         );
     };
     let v5 = protocol.as_bytes() == PROTOCOL_V5.as_bytes();
-    let target = ExecTarget {
-        runtime: k.runtime.clone(),
-        container_id,
-        spec,
-        fifo_dir: k.run_dir.join("exec"),
-    };
     tracing::info!(pod = %format!("{namespace}/{name}"), %container, command = ?options.command, protocol = ?protocol, "exec");
     let state = state.clone();
     upgrade.on_upgrade(move |socket| async move {
@@ -788,8 +795,28 @@ async fn port_forward(
             ),
         );
     }
-    // Upstream's handshake: the client's protocol list must name ours,
-    // unless it sends none (clients before the header).
+    tracing::info!(pod = %target.pod, "port-forward (SPDY)");
+    spdy_upgrade(request, PORT_FORWARD_PROTOCOL, true, move |io| async move {
+        let _in_flight = InFlight::new(&state.port_forwards);
+        super::portforward::serve_spdy(io, target).await;
+    })
+}
+
+/// Answer an `Upgrade: SPDY/3.1` request with upstream's handshake and hand
+/// the upgraded connection to `serve`. The client's
+/// `X-Stream-Protocol-Version`s must include `protocol`; a client that
+/// names none is let through only when `unnamed_ok` (port-forward clients
+/// older than the header).
+fn spdy_upgrade<F, Fut>(
+    mut request: Request,
+    protocol: &'static str,
+    unnamed_ok: bool,
+    serve: F,
+) -> Response
+where
+    F: FnOnce(TokioIo<hyper::upgrade::Upgraded>) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     let offered: Vec<String> = request
         .headers()
         .get_all("x-stream-protocol-version")
@@ -797,25 +824,23 @@ async fn port_forward(
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .map(|v| v.trim().to_string())
+        .filter(|v| !v.is_empty())
         .collect();
-    if !offered.is_empty() && !offered.iter().any(|p| p == PORT_FORWARD_PROTOCOL) {
+    let named = offered.iter().any(|p| p == protocol);
+    let allowed = named || (offered.is_empty() && unnamed_ok);
+    if !allowed {
         return status(
             StatusCode::FORBIDDEN,
             format!(
-                "unable to upgrade: unable to negotiate protocol: client supports {offered:?}, server supports [\"{PORT_FORWARD_PROTOCOL}\"]"
+                "unable to upgrade: unable to negotiate protocol: client supports {offered:?}, server supports [\"{protocol}\"]"
             ),
         );
     }
-    let mut request = request;
     let on_upgrade = hyper::upgrade::on(&mut request);
-    tracing::info!(pod = %target.pod, "port-forward (SPDY)");
     tokio::spawn(async move {
         match on_upgrade.await {
-            Ok(upgraded) => {
-                let _in_flight = InFlight::new(&state.port_forwards);
-                super::portforward::serve_spdy(TokioIo::new(upgraded), target).await;
-            }
-            Err(error) => tracing::debug!(%error, "port-forward upgrade failed"),
+            Ok(upgraded) => serve(TokioIo::new(upgraded)).await,
+            Err(error) => tracing::debug!(%error, "SPDY upgrade failed"),
         }
     });
     let mut response = Response::new(Body::empty());
@@ -826,13 +851,22 @@ async fn port_forward(
         header::UPGRADE,
         HeaderValue::from_static(super::spdy::UPGRADE),
     );
-    if !offered.is_empty() {
+    if named {
         headers.insert(
             "x-stream-protocol-version",
-            HeaderValue::from_static(PORT_FORWARD_PROTOCOL),
+            HeaderValue::from_static(protocol),
         );
     }
     response
+}
+
+/// Whether `request` asks to upgrade to SPDY/3.1.
+fn wants_spdy(request: &Request) -> bool {
+    request
+        .headers()
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case(super::spdy::UPGRADE))
 }
 
 /// Serve the API on `listener` until `shutdown`.

@@ -22,6 +22,7 @@ use bytes::Bytes;
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 /// The `Upgrade` token of a plain SPDY connection.
 pub const UPGRADE: &str = "SPDY/3.1";
@@ -528,6 +529,21 @@ pub async fn serve<IO>(io: IO, streams: mpsc::Sender<PeerStream>) -> Result<(), 
 where
     IO: AsyncRead + AsyncWrite + Send + 'static,
 {
+    serve_until(io, streams, CancellationToken::new()).await
+}
+
+/// [`serve`], also ending when `done` is cancelled: the agent's side is
+/// finished (a kubelet closes an exec's connection once it has sent the
+/// status). Frames already queued are still written, then the write side
+/// is shut down.
+pub async fn serve_until<IO>(
+    io: IO,
+    streams: mpsc::Sender<PeerStream>,
+    done: CancellationToken,
+) -> Result<(), SpdyError>
+where
+    IO: AsyncRead + AsyncWrite + Send + 'static,
+{
     let (read, mut write) = tokio::io::split(io);
     let (frames, mut queued) = mpsc::channel::<Out>(64);
     let writer = tokio::spawn(async move {
@@ -553,7 +569,11 @@ where
     let mut open: HashMap<u32, mpsc::Sender<Bytes>> = HashMap::new();
     let mut last_seen = 0u32;
     let result = loop {
-        let frame = match reader.next().await {
+        let next = tokio::select! {
+            next = reader.next() => next,
+            () = done.cancelled() => break Ok(()),
+        };
+        let frame = match next {
             Ok(Some(frame)) => frame,
             Ok(None) => break Ok(()),
             Err(error) => break Err(error),
