@@ -1098,7 +1098,8 @@ fn http_get(port: u16, path: &str) -> std::io::Result<String> {
 
 /// `kubectl port-forward` over both of kubectl's transports: a loopback
 /// port reaches the pod's port 8080 for several connections in turn; the
-/// Python client's port-forward reaches it too; and forwarding a port
+/// Python client's port-forward reaches it too (and its exec, WebSocket
+/// v4, reads the page); and forwarding a port
 /// nothing listens on fails with the agent's message.
 fn port_forward_reaches_the_pod(c: &Cluster, pods: &[WebPod]) {
     let web = &pods[1];
@@ -1166,6 +1167,10 @@ while True:
 sock.close()
 print(reply.decode())
 print("error:", pf.error(8080))
+from kubernetes.stream import stream
+page = stream(core.connect_get_namespaced_pod_exec, "{name}", "{NS}",
+              command=["cat", "/www/index.html"], stdin=False, stdout=True, stderr=True, tty=False)
+print("exec:", page.strip())
 "#,
         name = web.name
     );
@@ -1180,8 +1185,11 @@ print("error:", pf.error(8080))
         .expect("python runs");
     let printed = String::from_utf8_lossy(&out.stdout);
     assert!(
-        out.status.success() && printed.contains(&hello) && printed.contains("error: None"),
-        "Python portforward: {}",
+        out.status.success()
+            && printed.contains(&hello)
+            && printed.contains("error: None")
+            && printed.contains(&format!("exec: {hello}")),
+        "Python portforward and exec: {}",
         text(&out)
     );
 
