@@ -31,6 +31,7 @@ use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -187,31 +188,17 @@ pub async fn serve_channels(socket: WebSocket, target: Target, ports: Vec<u16>) 
             let (mut from_pod, mut to_pod) = connection.into_split();
             // The client's side ending only half-closes the pod's.
             let upstream = async {
-                while let Some(bytes) = from_client.recv().await {
-                    if to_pod.write_all(&bytes).await.is_err() {
-                        break;
-                    }
-                }
-                let _ = to_pod.shutdown().await;
+                copy_to_pod(&mut from_client, &mut to_pod).await;
                 std::future::pending::<()>().await;
             };
             let downstream = async {
-                let mut buffer = vec![0u8; READ_CHUNK];
-                loop {
-                    match from_pod.read(&mut buffer).await {
-                        Ok(0) => break,
-                        Ok(n) => {
-                            if out.send(frame(data, &buffer[..n])).await.is_err() {
-                                break;
-                            }
-                        }
-                        Err(e) => {
-                            let message =
-                                target.failure(port, format!("reading from the pod: {e}"));
-                            let _ = out.send(frame(error, message.as_bytes())).await;
-                            break;
-                        }
-                    }
+                let sent = copy_from_pod(&mut from_pod, |bytes| {
+                    let out = &out;
+                    async move { out.send(frame(data, &bytes)).await.is_ok() }
+                });
+                if let Err(e) = sent.await {
+                    let message = target.failure(port, format!("reading from the pod: {e}"));
+                    let _ = out.send(frame(error, message.as_bytes())).await;
                 }
             };
             // The pod's side ending ends this port's forward.
@@ -409,40 +396,56 @@ async fn forward((error, data): (PeerStream, PeerStream), target: &Target) {
         out: to_client,
         ..
     } = data;
-    let upstream = async {
-        while let Some(bytes) = from_client.recv().await {
-            if to_pod.write_all(&bytes).await.is_err() {
-                break;
-            }
-        }
-        // The client half-closed (or went): so does the pod's side.
-        let _ = to_pod.shutdown().await;
-    };
+    // The client half-closing (or going) half-closes the pod's side.
+    let upstream = copy_to_pod(&mut from_client, &mut to_pod);
     let downstream = async {
-        let mut buffer = vec![0u8; READ_CHUNK];
-        let failure = loop {
-            match from_pod.read(&mut buffer).await {
-                Ok(0) => break None,
-                Ok(n) => {
-                    if to_client
-                        .send(Bytes::copy_from_slice(&buffer[..n]))
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
-                }
-                Err(e) => break Some(e),
+        let sent = copy_from_pod(&mut from_pod, |bytes| {
+            let to_client = &to_client;
+            async move { to_client.send(bytes).await.is_ok() }
+        });
+        match sent.await {
+            Ok(true) => {}
+            // The client is gone.
+            Ok(false) => return,
+            Err(e) => {
+                let message = target.failure(port, format!("reading from the pod: {e}"));
+                let _ = error.send(Bytes::from(message)).await;
             }
-        };
-        if let Some(e) = failure {
-            let message = target.failure(port, format!("reading from the pod: {e}"));
-            let _ = error.send(Bytes::from(message)).await;
         }
         let _ = to_client.finish().await;
         let _ = error.finish().await;
     };
     tokio::join!(upstream, downstream);
+}
+
+/// Client → pod until the client's side ends, then half-close the pod's.
+async fn copy_to_pod(from_client: &mut mpsc::Receiver<Bytes>, to_pod: &mut OwnedWriteHalf) {
+    while let Some(bytes) = from_client.recv().await {
+        if to_pod.write_all(&bytes).await.is_err() {
+            break;
+        }
+    }
+    let _ = to_pod.shutdown().await;
+}
+
+/// Pod → client through `send` until the pod's side ends (`Ok(true)`), the
+/// client is gone (`send` says false: `Ok(false)`), or reading fails.
+async fn copy_from_pod<F, Fut>(from_pod: &mut OwnedReadHalf, mut send: F) -> std::io::Result<bool>
+where
+    F: FnMut(Bytes) -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let mut buffer = vec![0u8; READ_CHUNK];
+    loop {
+        match from_pod.read(&mut buffer).await? {
+            0 => return Ok(true),
+            n => {
+                if !send(Bytes::copy_from_slice(&buffer[..n])).await {
+                    return Ok(false);
+                }
+            }
+        }
+    }
 }
 
 /// A connection to `localhost:port` where the pod's ports are.
