@@ -42,12 +42,11 @@ pub enum NetnsError {
         #[source]
         source: nix::Error,
     },
-    /// Nothing listens on the port inside the namespace, on either
-    /// loopback address.
-    #[error("cannot connect to localhost:{port} inside {path}: IPv4: {ipv4}; IPv6: {ipv6}")]
+    /// Nothing listens on the port, on either loopback address.
+    #[error("cannot connect to localhost:{port} {place}: IPv4: {ipv4}; IPv6: {ipv6}")]
     Connect {
-        /// The namespace file.
-        path: PathBuf,
+        /// Where: `inside <namespace file>`, or `on the node`.
+        place: String,
         /// The port.
         port: u16,
         /// Why 127.0.0.1 failed.
@@ -144,11 +143,20 @@ pub fn create(path: &Path) -> Result<(), NetnsError> {
     made
 }
 
-/// A TCP connection to `localhost:port` inside the namespace at `path`
-/// (127.0.0.1, else ::1), as `kubectl port-forward` reaches a pod. The
-/// socket is made on a short-lived thread that joins the namespace; it
-/// stays in that namespace wherever it is used after.
-pub fn connect(path: &Path, port: u16, timeout: Duration) -> Result<TcpStream, NetnsError> {
+/// A TCP connection to `localhost:port` (127.0.0.1, else ::1) inside the
+/// namespace at `path`, or in the caller's own with `None` (a host-network
+/// pod), as `kubectl port-forward` reaches a pod. Blocking. A namespace is
+/// joined by a short-lived thread of its own; the socket stays in that
+/// namespace wherever it is used after.
+pub fn connect(path: Option<&Path>, port: u16, timeout: Duration) -> Result<TcpStream, NetnsError> {
+    let Some(path) = path else {
+        return connect_loopback(port, timeout).map_err(|(ipv4, ipv6)| NetnsError::Connect {
+            place: "on the node".into(),
+            port,
+            ipv4,
+            ipv6,
+        });
+    };
     let target = path.to_path_buf();
     std::thread::spawn(move || {
         let file = std::fs::File::open(&target).map_err(|source| NetnsError::Io {
@@ -161,14 +169,8 @@ pub fn connect(path: &Path, port: u16, timeout: Duration) -> Result<TcpStream, N
             path: target.clone(),
             source,
         })?;
-        let v4 = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-        let ipv4 = match TcpStream::connect_timeout(&v4, timeout) {
-            Ok(stream) => return Ok(stream),
-            Err(e) => e,
-        };
-        let v6 = SocketAddr::from((Ipv6Addr::LOCALHOST, port));
-        TcpStream::connect_timeout(&v6, timeout).map_err(|ipv6| NetnsError::Connect {
-            path: target.clone(),
+        connect_loopback(port, timeout).map_err(|(ipv4, ipv6)| NetnsError::Connect {
+            place: format!("inside {}", target.display()),
             port,
             ipv4,
             ipv6,
@@ -182,6 +184,21 @@ pub fn connect(path: &Path, port: u16, timeout: Duration) -> Result<TcpStream, N
             source: std::io::Error::other("the connecting thread panicked"),
         })
     })
+}
+
+/// 127.0.0.1:`port`, else [::1]:`port`, in the calling thread's namespace;
+/// both errors when neither answers.
+fn connect_loopback(
+    port: u16,
+    timeout: Duration,
+) -> Result<TcpStream, (std::io::Error, std::io::Error)> {
+    let v4 = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let ipv4 = match TcpStream::connect_timeout(&v4, timeout) {
+        Ok(stream) => return Ok(stream),
+        Err(e) => e,
+    };
+    let v6 = SocketAddr::from((Ipv6Addr::LOCALHOST, port));
+    TcpStream::connect_timeout(&v6, timeout).map_err(|ipv6| (ipv4, ipv6))
 }
 
 /// Unmount and remove a namespace file; nothing to do is fine.

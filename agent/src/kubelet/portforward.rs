@@ -22,7 +22,6 @@
 //! connection has ended.
 
 use std::collections::HashMap;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -450,39 +449,16 @@ where
 
 /// A connection to `localhost:port` where the pod's ports are.
 async fn connect(target: &Target, port: u16) -> Result<TcpStream, String> {
-    let Some(path) = target.netns.clone() else {
-        return connect_here(port).await;
-    };
-    let stream = tokio::task::spawn_blocking(move || netns::connect(&path, port, CONNECT_TIMEOUT))
-        .await
-        .map_err(|e| format!("the connecting task failed: {e}"))?
-        .map_err(|e| e.to_string())?;
+    let path = target.netns.clone();
+    let stream =
+        tokio::task::spawn_blocking(move || netns::connect(path.as_deref(), port, CONNECT_TIMEOUT))
+            .await
+            .map_err(|e| format!("the connecting task failed: {e}"))?
+            .map_err(|e| e.to_string())?;
     stream
         .set_nonblocking(true)
         .map_err(|e| format!("cannot use the connection: {e}"))?;
     TcpStream::from_std(stream).map_err(|e| format!("cannot use the connection: {e}"))
-}
-
-/// For a host-network pod: the node's own loopback.
-async fn connect_here(port: u16) -> Result<TcpStream, String> {
-    let attempt = |addr: SocketAddr| async move {
-        match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
-            Ok(result) => result,
-            Err(_) => Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "connection timed out",
-            )),
-        }
-    };
-    let ipv4 = match attempt(SocketAddr::from((Ipv4Addr::LOCALHOST, port))).await {
-        Ok(stream) => return Ok(stream),
-        Err(e) => e,
-    };
-    attempt(SocketAddr::from((Ipv6Addr::LOCALHOST, port)))
-        .await
-        .map_err(|ipv6| {
-            format!("cannot connect to localhost:{port} on the node: IPv4: {ipv4}; IPv6: {ipv6}")
-        })
 }
 
 #[cfg(test)]

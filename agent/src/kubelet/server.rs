@@ -743,62 +743,55 @@ async fn port_forward(
         uid,
         netns,
     };
-    let upgrade = request
-        .headers()
-        .get(header::UPGRADE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_string();
-    if upgrade.eq_ignore_ascii_case("websocket") {
-        let (mut parts, _) = request.into_parts();
-        let offered = parts.headers.contains_key(header::SEC_WEBSOCKET_PROTOCOL);
-        let socket = match WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
-            Ok(u) => u.protocols([PORT_FORWARD_WEBSOCKET, PORT_FORWARD_CHANNELS]),
-            Err(rejection) => return status(StatusCode::BAD_REQUEST, rejection.body_text()),
-        };
-        let tunnel = match socket.selected_protocol().map(|p| p.as_bytes()) {
-            Some(p) if p == PORT_FORWARD_WEBSOCKET.as_bytes() => true,
-            Some(_) => false,
-            None if !offered => false,
-            None => {
-                return status(
-                    StatusCode::BAD_REQUEST,
-                    format!(
-                        "none of the requested WebSocket subprotocols is served; use {PORT_FORWARD_WEBSOCKET} or {PORT_FORWARD_CHANNELS}"
-                    ),
-                );
-            }
-        };
-        if tunnel {
-            tracing::info!(pod = %target.pod, "port-forward (SPDY over WebSocket)");
-            return socket.on_upgrade(move |socket| async move {
-                let _in_flight = InFlight::new(&state.port_forwards);
-                super::portforward::serve_websocket(socket, target).await;
-            });
-        }
-        let ports = match super::portforward::query_ports(parts.uri.query()) {
-            Ok(ports) => ports,
-            Err(message) => return status(StatusCode::BAD_REQUEST, message),
-        };
-        tracing::info!(pod = %target.pod, ?ports, "port-forward (WebSocket channels)");
-        return socket.on_upgrade(move |socket| async move {
+    if wants_spdy(&request) {
+        tracing::info!(pod = %target.pod, "port-forward (SPDY)");
+        return spdy_upgrade(request, PORT_FORWARD_PROTOCOL, true, move |io| async move {
             let _in_flight = InFlight::new(&state.port_forwards);
-            super::portforward::serve_channels(socket, target, ports).await;
+            super::portforward::serve_spdy(io, target).await;
         });
     }
-    if !upgrade.eq_ignore_ascii_case(super::spdy::UPGRADE) {
-        return status(
-            StatusCode::BAD_REQUEST,
-            format!(
-                "port-forward needs an upgrade to {} or a WebSocket with subprotocol {PORT_FORWARD_WEBSOCKET}",
-                super::spdy::UPGRADE
-            ),
-        );
+    let (mut parts, _) = request.into_parts();
+    let offered = parts.headers.contains_key(header::SEC_WEBSOCKET_PROTOCOL);
+    let socket = match WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
+        Ok(u) => u.protocols([PORT_FORWARD_WEBSOCKET, PORT_FORWARD_CHANNELS]),
+        Err(rejection) => {
+            return status(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "port-forward needs an upgrade to {} or a WebSocket with subprotocol {PORT_FORWARD_WEBSOCKET}: {rejection}",
+                    super::spdy::UPGRADE
+                ),
+            );
+        }
+    };
+    let tunnel = match socket.selected_protocol().map(|p| p.as_bytes()) {
+        Some(p) if p == PORT_FORWARD_WEBSOCKET.as_bytes() => true,
+        Some(_) => false,
+        None if !offered => false,
+        None => {
+            return status(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "none of the requested WebSocket subprotocols is served; use {PORT_FORWARD_WEBSOCKET} or {PORT_FORWARD_CHANNELS}"
+                ),
+            );
+        }
+    };
+    if tunnel {
+        tracing::info!(pod = %target.pod, "port-forward (SPDY over WebSocket)");
+        return socket.on_upgrade(move |socket| async move {
+            let _in_flight = InFlight::new(&state.port_forwards);
+            super::portforward::serve_websocket(socket, target).await;
+        });
     }
-    tracing::info!(pod = %target.pod, "port-forward (SPDY)");
-    spdy_upgrade(request, PORT_FORWARD_PROTOCOL, true, move |io| async move {
+    let ports = match super::portforward::query_ports(parts.uri.query()) {
+        Ok(ports) => ports,
+        Err(message) => return status(StatusCode::BAD_REQUEST, message),
+    };
+    tracing::info!(pod = %target.pod, ?ports, "port-forward (WebSocket channels)");
+    socket.on_upgrade(move |socket| async move {
         let _in_flight = InFlight::new(&state.port_forwards);
-        super::portforward::serve_spdy(io, target).await;
+        super::portforward::serve_channels(socket, target, ports).await;
     })
 }
 
