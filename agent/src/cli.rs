@@ -57,10 +57,10 @@ pub struct NodeArgs {
     #[arg(long, value_delimiter = ',', value_parser = parse_label)]
     pub node_labels: Vec<(String, String)>,
     /// How often each node renews its Lease in `kube-node-lease`.
-    #[arg(long, value_parser = parse_seconds, default_value = "10s")]
+    #[arg(long, value_parser = skiff_common::duration::parse_duration, default_value = "10s")]
     pub node_lease_renew_interval: Duration,
     /// How often each node posts its conditions when nothing changed.
-    #[arg(long, value_parser = parse_seconds, default_value = "40s")]
+    #[arg(long, value_parser = skiff_common::duration::parse_duration, default_value = "40s")]
     pub node_status_report_frequency: Duration,
     /// The Lease's `leaseDurationSeconds`.
     #[arg(long, default_value_t = 40)]
@@ -79,17 +79,6 @@ pub fn parse_label(s: &str) -> Result<(String, String), String> {
         return Err(format!("empty label key in {s:?}"));
     }
     Ok((key.to_string(), value.to_string()))
-}
-
-/// Parse a duration as upstream's flags write it (`10s`, `2m`, `1h0m0s`,
-/// `1m30s`, `500ms`; jiff's friendly format, which also takes `1h 30m`), or
-/// a bare number of seconds.
-pub fn parse_seconds(s: &str) -> Result<Duration, String> {
-    if let Ok(secs) = s.parse::<u64>() {
-        return Ok(Duration::from_secs(secs));
-    }
-    let parsed: jiff::SignedDuration = s.parse().map_err(|e| format!("bad duration {s:?}: {e}"))?;
-    Duration::try_from(parsed).map_err(|_| format!("bad duration {s:?}: negative"))
 }
 
 #[cfg(test)]
@@ -169,15 +158,7 @@ mod tests {
     }
 
     #[test]
-    fn durations_and_labels_are_checked() {
-        assert_eq!(parse_seconds("2m"), Ok(Duration::from_secs(120)));
-        assert_eq!(parse_seconds("7"), Ok(Duration::from_secs(7)));
-        assert_eq!(parse_seconds("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_seconds("1h0m0s"), Ok(Duration::from_secs(3600)));
-        assert_eq!(parse_seconds("1m30s"), Ok(Duration::from_secs(90)));
-        for bad in ["x", "", "5d", "1h x", "-5s"] {
-            assert!(parse_seconds(bad).is_err(), "{bad:?} parsed");
-        }
+    fn labels_are_checked() {
         assert!(parse_label("novalue").is_err());
         assert!(parse_label("=v").is_err());
         assert_eq!(

@@ -32,28 +32,23 @@ use serde_json::{Value, json};
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
+use skiff_common::node::{
+    InvalidNodeName, KUBELET_VERSION, LEASE_NAMESPACE, pod_cidr, validate_name,
+};
+
 use crate::cli::NodeArgs;
 
-/// The kubelet version hollow nodes report.
-pub const KUBELET_VERSION: &str = "v1.37.0-skiff";
 /// The container runtime hollow nodes report.
 pub const RUNTIME_VERSION: &str = "hollow://";
 /// The label every hollow node carries (`node.kubernetes.io/instance-type=hollow`).
 pub const INSTANCE_TYPE_LABEL: &str = "node.kubernetes.io/instance-type";
-/// The namespace of node heartbeat Leases.
-pub const LEASE_NAMESPACE: &str = "kube-node-lease";
 
 /// Errors that stop the agent before it starts.
 #[derive(Debug, thiserror::Error)]
 pub enum HollowError {
     /// A node name would not be a valid object name.
-    #[error("invalid node name {name:?}: {reason}")]
-    InvalidName {
-        /// The name.
-        name: String,
-        /// What is wrong with it.
-        reason: &'static str,
-    },
+    #[error(transparent)]
+    InvalidName(#[from] InvalidNodeName),
     /// `--count 0`.
     #[error("--count must be at least 1")]
     NoNodes,
@@ -62,30 +57,6 @@ pub enum HollowError {
 /// The name of node `index`.
 pub fn node_name(prefix: &str, index: u32) -> String {
     format!("{prefix}{index}")
-}
-
-/// Check that `name` is a DNS-1123 subdomain, as Node names must be.
-pub fn validate_name(name: &str) -> Result<(), HollowError> {
-    let invalid = |reason| HollowError::InvalidName {
-        name: name.to_string(),
-        reason,
-    };
-    if name.is_empty() || name.len() > 253 {
-        return Err(invalid("must be 1 to 253 characters"));
-    }
-    if !name
-        .bytes()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
-    {
-        return Err(invalid(
-            "must consist of lower case alphanumeric characters, '-' or '.'",
-        ));
-    }
-    let edge_ok = |b: Option<u8>| b.is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
-    if !edge_ok(name.bytes().next()) || !edge_ok(name.bytes().last()) {
-        return Err(invalid("must start and end with an alphanumeric character"));
-    }
-    Ok(())
 }
 
 /// The InternalIP of node `index` of those named `prefix…`: a loopback
@@ -179,21 +150,6 @@ pub fn node_ready(node: &Node) -> bool {
         .and_then(|s| s.conditions.as_ref())
         .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
         .is_some_and(|c| c.status == "True")
-}
-
-/// The node's pod CIDR, if node IPAM set one.
-pub fn pod_cidr(node: &Node) -> Option<IpNetwork> {
-    let spec = node.spec.as_ref()?;
-    spec.pod_cidr
-        .as_deref()
-        .or_else(|| {
-            spec.pod_cidrs
-                .as_ref()
-                .and_then(|c| c.first())
-                .map(String::as_str)
-        })?
-        .parse()
-        .ok()
 }
 
 /// Pod addresses handed out within one node's pod CIDR: the lowest free
@@ -1106,15 +1062,8 @@ mod tests {
     }
 
     #[test]
-    fn names_are_validated() {
+    fn names_are_numbered() {
         assert_eq!(node_name("hollow-", 7), "hollow-7");
-        validate_name("hollow-7").expect("valid");
-        validate_name("a.b-c").expect("valid");
-        assert!(validate_name("Hollow-1").is_err());
-        assert!(validate_name("-a").is_err());
-        assert!(validate_name("a-").is_err());
-        assert!(validate_name("").is_err());
-        assert!(validate_name("a_b").is_err());
     }
 
     #[test]
@@ -1163,18 +1112,6 @@ mod tests {
             serde_json::from_value(json!({"metadata": {"name": "x"}, "status": status}))
                 .expect("node");
         assert!(node_ready(&node));
-    }
-
-    #[test]
-    fn pod_cidr_is_read_from_either_field() {
-        let node: Node = serde_json::from_value(
-            json!({"metadata": {"name": "a"}, "spec": {"podCIDRs": ["10.244.3.0/24"]}}),
-        )
-        .expect("node");
-        assert_eq!(pod_cidr(&node), Some(net("10.244.3.0/24")));
-        let node: Node =
-            serde_json::from_value(json!({"metadata": {"name": "a"}, "spec": {}})).expect("node");
-        assert_eq!(pod_cidr(&node), None);
     }
 
     #[test]

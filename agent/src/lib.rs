@@ -4,11 +4,10 @@
 //! with capacity and heartbeats whose pods are reported Running without any
 //! container being started, to exercise the control plane at scale. The real
 //! node role (containers, networking, eBPF) will sit beside [`hollow`] and
-//! share [`cli`] and [`daemon`].
+//! share [`cli`] and `skiff_common::daemon`.
 
 pub mod bpf;
 pub mod cli;
-pub mod daemon;
 pub mod hollow;
 pub mod kubelet;
 pub mod skiffctl;

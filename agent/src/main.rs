@@ -5,16 +5,16 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use clap::Parser;
 use skiff_agent::cli::Cli;
+use skiff_agent::hollow;
 use skiff_agent::kubelet::{self, PodNetworkHook, datapath::BpfHook};
-use skiff_agent::{daemon, hollow};
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    daemon::init_tracing(&cli.log);
+    skiff_common::daemon::init_tracing(&cli.log);
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
-        let shutdown = daemon::shutdown_on_signal();
-        let client = daemon::client(cli.kubeconfig.as_deref()).await?;
+        let shutdown = skiff_common::daemon::shutdown_on_signal();
+        let client = skiff_common::daemon::client(cli.kubeconfig.as_deref()).await?;
         if cli.hollow {
             hollow::run(client, cli.node, shutdown).await?;
             return Ok(());

@@ -14,7 +14,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use nix::sched::{CloneFlags, setns};
-use skiff_agent::bpf::{self, Datapath, Hook, PodCounters, PodIdent};
+use skiff_agent::bpf::{self, Datapath, Hook, PodCounters, PodIdentity};
 use skiff_tests::bin_path;
 
 const BPFFS: &str = "/sys/fs/bpf";
@@ -100,8 +100,8 @@ impl Lab {
         }
     }
 
-    fn ident(&self, i: usize) -> PodIdent {
-        PodIdent {
+    fn ident(&self, i: usize) -> PodIdentity {
+        PodIdentity {
             namespace: "bpftest".into(),
             name: format!("pod-{}", ["a", "b"][i]),
             uid: format!("00000000-0000-4000-8000-00000000000{i}"),

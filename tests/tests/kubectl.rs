@@ -195,6 +195,31 @@ fn create_namespace_and_configmap_imperatively() {
 }
 
 #[test]
+fn pod_qos_class_compares_quantities_by_value() {
+    let server = server();
+    namespace(&server, "k-qos");
+    // `1` and `1000m` are the same quantity: upstream's GetPodQOS says
+    // Guaranteed; comparing the strings would say Burstable.
+    let out = server.kubectl_stdin_ok(
+        &["apply", "-f", "-"],
+        "apiVersion: v1
+kind: Pod
+metadata: {name: q, namespace: k-qos}
+spec:
+  containers:
+  - name: c
+    image: busybox
+    resources:
+      requests: {cpu: \"1\", memory: 64Mi}
+      limits: {cpu: 1000m, memory: 64Mi}
+",
+    );
+    assert!(out.contains("pod/q created"), "apply printed: {out}");
+    let pod = server.kubectl_json(&["get", "pod", "q", "-n", "k-qos"]);
+    assert_eq!(pod["status"]["qosClass"], "Guaranteed", "status of {pod:#}");
+}
+
+#[test]
 fn apply_creates_then_updates_keeping_untouched_fields() {
     let server = server();
     namespace(&server, "k-apply");

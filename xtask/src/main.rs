@@ -93,7 +93,7 @@ enum Task {
         #[arg(long)]
         keep: bool,
     },
-    /// Regenerate control/src/protobuf/schema.rs, the protobuf decoder's table, from k8s-pb.
+    /// Regenerate control/apiserver/src/protobuf/schema.rs, the protobuf decoder's table, from k8s-pb.
     GenProtobuf,
     /// Build in release, run a benchmark, print it and update BENCHMARKS.md.
     Bench(bench::BenchArgs),

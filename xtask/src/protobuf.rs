@@ -1,5 +1,5 @@
-//! `cargo xtask gen-protobuf`: generates `control/src/protobuf/schema.rs`, the table that drives
-//! the API server's Kubernetes protobuf decoder (`skiff_control::protobuf`).
+//! `cargo xtask gen-protobuf`: generates `control/apiserver/src/protobuf/schema.rs`, the table that drives
+//! the API server's Kubernetes protobuf decoder (`skiff_apiserver::protobuf`).
 //!
 //! The field numbers and wire types come from k8s-pb's prost structs (their
 //! `#[prost(type, label, tag = "N")]` attributes), read as Rust source with `syn`; k8s-pb is a
@@ -23,7 +23,7 @@ use k8s_openapi::schemars::generate::SchemaGenerator;
 use serde_json::Value;
 
 /// Where the generated table goes, relative to the workspace root.
-const OUTPUT: &str = "control/src/protobuf/schema.rs";
+const OUTPUT: &str = "control/apiserver/src/protobuf/schema.rs";
 
 /// Messages with a JSON form of their own, decoded by hand-written code in the decoder, by their
 /// OpenAPI name, with the decoder's `Kind` variant.
@@ -73,7 +73,7 @@ fn resource<T: k8s_openapi::Resource + JsonSchema>(
     });
 }
 
-/// The top-level types: every kind the API server serves (control/src/registry.rs), the bodies
+/// The top-level types: every kind the API server serves (control/common/src/registry.rs), the bodies
 /// of its subresources and deletes, and the other common built-in kinds, so that adding one to
 /// the registry rarely needs a new table.
 fn roots(generator: &mut SchemaGenerator) -> Vec<Root> {

@@ -61,12 +61,12 @@ fn escape(value: &str) -> String {
 mod tests {
     use std::net::Ipv4Addr;
 
-    use super::super::PodIdent;
+    use super::super::PodIdentity;
     use super::*;
 
     fn counters(namespace: &str, name: &str, rx: u64, tx: u64) -> PodCounters {
         PodCounters {
-            pod: PodIdent {
+            pod: PodIdentity {
                 namespace: namespace.into(),
                 name: name.into(),
                 uid: "u".into(),

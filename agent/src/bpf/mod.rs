@@ -52,7 +52,7 @@ pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf";
 
 /// Who a pod is, as the agent knows it when the CNI plugin has wired it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct PodIdent {
+pub struct PodIdentity {
     /// `metadata.namespace` (at most 63 bytes).
     pub namespace: String,
     /// `metadata.name` (at most 253 bytes).
@@ -76,7 +76,7 @@ pub struct Traffic {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct PodCounters {
     /// The pod.
-    pub pod: PodIdent,
+    pub pod: PodIdentity,
     /// Its host-side veth.
     pub host_ifname: String,
     /// That veth's interface index in the node's network namespace (the maps' key).
@@ -286,7 +286,7 @@ impl Datapath {
 
     /// Counts the pod behind `host_ifname`: records its identity and attaches both programs to
     /// the veth. Idempotent: attaching an attached pod changes nothing and keeps its counters.
-    pub fn attach_pod(&self, host_ifname: &str, pod: &PodIdent) -> Result<(), BpfError> {
+    pub fn attach_pod(&self, host_ifname: &str, pod: &PodIdentity) -> Result<(), BpfError> {
         self.table().attach_pod(host_ifname, pod)
     }
 

@@ -14,7 +14,7 @@ use skiff_ebpf_common::{PodCountersValue, PodIdentityValue, PodKey, get_str, put
 
 use super::links::{LinkManager, check_ifname};
 use super::maps::MapWriter;
-use super::{BpfError, Hook, PodCounters, PodIdent, Traffic};
+use super::{BpfError, Hook, PodCounters, PodIdentity, Traffic};
 
 /// The pods of one node, over a map layer and a link layer.
 pub struct PodTable<M, L> {
@@ -23,7 +23,7 @@ pub struct PodTable<M, L> {
 }
 
 /// The map value for a pod behind `ifname`.
-pub fn identity_value(ifname: &str, pod: &PodIdent) -> Result<PodIdentityValue, BpfError> {
+pub fn identity_value(ifname: &str, pod: &PodIdentity) -> Result<PodIdentityValue, BpfError> {
     check_ifname(ifname)?;
     let mut value = PodIdentityValue::ZERO;
     value.ipv4 = pod.ip.octets();
@@ -46,10 +46,10 @@ pub fn identity_value(ifname: &str, pod: &PodIdent) -> Result<PodIdentityValue, 
 }
 
 /// The pod and veth name in a map value; `None` when it is not valid UTF-8.
-fn decode_identity(value: &PodIdentityValue) -> Option<(String, PodIdent)> {
+fn decode_identity(value: &PodIdentityValue) -> Option<(String, PodIdentity)> {
     Some((
         get_str(&value.ifname)?.to_owned(),
-        PodIdent {
+        PodIdentity {
             namespace: get_str(&value.namespace)?.to_owned(),
             name: get_str(&value.name)?.to_owned(),
             uid: get_str(&value.uid)?.to_owned(),
@@ -114,7 +114,7 @@ impl<M: MapWriter, L: LinkManager> PodTable<M, L> {
     }
 
     /// See [`super::Datapath::attach_pod`].
-    pub fn attach_pod(&mut self, ifname: &str, pod: &PodIdent) -> Result<(), BpfError> {
+    pub fn attach_pod(&mut self, ifname: &str, pod: &PodIdentity) -> Result<(), BpfError> {
         let value = identity_value(ifname, pod)?;
         let ifindex = self
             .links
@@ -254,8 +254,8 @@ mod tests {
     use super::super::fake::{FakeLinks, FakeMaps, Fault, FaultyMaps};
     use super::*;
 
-    fn pod(name: &str, uid: &str, last: u8) -> PodIdent {
-        PodIdent {
+    fn pod(name: &str, uid: &str, last: u8) -> PodIdentity {
+        PodIdentity {
             namespace: "default".into(),
             name: name.into(),
             uid: uid.into(),

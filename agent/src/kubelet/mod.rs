@@ -52,6 +52,7 @@ use serde_json::json;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::bpf::{BpfError, PodIdentity};
 use crate::cli::NodeArgs;
 
 /// Flags of the real node mode.
@@ -102,34 +103,21 @@ pub struct KubeletArgs {
     pub client_ca_file: Option<PathBuf>,
 }
 
-/// Who a pod is, for the datapath.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PodIdentity {
-    /// Namespace.
-    pub namespace: String,
-    /// Name.
-    pub name: String,
-    /// Uid.
-    pub uid: String,
-    /// IP.
-    pub ip: Ipv4Addr,
-}
-
 /// What the agent calls when a pod's network comes and goes: the eBPF
 /// datapath's attach/detach on the host-side veth.
 pub trait PodNetworkHook: Send + Sync {
     /// After CNI ADD.
-    fn attach(&self, host_ifname: &str, pod: &PodIdentity) -> Result<(), String>;
+    fn attach(&self, host_ifname: &str, pod: &PodIdentity) -> Result<(), BpfError>;
     /// Before CNI DEL.
-    fn detach(&self, host_ifname: &str) -> Result<(), String>;
+    fn detach(&self, host_ifname: &str) -> Result<(), BpfError>;
     /// Once the pods that run here are known (after the first list and the
     /// clean-up): forget the pods whose host-side veth is gone; returns their
     /// veth names.
-    fn prune(&self) -> Result<Vec<String>, String> {
+    fn prune(&self) -> Result<Vec<String>, BpfError> {
         Ok(Vec::new())
     }
     /// The datapath's metrics in the Prometheus text format, for `/metrics`.
-    fn metrics(&self) -> Result<String, String> {
+    fn metrics(&self) -> Result<String, BpfError> {
         Ok(String::new())
     }
 }
@@ -199,7 +187,7 @@ pub async fn run(
         .ok_or_else(|| KubeletError::NodeName {
             message: "required without --hollow".into(),
         })?;
-    crate::hollow::validate_name(&node_name).map_err(|e| KubeletError::NodeName {
+    skiff_common::node::validate_name(&node_name).map_err(|e| KubeletError::NodeName {
         message: e.to_string(),
     })?;
     let host_ip = args
@@ -413,7 +401,9 @@ impl Kubelet {
                     tracing::info!(?gone, "forgot the datapath entries of veths that are gone");
                 }
                 Ok(_) => {}
-                Err(error) => tracing::warn!(%error, "cannot prune the datapath"),
+                Err(error) => {
+                    tracing::warn!(error = %skiff_common::error::chain(&error), "cannot prune the datapath")
+                }
             }
         }
     }

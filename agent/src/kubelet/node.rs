@@ -16,7 +16,7 @@ use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 
 use super::Kubelet;
-use crate::hollow::{KUBELET_VERSION, LEASE_NAMESPACE, pod_cidr};
+use skiff_common::node::{KUBELET_VERSION, LEASE_NAMESPACE, pod_cidr};
 
 /// The first global IPv4 address of the network namespace the agent runs
 /// in (not loopback, not link-local).

@@ -602,6 +602,7 @@ impl Worker {
             ip,
         };
         if let Err(error) = hook.attach(ifname, &ident) {
+            let error = skiff_common::error::chain(&error);
             tracing::warn!(pod = %self.full_name(), %error, %ifname, "cannot attach the datapath to the pod");
             self.k.event(
                 &self.pod,
@@ -1145,6 +1146,7 @@ pub(super) async fn teardown_network(k: &Kubelet, uid: &str, sandbox: Option<&Sa
     if let (Some(hook), Some(ifname)) = (&k.hook, &host_ifname)
         && let Err(error) = hook.detach(ifname)
     {
+        let error = skiff_common::error::chain(&error);
         tracing::warn!(%error, %ifname, "cannot detach the datapath from the pod");
     }
     let attachment = Attachment {

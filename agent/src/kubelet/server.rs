@@ -478,7 +478,9 @@ async fn metrics(State(state): State<Arc<ServerState>>) -> Response {
     if let Some(hook) = &k.hook {
         match hook.metrics() {
             Ok(text) => out.push_str(&text),
-            Err(error) => tracing::warn!(%error, "cannot read the datapath's counters"),
+            Err(error) => {
+                tracing::warn!(error = %skiff_common::error::chain(&error), "cannot read the datapath's counters")
+            }
         }
     }
     let gauges: [(&str, &str, usize); 5] = [

@@ -8,11 +8,12 @@
 //! Everything here is pure: the runtime layer fills in [`ImageConfig`] and
 //! [`SpecInput`] and sends the JSON to containerd.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::core::v1::{Container, Pod};
 use serde_json::{Value, json};
+use skiff_common::quantity::Quantity;
 
 /// What the image says about how to run it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -172,55 +173,31 @@ pub fn process_args(container: &Container, image: &ImageConfig, env: &[String]) 
     out
 }
 
-/// A Kubernetes quantity in milli-units (CPU) or as a plain number (bytes).
-pub fn parse_quantity(text: &str) -> Option<f64> {
-    let text = text.trim();
-    let suffixes: &[(&str, f64)] = &[
-        ("Ki", 1024.0),
-        ("Mi", 1024.0 * 1024.0),
-        ("Gi", 1024.0 * 1024.0 * 1024.0),
-        ("Ti", 1024.0 * 1024.0 * 1024.0 * 1024.0),
-        ("Pi", 1024.0 * 1024.0 * 1024.0 * 1024.0 * 1024.0),
-        ("Ei", 1024.0 * 1024.0 * 1024.0 * 1024.0 * 1024.0 * 1024.0),
-        ("m", 1e-3),
-        ("k", 1e3),
-        ("M", 1e6),
-        ("G", 1e9),
-        ("T", 1e12),
-        ("P", 1e15),
-        ("E", 1e18),
-    ];
-    for (suffix, factor) in suffixes {
-        if let Some(number) = text.strip_suffix(suffix) {
-            return number.parse::<f64>().ok().map(|n| n * factor);
-        }
-    }
-    text.parse::<f64>().ok()
-}
-
 /// cgroup limits of a container: `(cpu shares, cpu quota µs per 100 ms,
 /// memory limit bytes)`, as upstream derives them from requests and limits.
 pub fn resources(container: &Container) -> (u64, Option<i64>, Option<i64>) {
     let res = container.resources.as_ref();
     let get = |which: Option<
-        &std::collections::BTreeMap<
-            String,
-            k8s_openapi::apimachinery::pkg::api::resource::Quantity,
-        >,
+        &BTreeMap<String, k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
     >,
                name: &str| {
         which
             .and_then(|m| m.get(name))
-            .and_then(|q| parse_quantity(&q.0))
+            .and_then(|q| Quantity::parse(q.0.trim()).ok())
     };
     let limits = res.and_then(|r| r.limits.as_ref());
     let requests = res.and_then(|r| r.requests.as_ref());
     let cpu_request = get(requests, "cpu").or_else(|| get(limits, "cpu"));
+    // Upstream's MilliCPUToShares and milliCPUToQuota (100 ms periods).
     let shares = cpu_request
-        .map(|cpu| ((cpu * 1024.0).round() as u64).max(2))
+        .map(|cpu| {
+            u64::try_from(cpu.milli_value().saturating_mul(1024) / 1000)
+                .unwrap_or(0)
+                .max(2)
+        })
         .unwrap_or(2);
-    let quota = get(limits, "cpu").map(|cpu| ((cpu * 100_000.0).round() as i64).max(1000));
-    let memory = get(limits, "memory").map(|m| m as i64);
+    let quota = get(limits, "cpu").map(|cpu| (cpu.milli_value().saturating_mul(100)).max(1000));
+    let memory = get(limits, "memory").map(|m| m.value());
     (shares, quota, memory)
 }
 
@@ -457,11 +434,6 @@ mod tests {
 
     #[test]
     fn quantities_and_limits() {
-        assert_eq!(parse_quantity("500m"), Some(0.5));
-        assert_eq!(parse_quantity("2"), Some(2.0));
-        assert_eq!(parse_quantity("64Mi"), Some(64.0 * 1024.0 * 1024.0));
-        assert_eq!(parse_quantity("1G"), Some(1e9));
-        assert_eq!(parse_quantity("x"), None);
         let c: Container = serde_json::from_value(json!({"name": "a", "resources": {
             "limits": {"cpu": "250m", "memory": "32Mi"}, "requests": {"cpu": "100m"}}}))
         .expect("container");

@@ -168,13 +168,13 @@ mod tests {
     use std::net::Ipv4Addr;
 
     use super::*;
-    use crate::bpf::{PodCounters, PodIdent, Traffic};
+    use crate::bpf::{PodCounters, PodIdentity, Traffic};
 
     fn row() -> NodePodCounters {
         NodePodCounters {
             node: "node-1".into(),
             counters: PodCounters {
-                pod: PodIdent {
+                pod: PodIdentity {
                     namespace: "default".into(),
                     name: "web-1".into(),
                     uid: "0b6f1f7e-0000-4000-8000-000000000001".into(),

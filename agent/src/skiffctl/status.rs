@@ -145,7 +145,7 @@ pub fn print(dir: &Path, state: &State) -> Result<(), SkiffctlError> {
 fn list_nodes(kubeconfig: &Path) -> Result<Vec<Node>, String> {
     let runtime = super::runtime().map_err(|e| e.to_string())?;
     runtime.block_on(async {
-        let client = crate::daemon::client(Some(kubeconfig))
+        let client = skiff_common::daemon::client(Some(kubeconfig))
             .await
             .map_err(|e| e.to_string())?;
         let api: kube::Api<Node> = kube::Api::all(client);

@@ -57,7 +57,7 @@ pub struct UpArgs {
     #[arg(long)]
     pub bin_dir: Option<PathBuf>,
     /// How long to wait for the API server and for every node to be Ready.
-    #[arg(long, value_parser = crate::cli::parse_seconds, default_value = "120s")]
+    #[arg(long, value_parser = skiff_common::duration::parse_duration, default_value = "120s")]
     pub timeout: Duration,
     /// Run hollow agents (no containers) instead of real ones.
     #[arg(long, hide = true)]
@@ -575,7 +575,7 @@ impl Up<'_> {
         // Wait until the API answers through the forwarder.
         let client = self
             .runtime
-            .block_on(crate::daemon::client(Some(&path)))
+            .block_on(skiff_common::daemon::client(Some(&path)))
             .map_err(|e| {
                 SkiffctlError::cluster(format!(
                     "the kubeconfig {} is unusable: {e}",
@@ -792,7 +792,7 @@ impl Up<'_> {
     fn nodes(&self) -> Option<Vec<Node>> {
         let path = self.state.kubeconfig.clone()?;
         self.runtime.block_on(async {
-            let client = crate::daemon::client(Some(&path)).await.ok()?;
+            let client = skiff_common::daemon::client(Some(&path)).await.ok()?;
             let api: kube::Api<Node> = kube::Api::all(client);
             tokio::time::timeout(Duration::from_secs(5), api.list(&Default::default()))
                 .await
