@@ -530,7 +530,7 @@ impl Agent {
         };
         let mut backoff = Duration::from_millis(200);
         while let Err(error) = self.register(&name).await {
-            tracing::warn!(node = %name, %error, "cannot register node; retrying");
+            tracing::warn!(node = %name, error = %skiff_common::error::chain(&error), "cannot register node; retrying");
             if !self.pause(backoff).await {
                 return;
             }
@@ -557,12 +557,12 @@ impl Agent {
                 _ = self.shutdown.cancelled() => return,
                 _ = lease_tick.tick() => {
                     if let Err(error) = self.renew_lease(&name).await {
-                        tracing::warn!(node = %name, %error, "cannot renew lease");
+                        tracing::warn!(node = %name, error = %skiff_common::error::chain(&error), "cannot renew lease");
                     }
                 }
                 _ = status_tick.tick() => {
                     if let Err(error) = self.post_status(&name).await {
-                        tracing::warn!(node = %name, %error, "cannot post node status");
+                        tracing::warn!(node = %name, error = %skiff_common::error::chain(&error), "cannot post node status");
                     }
                 }
                 _ = refresh.notified() => {
@@ -571,7 +571,7 @@ impl Agent {
                         return;
                     }
                     if let Err(error) = self.post_status(&name).await {
-                        tracing::warn!(node = %name, %error, "cannot post node status");
+                        tracing::warn!(node = %name, error = %skiff_common::error::chain(&error), "cannot post node status");
                     }
                 }
             }
@@ -668,7 +668,9 @@ impl Agent {
             };
             match event {
                 None => return,
-                Some(Err(error)) => tracing::warn!(%error, "node watch failed; retrying"),
+                Some(Err(error)) => {
+                    tracing::warn!(error = %skiff_common::error::chain(&error), "node watch failed; retrying")
+                }
                 Some(Ok(watcher::Event::Init)) => seen.clear(),
                 Some(Ok(watcher::Event::InitApply(node))) => {
                     seen.insert(node.metadata.name.clone().unwrap_or_default());
@@ -707,7 +709,9 @@ impl Agent {
             Ok(None) => self.forget_node(&name),
             Ok(Some(node)) if node.metadata.uid != uid => self.forget_node(&name),
             Ok(Some(_)) => {}
-            Err(error) => tracing::debug!(node = %name, %error, "cannot check node"),
+            Err(error) => {
+                tracing::debug!(node = %name, error = %skiff_common::error::chain(&error), "cannot check node")
+            }
         }
     }
 
@@ -794,7 +798,9 @@ impl Agent {
             };
             match event {
                 None => return,
-                Some(Err(error)) => tracing::warn!(%error, "pod watch failed; retrying"),
+                Some(Err(error)) => {
+                    tracing::warn!(error = %skiff_common::error::chain(&error), "pod watch failed; retrying")
+                }
                 Some(Ok(watcher::Event::Init)) => initial.clear(),
                 Some(Ok(watcher::Event::InitApply(pod))) => {
                     if self.is_ours(&pod) {
@@ -983,7 +989,7 @@ impl Agent {
                 // Gone: its Delete event frees the address.
                 Err(error) if code(&error) == Some(404) => return,
                 Err(error) => {
-                    tracing::warn!(pod = %format!("{namespace}/{name}"), %error, "cannot report pod running; retrying");
+                    tracing::warn!(pod = %format!("{namespace}/{name}"), error = %skiff_common::error::chain(&error), "cannot report pod running; retrying");
                     if !self.pause(backoff).await {
                         return;
                     }
@@ -1016,7 +1022,7 @@ impl Agent {
                 Ok(_) => return,
                 Err(error) if matches!(code(&error), Some(404 | 409)) => return,
                 Err(error) => {
-                    tracing::warn!(pod = %format!("{namespace}/{name}"), %error, "cannot delete pod; retrying");
+                    tracing::warn!(pod = %format!("{namespace}/{name}"), error = %skiff_common::error::chain(&error), "cannot delete pod; retrying");
                     if !self.pause(backoff).await {
                         return;
                     }

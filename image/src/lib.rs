@@ -46,7 +46,7 @@ const REQUIRED_APPLETS: &[&str] = &[
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
     /// The busybox binary could not be read.
-    #[error("cannot read busybox at {path} (install Debian's busybox-static): {source}")]
+    #[error("cannot read busybox at {path} (install Debian's busybox-static)")]
     Busybox {
         /// Where it was looked for.
         path: PathBuf,
@@ -63,7 +63,7 @@ pub enum ImageError {
         message: String,
     },
     /// Writing the archive failed.
-    #[error("cannot write the image archive {path}: {source}")]
+    #[error("cannot write the image archive {path}")]
     Write {
         /// The archive.
         path: PathBuf,

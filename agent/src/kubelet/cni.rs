@@ -53,7 +53,7 @@ pub enum CniError {
         dir: PathBuf,
     },
     /// A plugin could not be run.
-    #[error("cannot run CNI plugin {plugin}: {source}")]
+    #[error("cannot run CNI plugin {plugin}")]
     Exec {
         /// The plugin type.
         plugin: String,

@@ -254,7 +254,7 @@ async fn close_stdin(
     }
     tokio::time::sleep(Duration::from_millis(50)).await;
     if let Err(error) = runtime.close_stdin(cid, id).await {
-        tracing::debug!(%error, "cannot close the exec's stdin");
+        tracing::debug!(error = %skiff_common::error::chain(&error), "cannot close the exec's stdin");
     }
 }
 
@@ -683,7 +683,7 @@ async fn run(
             exited = &mut wait => match exited {
                 Ok((code, _)) => break Some(code),
                 Err(error) => {
-                    tracing::warn!(container = %cid, exec = %id, %error, "cannot wait for the exec");
+                    tracing::warn!(container = %cid, exec = %id, error = %skiff_common::error::chain(&error), "cannot wait for the exec");
                     break None;
                 }
             },
@@ -708,7 +708,7 @@ async fn run(
                     if options.tty
                         && let Err(error) = runtime.resize_pty(cid, id, width, height).await
                     {
-                        tracing::debug!(%error, "cannot resize the exec's terminal");
+                        tracing::debug!(error = %skiff_common::error::chain(&error), "cannot resize the exec's terminal");
                     }
                 }
                 Input::CloseStdin => {

@@ -236,7 +236,7 @@ pub async fn stream(
     tx: mpsc::Sender<Result<Bytes, std::io::Error>>,
 ) {
     if let Err(error) = stream_inner(&runtime, &source, &options, &tx).await {
-        tracing::debug!(path = %source.path.display(), %error, "log stream ended with an error");
+        tracing::debug!(path = %source.path.display(), error = %skiff_common::error::chain(&error), "log stream ended with an error");
         let _ = tx.send(Err(error)).await;
     }
 }

@@ -135,7 +135,7 @@ pub enum KubeletError {
     #[error("no --node-ip given and no global IPv4 address in this network namespace")]
     NoNodeIp,
     /// A state directory could not be made.
-    #[error("cannot create {path}: {source}")]
+    #[error("cannot create {path}")]
     Dir {
         /// The directory.
         path: PathBuf,
@@ -225,7 +225,7 @@ pub async fn run(
         {
             Ok(r) => break r,
             Err(error) => {
-                tracing::warn!(%error, "containerd not reachable yet; retrying");
+                tracing::warn!(error = %skiff_common::error::chain(&error), "containerd not reachable yet; retrying");
                 tokio::select! {
                     _ = shutdown.cancelled() => return Ok(()),
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
@@ -299,7 +299,9 @@ impl Kubelet {
             };
             match event {
                 None => return,
-                Some(Err(error)) => tracing::warn!(%error, "pod watch failed; retrying"),
+                Some(Err(error)) => {
+                    tracing::warn!(error = %skiff_common::error::chain(&error), "pod watch failed; retrying")
+                }
                 Some(Ok(watcher::Event::Init)) => listed.clear(),
                 Some(Ok(watcher::Event::InitApply(pod))) => {
                     listed.insert(pod.metadata.uid.clone().unwrap_or_default());
@@ -381,11 +383,13 @@ impl Kubelet {
                     }
                     tracing::info!(container = %c.id, pod_uid = %uid, "removing the container of a pod no longer bound here");
                     if let Err(error) = self.runtime.remove(&c.id).await {
-                        tracing::warn!(container = %c.id, %error, "cannot remove orphaned container");
+                        tracing::warn!(container = %c.id, error = %skiff_common::error::chain(&error), "cannot remove orphaned container");
                     }
                 }
             }
-            Err(error) => tracing::warn!(%error, "cannot list containers to clean up"),
+            Err(error) => {
+                tracing::warn!(error = %skiff_common::error::chain(&error), "cannot list containers to clean up")
+            }
         }
         for uid in netns::list(&self.run_dir) {
             if listed.contains(&uid) {
@@ -473,7 +477,7 @@ impl Kubelet {
         let api: Api<Event> = Api::namespaced(self.client.clone(), &namespace);
         tokio::spawn(async move {
             if let Err(error) = api.create(&PostParams::default(), &event).await {
-                tracing::debug!(%error, "cannot record event");
+                tracing::debug!(error = %skiff_common::error::chain(&error), "cannot record event");
             }
         });
     }

@@ -21,7 +21,7 @@ use nix::sched::{CloneFlags, setns, unshare};
 #[derive(Debug, thiserror::Error)]
 pub enum NetnsError {
     /// A file operation failed.
-    #[error("cannot {what} {path}: {source}")]
+    #[error("cannot {what} {path}")]
     Io {
         /// What was being done.
         what: &'static str,
@@ -32,7 +32,7 @@ pub enum NetnsError {
         source: std::io::Error,
     },
     /// A system call failed.
-    #[error("cannot {what} for {path}: {source}")]
+    #[error("cannot {what} for {path}")]
     Sys {
         /// What was being done.
         what: &'static str,

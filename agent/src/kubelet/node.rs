@@ -203,7 +203,7 @@ impl Kubelet {
             match self.register().await {
                 Ok(node) => break node,
                 Err(error) => {
-                    tracing::warn!(%error, "cannot register node; retrying");
+                    tracing::warn!(error = %skiff_common::error::chain(&error), "cannot register node; retrying");
                     if !self.pause(backoff).await {
                         return;
                     }
@@ -243,7 +243,9 @@ impl Kubelet {
                         *self.pod_cidr.lock().unwrap_or_else(|e| e.into_inner()) =
                             Some(cidr.to_string());
                     }
-                    Err(error) => tracing::warn!(%error, "cannot write the CNI conflist"),
+                    Err(error) => {
+                        tracing::warn!(error = %skiff_common::error::chain(&error), "cannot write the CNI conflist")
+                    }
                 }
             }
             let (now_ready, message) = match self.readiness().await {
@@ -277,7 +279,7 @@ impl Kubelet {
                 {
                     Ok(_) => last_status = Instant::now(),
                     Err(error) => {
-                        tracing::warn!(%error, "cannot post node status");
+                        tracing::warn!(error = %skiff_common::error::chain(&error), "cannot post node status");
                         ready = None;
                     }
                 }
@@ -285,7 +287,9 @@ impl Kubelet {
             if last_lease.elapsed() >= self.node_args.node_lease_renew_interval {
                 match self.renew_lease(uid.as_deref()).await {
                     Ok(()) => last_lease = Instant::now(),
-                    Err(error) => tracing::warn!(%error, "cannot renew lease"),
+                    Err(error) => {
+                        tracing::warn!(error = %skiff_common::error::chain(&error), "cannot renew lease")
+                    }
                 }
             }
             if !self.pause(tick).await {

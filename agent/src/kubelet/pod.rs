@@ -315,7 +315,7 @@ impl Worker {
         let found = match self.k.runtime.list(LABEL_POD_UID, &self.uid).await {
             Ok(found) => found,
             Err(error) => {
-                tracing::warn!(pod = %self.full_name(), %error, "cannot list the pod's containers");
+                tracing::warn!(pod = %self.full_name(), error = %skiff_common::error::chain(&error), "cannot list the pod's containers");
                 return;
             }
         };
@@ -568,7 +568,7 @@ impl Worker {
             "capabilityArgs": attachment.capability_args,
         });
         if let Err(error) = std::fs::write(self.network_file(), saved.to_string()) {
-            tracing::warn!(%error, "cannot save the CNI result");
+            tracing::warn!(error = %skiff_common::error::chain(&error), "cannot save the CNI result");
         }
         let hosts = format!(
             "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n{}\t{}\n",
@@ -688,7 +688,7 @@ impl Worker {
         );
         if let Some(old) = self.ctrs[i].id.take() {
             if let Err(error) = self.k.runtime.remove(&old).await {
-                tracing::warn!(container = %old, %error, "cannot remove the previous instance");
+                tracing::warn!(container = %old, error = %skiff_common::error::chain(&error), "cannot remove the previous instance");
             }
             self.ctrs[i].restart_count += 1;
         }
@@ -812,7 +812,7 @@ impl Worker {
                         return;
                     }
                     Err(error) => {
-                        tracing::debug!(%error, "wait failed; retrying");
+                        tracing::debug!(error = %skiff_common::error::chain(&error), "wait failed; retrying");
                         tokio::time::sleep(Duration::from_secs(1)).await;
                     }
                 }
@@ -1044,7 +1044,9 @@ impl Worker {
             .await
         {
             Ok(_) => self.last_status = Some(status),
-            Err(error) => tracing::warn!(pod = %self.full_name(), %error, "cannot post pod status"),
+            Err(error) => {
+                tracing::warn!(pod = %self.full_name(), error = %skiff_common::error::chain(&error), "cannot post pod status")
+            }
         }
     }
 
@@ -1072,7 +1074,7 @@ impl Worker {
         if let Ok(found) = self.k.runtime.list(LABEL_POD_UID, &self.uid).await {
             for c in found {
                 if let Err(error) = self.k.runtime.remove(&c.id).await {
-                    tracing::warn!(container = %c.id, %error, "cannot remove container");
+                    tracing::warn!(container = %c.id, error = %skiff_common::error::chain(&error), "cannot remove container");
                 }
             }
         }
@@ -1097,7 +1099,7 @@ impl Worker {
                 Ok(_) => return,
                 Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => return,
                 Err(error) => {
-                    tracing::warn!(pod = %self.full_name(), %error, "cannot finish the pod's deletion; retrying");
+                    tracing::warn!(pod = %self.full_name(), error = %skiff_common::error::chain(&error), "cannot finish the pod's deletion; retrying");
                     if !self
                         .k
                         .pause(Duration::from_millis(200 * 2u64.pow(attempt.min(5))))
@@ -1164,10 +1166,10 @@ pub(super) async fn teardown_network(k: &Kubelet, uid: &str, sandbox: Option<&Sa
             .unwrap_or_default(),
     };
     if let Err(error) = k.cni.del(&attachment, Some(&result)).await {
-        tracing::warn!(pod_uid = %uid, %error, "CNI DEL failed");
+        tracing::warn!(pod_uid = %uid, error = %skiff_common::error::chain(&error), "CNI DEL failed");
     }
     if let Err(error) = netns::remove(&path) {
-        tracing::warn!(pod_uid = %uid, %error, "cannot remove the pod's network namespace");
+        tracing::warn!(pod_uid = %uid, error = %skiff_common::error::chain(&error), "cannot remove the pod's network namespace");
     }
 }
 

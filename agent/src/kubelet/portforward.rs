@@ -274,10 +274,10 @@ where
     match connection.await {
         Ok(Ok(())) => {}
         Ok(Err(error)) => {
-            tracing::debug!(pod = %target.pod, %error, "port-forward connection ended")
+            tracing::debug!(pod = %target.pod, error = %skiff_common::error::chain(&error), "port-forward connection ended")
         }
         Err(error) => {
-            tracing::warn!(pod = %target.pod, %error, "port-forward connection task failed")
+            tracing::warn!(pod = %target.pod, error = %skiff_common::error::chain(&error), "port-forward connection task failed")
         }
     }
 }

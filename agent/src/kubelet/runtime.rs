@@ -57,7 +57,7 @@ const PROCESS_TYPE: &str = "types.containerd.io/opencontainers/runtime-spec/1/Pr
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
     /// The socket could not be reached.
-    #[error("cannot connect to containerd at {address}: {source}")]
+    #[error("cannot connect to containerd at {address}")]
     Connect {
         /// The socket.
         address: PathBuf,

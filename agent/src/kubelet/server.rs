@@ -74,7 +74,7 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     /// The kubeconfig could not be read.
-    #[error("cannot read the cluster CA from kubeconfig {path}: {source}")]
+    #[error("cannot read the cluster CA from kubeconfig {path}")]
     Kubeconfig {
         /// The kubeconfig.
         path: PathBuf,
@@ -83,7 +83,7 @@ pub enum ServerError {
         source: kube::config::KubeconfigError,
     },
     /// No kubeconfig was given and none could be inferred.
-    #[error("cannot find the cluster CA: no kubeconfig: {source}")]
+    #[error("cannot find the cluster CA: no kubeconfig")]
     Infer {
         /// The cause.
         #[source]
@@ -103,7 +103,7 @@ pub enum ServerError {
         message: String,
     },
     /// A file of the serving certificate could not be written.
-    #[error("cannot write {path}: {source}")]
+    #[error("cannot write {path}")]
     Write {
         /// The file.
         path: PathBuf,
@@ -112,7 +112,7 @@ pub enum ServerError {
         source: std::io::Error,
     },
     /// The serving certificate could not be made.
-    #[error("cannot generate the serving certificate: {source}")]
+    #[error("cannot generate the serving certificate")]
     Generate {
         /// The cause.
         #[source]
@@ -125,7 +125,7 @@ pub enum ServerError {
         message: String,
     },
     /// The port could not be bound.
-    #[error("cannot listen on {addr} for the kubelet API: {source}")]
+    #[error("cannot listen on {addr} for the kubelet API")]
     Bind {
         /// The address.
         addr: SocketAddr,
@@ -835,7 +835,9 @@ where
     tokio::spawn(async move {
         match on_upgrade.await {
             Ok(upgraded) => serve(TokioIo::new(upgraded)).await,
-            Err(error) => tracing::debug!(%error, "SPDY upgrade failed"),
+            Err(error) => {
+                tracing::debug!(error = %skiff_common::error::chain(&error), "SPDY upgrade failed")
+            }
         }
     });
     let mut response = Response::new(Body::empty());
@@ -889,7 +891,7 @@ pub(super) async fn serve(
                     connections.spawn(serve_connection(stream, remote, acceptor.clone(), app.clone(), shutdown.clone()));
                 }
                 Err(error) => {
-                    tracing::warn!(%error, "cannot accept a connection");
+                    tracing::warn!(error = %skiff_common::error::chain(&error), "cannot accept a connection");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             },
@@ -909,7 +911,7 @@ async fn serve_connection(
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(error)) => {
-            tracing::debug!(%remote, %error, "tls handshake failed");
+            tracing::debug!(%remote, error = %skiff_common::error::chain(&error), "tls handshake failed");
             return;
         }
         Err(_) => {
@@ -934,7 +936,7 @@ async fn serve_connection(
     tokio::select! {
         result = connection => {
             if let Err(error) = result {
-                tracing::debug!(%remote, %error, "connection ended with an error");
+                tracing::debug!(%remote, error = %skiff_common::error::chain(&*error), "connection ended with an error");
             }
         }
         _ = shutdown.cancelled() => {}

@@ -55,7 +55,7 @@ pub const STREAM_IN_USE: u32 = 8;
 #[derive(Debug, thiserror::Error)]
 pub enum SpdyError {
     /// Reading or writing the connection failed.
-    #[error("spdy connection: {source}")]
+    #[error("spdy connection")]
     Io {
         /// The cause.
         #[source]

@@ -131,7 +131,7 @@ pub enum ApplyError {
         message: String,
     },
     /// The body is neither YAML nor JSON (400 BadRequest).
-    #[error("error decoding YAML: {source}")]
+    #[error("error decoding YAML")]
     Decode {
         /// The parse error.
         #[source]
@@ -142,7 +142,7 @@ pub enum ApplyError {
 impl ApplyError {
     /// The message of the failure Status, upstream's wording.
     pub fn message(&self) -> String {
-        self.to_string()
+        skiff_common::error::chain(self)
     }
 
     /// The HTTP status upstream answers with.

@@ -13,7 +13,7 @@ use tokio::sync::watch;
 #[derive(Debug, thiserror::Error)]
 pub enum EtcdError {
     /// The data directory could not be prepared.
-    #[error("cannot prepare etcd data directory {path}: {source}")]
+    #[error("cannot prepare etcd data directory {path}")]
     DataDir {
         /// The directory.
         path: PathBuf,
@@ -22,7 +22,7 @@ pub enum EtcdError {
         source: std::io::Error,
     },
     /// No free loopback port could be found.
-    #[error("cannot pick a free loopback port for etcd: {source}")]
+    #[error("cannot pick a free loopback port for etcd")]
     Port {
         /// The I/O error.
         #[source]
@@ -210,7 +210,7 @@ async fn supervise(spec: Spec, mut child: Child, mut stopped: watch::Receiver<bo
                 match spec.spawn() {
                     Ok(next) => child = next,
                     Err(error) => {
-                        tracing::error!(%error, "cannot restart etcd");
+                        tracing::error!(error = %skiff_common::error::chain(&error), "cannot restart etcd");
                         return;
                     }
                 }

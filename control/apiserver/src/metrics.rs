@@ -112,7 +112,7 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut out = String::new();
         if let Err(error) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
-            tracing::warn!(%error, "cannot encode metrics");
+            tracing::warn!(error = %skiff_common::error::chain(&error), "cannot encode metrics");
         }
         out
     }

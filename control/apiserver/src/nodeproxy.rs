@@ -58,7 +58,7 @@ const LOG_PARAMS: &[&str] = &[
 #[derive(Debug, thiserror::Error)]
 pub enum NodeProxyError {
     /// The client certificate could not be issued.
-    #[error("cannot issue the kubelet client certificate: {source}")]
+    #[error("cannot issue the kubelet client certificate")]
     Certificate {
         /// The cause.
         #[source]
@@ -71,7 +71,7 @@ pub enum NodeProxyError {
         message: String,
     },
     /// rustls refused the configuration.
-    #[error("cannot build the kubelet client tls configuration: {source}")]
+    #[error("cannot build the kubelet client tls configuration")]
     Tls {
         /// The cause.
         #[source]
@@ -298,7 +298,7 @@ async fn proxy(
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
     let connection = tokio::spawn(async move {
         if let Err(error) = connection.with_upgrades().await {
-            tracing::debug!(%error, "agent connection ended with an error");
+            tracing::debug!(error = %skiff_common::error::chain(&error), "agent connection ended with an error");
         }
     });
 
@@ -330,14 +330,14 @@ async fn proxy(
             let (client, agent) = match tokio::try_join!(client_upgrade, agent_upgrade) {
                 Ok(pair) => pair,
                 Err(error) => {
-                    tracing::debug!(%error, "upgrade through the node proxy failed");
+                    tracing::debug!(error = %skiff_common::error::chain(&error), "upgrade through the node proxy failed");
                     return;
                 }
             };
             let mut client = TokioIo::new(client);
             let mut agent = TokioIo::new(agent);
             if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut agent).await {
-                tracing::debug!(%error, "node proxy stream ended with an error");
+                tracing::debug!(error = %skiff_common::error::chain(&error), "node proxy stream ended with an error");
             }
             drop(connection);
         });

@@ -73,7 +73,7 @@ pub const MAX_JSON_PATCH_OPERATIONS: usize = 10_000;
 #[derive(Debug, thiserror::Error)]
 pub enum PatchError {
     /// The body is not valid JSON of the expected shape (400).
-    #[error("error decoding patch: {source}")]
+    #[error("error decoding patch")]
     Decode {
         /// The JSON error.
         #[source]
@@ -94,10 +94,9 @@ pub enum PatchError {
         got: usize,
     },
     /// A JSON patch operation failed: a `test` mismatch or a missing path (422).
-    #[error("{source}")]
+    #[error(transparent)]
     JsonPatch {
         /// The failed operation.
-        #[source]
         source: json_patch::PatchError,
     },
     /// A strategic merge patch upstream rejects as unprocessable (422), e.g.

@@ -24,7 +24,7 @@ use skiff_common::registry;
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     /// The data directory could not be made.
-    #[error("cannot create data directory {path}: {source}")]
+    #[error("cannot create data directory {path}")]
     DataDir {
         /// The directory.
         path: PathBuf,
@@ -33,49 +33,49 @@ pub enum ServerError {
         source: std::io::Error,
     },
     /// Certificates could not be loaded or made.
-    #[error("certificates: {source}")]
+    #[error("certificates")]
     Pki {
         /// The cause.
         #[source]
         source: pki::PkiError,
     },
     /// The proxy to node agents could not be set up.
-    #[error("node proxy: {source}")]
+    #[error("node proxy")]
     NodeProxy {
         /// The cause.
         #[source]
         source: crate::nodeproxy::NodeProxyError,
     },
     /// Authentication could not be set up.
-    #[error("authentication: {source}")]
+    #[error("authentication")]
     Auth {
         /// The cause.
         #[source]
         source: auth::AuthError,
     },
     /// The service-account token key could not be loaded or made.
-    #[error("service-account key: {source}")]
+    #[error("service-account key")]
     ServiceAccountKey {
         /// The cause.
         #[source]
         source: skiff_common::serviceaccount::TokenError,
     },
     /// The embedded etcd did not start.
-    #[error("embedded etcd: {source}")]
+    #[error("embedded etcd")]
     Etcd {
         /// The cause.
         #[source]
         source: crate::etcd::EtcdError,
     },
     /// etcd could not be used.
-    #[error("storage: {source}")]
+    #[error("storage")]
     Storage {
         /// The cause.
         #[source]
         source: StorageError,
     },
     /// The listener failed.
-    #[error("cannot serve on {addr}: {source}")]
+    #[error("cannot serve on {addr}")]
     Listen {
         /// The address.
         addr: SocketAddr,
@@ -327,7 +327,7 @@ async fn bootstrap(store: &Store, shutdown: &CancellationToken, service: Bootstr
                 | Err(StorageError::AlreadyExists { .. })
                 | Err(StorageError::ClaimTaken { .. }) => break,
                 Err(error) => {
-                    tracing::warn!(%error, %key, "bootstrap waits for etcd");
+                    tracing::warn!(error = %skiff_common::error::chain(&error), %key, "bootstrap waits for etcd");
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
                         _ = tokio::time::sleep(Duration::from_secs(1)) => {}

@@ -45,7 +45,7 @@ const PROBE_KEY: &str = "/registry/health";
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
     /// etcd could not be reached or did not answer in time.
-    #[error("etcd is unavailable: {source}")]
+    #[error("etcd is unavailable")]
     Unavailable {
         /// The client error.
         #[source]
@@ -78,7 +78,7 @@ pub enum StorageError {
         key: String,
     },
     /// A stored value is not JSON.
-    #[error("stored value at {key} is not valid json: {source}")]
+    #[error("stored value at {key} is not valid json")]
     Corrupt {
         /// The object's key.
         key: String,
@@ -175,7 +175,7 @@ impl Previous {
 /// when the change arrived rule out.
 fn selectable_or_null(key: &str, text: &[u8]) -> Value {
     crate::selector::selectable(text).unwrap_or_else(|error| {
-        tracing::warn!(key, %error, "cannot decode a changed object for its selectable fields");
+        tracing::warn!(key, error = %skiff_common::error::chain(&error), "cannot decode a changed object for its selectable fields");
         Value::Null
     })
 }
@@ -208,7 +208,7 @@ impl Change {
         self.object.get_or_init(|| {
             serde_json::from_slice(&self.json).unwrap_or_else(|error| {
                 // The text was checked when the change arrived.
-                tracing::warn!(key = self.key, %error, "cannot decode a changed object");
+                tracing::warn!(key = self.key, error = %skiff_common::error::chain(&error), "cannot decode a changed object");
                 Value::Null
             })
         })

@@ -208,8 +208,8 @@ impl Hub {
                     self.publish(HubItem::Progress(revision));
                 }
                 Some(Err(error)) => {
-                    tracing::debug!(%error, "shared etcd watch ended");
-                    self.publish(HubItem::Failed(error.to_string().into()));
+                    tracing::debug!(error = %skiff_common::error::chain(&error), "shared etcd watch ended");
+                    self.publish(HubItem::Failed(skiff_common::error::chain(&error).into()));
                     return;
                 }
                 None => {
@@ -568,7 +568,7 @@ mod tests {
             seen.push(match item {
                 Ok(WatchItem::Change(c)) => format!("{}@{}", c.key, c.revision),
                 Ok(WatchItem::Progress(r)) => format!("progress@{r}"),
-                Err(e) => format!("error: {e}"),
+                Err(e) => format!("error: {}", skiff_common::error::chain(&e)),
             });
         }
         task.await.expect("the follower ends");

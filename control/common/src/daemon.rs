@@ -76,7 +76,7 @@ pub fn shutdown_on_signal() -> CancellationToken {
                 }
             }
             Err(error) => {
-                tracing::warn!(%error, "cannot listen for SIGTERM");
+                tracing::warn!(error = %crate::error::chain(&error), "cannot listen for SIGTERM");
                 let _ = tokio::signal::ctrl_c().await;
             }
         }

@@ -129,7 +129,9 @@ impl EventRecorder {
                 }
                 seen.insert(key, (namespace, name, 1));
             }
-            Err(error) => tracing::warn!(%error, reason, "cannot record event"),
+            Err(error) => {
+                tracing::warn!(error = %crate::error::chain(&error), reason, "cannot record event")
+            }
         }
     }
 }

@@ -118,7 +118,9 @@ impl LeaderElection {
                 match self.try_acquire_or_renew().await {
                     Ok(true) => break,
                     Ok(false) => {}
-                    Err(error) => tracing::debug!(%error, lease = %self.name, "cannot read lease"),
+                    Err(error) => {
+                        tracing::debug!(error = %crate::error::chain(&error), lease = %self.name, "cannot read lease")
+                    }
                 }
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
@@ -143,7 +145,7 @@ impl LeaderElection {
                     }
                     Err(error) => {
                         if last_renew.elapsed() > self.timing.renew_deadline {
-                            tracing::warn!(%error, lease = %self.name, "cannot renew the lease in time; stepping down");
+                            tracing::warn!(error = %crate::error::chain(&error), lease = %self.name, "cannot renew the lease in time; stepping down");
                             break false;
                         }
                     }
@@ -235,7 +237,7 @@ impl LeaderElection {
             .replace(&self.name, &PostParams::default(), &lease)
             .await
         {
-            tracing::debug!(%error, lease = %self.name, "cannot release lease");
+            tracing::debug!(error = %crate::error::chain(&error), lease = %self.name, "cannot release lease");
         }
     }
 }

@@ -47,7 +47,9 @@ pub async fn watch_changes<K, F>(
         };
         match next {
             None => return,
-            Some(Err(error)) => tracing::debug!(%error, "watch failed, retrying"),
+            Some(Err(error)) => {
+                tracing::debug!(error = %crate::error::chain(&error), "watch failed, retrying")
+            }
             Some(Ok(Event::Init)) => buffer.clear(),
             Some(Ok(Event::InitApply(object))) => buffer.push(object.0),
             Some(Ok(Event::InitDone)) => handle(Change::Resynced(std::mem::take(&mut buffer))),

@@ -179,7 +179,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
     let pool = match super::parse_pool(&spec) {
         Ok(pool) => pool,
         Err(error) => {
-            tracing::error!(%error, "bad --lb-ip-pool: LoadBalancer IP allocation does not run");
+            tracing::error!(error = %skiff_common::error::chain(&error), "bad --lb-ip-pool: LoadBalancer IP allocation does not run");
             return;
         }
     };

@@ -23,6 +23,7 @@ use skiff_common::leader::{self, ElectionArgs};
 
 pub mod deployment;
 pub mod endpoints;
+pub mod expectations;
 pub mod gc;
 pub mod lbipam;
 pub mod namespace;
@@ -148,26 +149,65 @@ pub async fn run(
     .await;
 }
 
+/// A `--lb-ip-pool` that is not a pool of addresses.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PoolError {
+    /// One end of a range is not an IPv4 address.
+    #[error("bad address {text:?}")]
+    Address {
+        /// The end.
+        text: String,
+        /// Why it does not parse.
+        #[source]
+        source: std::net::AddrParseError,
+    },
+    /// A range whose first address is after its last, or of more than
+    /// 65,536 addresses.
+    #[error("bad or too large range {pool:?}")]
+    Range {
+        /// The pool.
+        pool: String,
+    },
+    /// Neither a range nor a CIDR.
+    #[error("bad pool {pool:?}")]
+    Cidr {
+        /// The pool.
+        pool: String,
+        /// Why it does not parse.
+        #[source]
+        source: ipnetwork::IpNetworkError,
+    },
+    /// A CIDR that is not IPv4 or larger than a /16.
+    #[error("pool {pool:?} must be an IPv4 CIDR of /16 or smaller, or a range")]
+    TooLarge {
+        /// The pool.
+        pool: String,
+    },
+}
+
 /// Parse an LB pool: a CIDR or `first-last`; every usable address in order.
-pub fn parse_pool(pool: &str) -> Result<Vec<IpAddr>, String> {
+pub fn parse_pool(pool: &str) -> Result<Vec<IpAddr>, PoolError> {
     if let Some((first, last)) = pool.split_once('-') {
-        let first: std::net::Ipv4Addr = first
-            .trim()
-            .parse()
-            .map_err(|e| format!("bad address {first:?}: {e}"))?;
-        let last: std::net::Ipv4Addr = last
-            .trim()
-            .parse()
-            .map_err(|e| format!("bad address {last:?}: {e}"))?;
-        let (a, b) = (u32::from(first), u32::from(last));
+        let address = |text: &str| {
+            text.trim()
+                .parse::<std::net::Ipv4Addr>()
+                .map_err(|source| PoolError::Address {
+                    text: text.to_string(),
+                    source,
+                })
+        };
+        let (a, b) = (u32::from(address(first)?), u32::from(address(last)?));
         if a > b || b - a > 65_535 {
-            return Err(format!("bad or too large range {pool:?}"));
+            return Err(PoolError::Range {
+                pool: pool.to_string(),
+            });
         }
         return Ok((a..=b).map(|n| IpAddr::V4(n.into())).collect());
     }
-    let net: ipnetwork::IpNetwork = pool
-        .parse()
-        .map_err(|e| format!("bad pool {pool:?}: {e}"))?;
+    let net: ipnetwork::IpNetwork = pool.parse().map_err(|source| PoolError::Cidr {
+        pool: pool.to_string(),
+        source,
+    })?;
     match net {
         ipnetwork::IpNetwork::V4(v4) if v4.prefix() >= 16 => {
             let all: Vec<IpAddr> = v4.iter().map(IpAddr::V4).collect();
@@ -178,9 +218,9 @@ pub fn parse_pool(pool: &str) -> Result<Vec<IpAddr>, String> {
                 Ok(all)
             }
         }
-        _ => Err(format!(
-            "pool {pool:?} must be an IPv4 CIDR of /16 or smaller, or a range"
-        )),
+        _ => Err(PoolError::TooLarge {
+            pool: pool.to_string(),
+        }),
     }
 }
 

@@ -244,15 +244,17 @@ impl Ipam {
 
 /// Run node IPAM until `shutdown`.
 pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
-    let allocator =
-        match CidrAllocator::new(ctx.options.cluster_cidr, ctx.options.node_cidr_mask_size) {
-            Ok(allocator) => allocator,
-            Err(error) => {
-                tracing::error!(%error, "node IPAM is disabled");
-                shutdown.cancelled().await;
-                return;
-            }
-        };
+    let allocator = match CidrAllocator::new(
+        ctx.options.cluster_cidr,
+        ctx.options.node_cidr_mask_size,
+    ) {
+        Ok(allocator) => allocator,
+        Err(error) => {
+            tracing::error!(error = %skiff_common::error::chain(&error), "node IPAM is disabled");
+            shutdown.cancelled().await;
+            return;
+        }
+    };
     let api: Api<Node> = Api::all(ctx.client.clone());
     let mut stream = watcher(
         Api::<Trimmed<Node>>::all(ctx.client.clone()),
@@ -289,7 +291,9 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
         };
         match event {
             None => return,
-            Some(Err(error)) => tracing::warn!(%error, "node watch failed; retrying"),
+            Some(Err(error)) => {
+                tracing::warn!(error = %skiff_common::error::chain(&error), "node watch failed; retrying")
+            }
             Some(Ok(watcher::Event::Init)) => listing.clear(),
             Some(Ok(watcher::Event::InitApply(node))) => listing.push(node.0),
             Some(Ok(watcher::Event::InitDone)) => {
@@ -364,7 +368,7 @@ async fn assign_waiting(ctx: &Context, api: &Api<Node>, ipam: &mut Ipam) {
                 if matches!(&error, kube::Error::Api(s) if s.code == 404) {
                     ipam.waiting.remove(&name);
                 } else {
-                    tracing::warn!(node = %name, %error, "cannot assign pod CIDR; retrying");
+                    tracing::warn!(node = %name, error = %skiff_common::error::chain(&error), "cannot assign pod CIDR; retrying");
                 }
             }
         }
@@ -376,7 +380,7 @@ async fn assign_waiting(ctx: &Context, api: &Api<Node>, ipam: &mut Ipam) {
             let meta = match api.get(name).await {
                 Ok(node) => node.metadata,
                 Err(error) => {
-                    tracing::debug!(node = %name, %error, "cannot read node for its event");
+                    tracing::debug!(node = %name, error = %skiff_common::error::chain(&error), "cannot read node for its event");
                     continue;
                 }
             };

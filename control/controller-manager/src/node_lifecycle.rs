@@ -497,7 +497,7 @@ impl Monitor {
                         wrote = true;
                     }
                     Err(error) => {
-                        tracing::debug!(node = %name, %error, "cannot mark node Unknown; next period");
+                        tracing::debug!(node = %name, error = %skiff_common::error::chain(&error), "cannot mark node Unknown; next period");
                         return;
                     }
                 }
@@ -522,7 +522,7 @@ impl Monitor {
                         wrote = true;
                     }
                     Err(error) => {
-                        tracing::debug!(node = %name, %error, "cannot taint node; next period")
+                        tracing::debug!(node = %name, error = %skiff_common::error::chain(&error), "cannot taint node; next period")
                     }
                 }
             }
@@ -649,7 +649,7 @@ impl Monitor {
             }
             Err(error) if matches!(api_code(&error), Some(404)) => false,
             Err(error) => {
-                tracing::debug!(pod = %format!("{namespace}/{name}"), ?step, %error, "pod step failed; next period");
+                tracing::debug!(pod = %format!("{namespace}/{name}"), ?step, error = %skiff_common::error::chain(&error), "pod step failed; next period");
                 false
             }
         }

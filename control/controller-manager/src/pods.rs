@@ -1,15 +1,13 @@
 //! Helpers shared by the workload controllers (ReplicaSet, Deployment):
 //! ownership (`ownerReferences` with `controller: true`), label selection,
 //! pod readiness and availability, the pod-template hash, upstream's
-//! ranking of pods for scale-down, creation/deletion expectations, a work
-//! queue with per-key deduplication and backoff, slow-start batches, and a
-//! per-object event rate limiter.
+//! ranking of pods for scale-down, and slow-start batches. Creation and
+//! deletion expectations are in [`crate::expectations`]; the work queue, the
+//! event rate limiter and selector matching in `skiff-common`.
 
 use std::cmp::Ordering;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Pod, PodTemplateSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
@@ -18,10 +16,6 @@ use serde_json::Value;
 
 /// The label a Deployment puts on its ReplicaSets and their pods.
 pub const POD_TEMPLATE_HASH: &str = "pod-template-hash";
-
-/// How long expectations may stay unmet before they are ignored (upstream's
-/// `ExpectationsTimeout`).
-pub const EXPECTATIONS_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// The `ownerReferences` entry marking `meta` (of `api_version`/`kind`) as
 /// the controller of a dependent.
@@ -380,78 +374,6 @@ where
     (successes, None)
 }
 
-/// One controller's expected creations and deletions.
-#[derive(Debug, Default)]
-struct Expected {
-    adds: i64,
-    deletes: HashSet<String>,
-    since: Option<Instant>,
-}
-
-/// Upstream's `UIDTrackingControllerExpectations`: what a controller has
-/// asked for and not seen through its watch yet, so it never creates or
-/// deletes twice while the watch lags.
-#[derive(Debug, Default)]
-pub struct Expectations {
-    inner: Mutex<HashMap<String, Expected>>,
-}
-
-impl Expectations {
-    /// No expectations.
-    pub fn new() -> Expectations {
-        Expectations::default()
-    }
-
-    /// Whether `key` may act: everything seen, nothing recorded, or expired.
-    pub fn satisfied(&self, key: &str) -> bool {
-        let inner = self.inner.lock().expect("expectations lock");
-        match inner.get(key) {
-            None => true,
-            Some(e) => {
-                (e.adds <= 0 && e.deletes.is_empty())
-                    || e.since.is_some_and(|s| s.elapsed() > EXPECTATIONS_TIMEOUT)
-            }
-        }
-    }
-
-    /// Expect `count` creations.
-    pub fn expect_creations(&self, key: &str, count: usize) {
-        let mut inner = self.inner.lock().expect("expectations lock");
-        let e = inner.entry(key.to_string()).or_default();
-        e.adds = i64::try_from(count).unwrap_or(i64::MAX);
-        e.deletes.clear();
-        e.since = Some(Instant::now());
-    }
-
-    /// Expect the pods with these UIDs to be deleted.
-    pub fn expect_deletions(&self, key: &str, uids: impl IntoIterator<Item = String>) {
-        let mut inner = self.inner.lock().expect("expectations lock");
-        let e = inner.entry(key.to_string()).or_default();
-        e.adds = 0;
-        e.deletes = uids.into_iter().collect();
-        e.since = Some(Instant::now());
-    }
-
-    /// A creation was seen (or will never happen).
-    pub fn creation_observed(&self, key: &str) {
-        if let Some(e) = self.inner.lock().expect("expectations lock").get_mut(key) {
-            e.adds -= 1;
-        }
-    }
-
-    /// The pod `uid` was seen deleted or terminating (or will never be).
-    pub fn deletion_observed(&self, key: &str, uid: &str) {
-        if let Some(e) = self.inner.lock().expect("expectations lock").get_mut(key) {
-            e.deletes.remove(uid);
-        }
-    }
-
-    /// Forget `key` (its controller is gone).
-    pub fn forget(&self, key: &str) {
-        self.inner.lock().expect("expectations lock").remove(key);
-    }
-}
-
 /// A failed step of a workload controller.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkloadError {
@@ -478,6 +400,7 @@ pub enum WorkloadError {
 mod tests {
     use super::*;
     use std::collections::BTreeMap;
+    use std::sync::Mutex;
 
     use k8s_openapi::api::core::v1::{Container, PodCondition, PodSpec, PodStatus};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -665,24 +588,6 @@ mod tests {
         assert!(is_pod_available(&p, 10, at(16)));
         let not_ready = pod("q", Some("n"), "Running", false, 0);
         assert!(!is_pod_available(&not_ready, 0, at(100)));
-    }
-
-    #[test]
-    fn expectations_block_until_observed() {
-        let e = Expectations::new();
-        assert!(e.satisfied("ns/rs"), "nothing recorded");
-        e.expect_creations("ns/rs", 2);
-        assert!(!e.satisfied("ns/rs"));
-        e.creation_observed("ns/rs");
-        assert!(!e.satisfied("ns/rs"));
-        e.creation_observed("ns/rs");
-        assert!(e.satisfied("ns/rs"));
-        e.expect_deletions("ns/rs", ["u1".to_string(), "u2".to_string()]);
-        e.deletion_observed("ns/rs", "u1");
-        e.deletion_observed("ns/rs", "u1");
-        assert!(!e.satisfied("ns/rs"), "the same deletion counts once");
-        e.deletion_observed("ns/rs", "u2");
-        assert!(e.satisfied("ns/rs"));
     }
 
     #[tokio::test]

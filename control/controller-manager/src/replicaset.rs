@@ -27,7 +27,8 @@ use skiff_common::events::{EventLimiter, EventType, reference};
 use skiff_common::watch::{Change, key_of};
 use skiff_common::workqueue::WorkQueue;
 
-use super::pods::{self, Expectations, WorkloadError, controller_of};
+use super::expectations::Expectations;
+use super::pods::{self, WorkloadError, controller_of};
 
 /// Most pods created or deleted in one sync (upstream's `BurstReplicas`).
 pub const BURST_REPLICAS: usize = 500;

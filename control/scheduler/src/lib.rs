@@ -88,7 +88,7 @@ pub struct SchedulerOptions {
 #[derive(Debug, thiserror::Error)]
 pub enum BindError {
     /// The API refused or could not be reached.
-    #[error("cannot bind pod {namespace}/{name} to node {node}: {source}")]
+    #[error("cannot bind pod {namespace}/{name} to node {node}")]
     Api {
         /// The pod's namespace.
         namespace: String,
@@ -312,7 +312,7 @@ impl Scheduler {
                         }
                         Err(error) => {
                             this.cache().forget(&queued.uid);
-                            tracing::info!(%error, "binding failed");
+                            tracing::info!(error = %skiff_common::error::chain(&error), "binding failed");
                             if error.is_final() {
                                 this.queue.remove(&queued.uid);
                             } else {
@@ -570,7 +570,7 @@ impl Scheduler {
             .patch_status(&name, &PatchParams::default(), &Patch::Strategic(&patch))
             .await
         {
-            tracing::debug!(%error, pod = %key(pod), "cannot set PodScheduled condition");
+            tracing::debug!(error = %skiff_common::error::chain(&error), pod = %key(pod), "cannot set PodScheduled condition");
         }
     }
 }
