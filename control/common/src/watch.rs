@@ -33,10 +33,33 @@ pub async fn watch_changes<K, F>(
         + 'static,
     F: FnMut(Change<K>),
 {
+    let api: kube::Api<Trimmed<K>> = kube::Api::all(client);
+    watch_api(api, shutdown, |change| {
+        handle(match change {
+            Change::Applied(object) => Change::Applied(object.0),
+            Change::Deleted(object) => Change::Deleted(object.0),
+            Change::Resynced(objects) => {
+                Change::Resynced(objects.into_iter().map(|o| o.0).collect())
+            }
+        })
+    })
+    .await;
+}
+
+/// Watch what `api` names until `shutdown`, as [`watch_changes`] does, for
+/// any resource type, dynamic ones included (the garbage collector's
+/// metadata-only watches of every served kind).
+pub async fn watch_api<K, F>(
+    api: kube::Api<K>,
+    shutdown: tokio_util::sync::CancellationToken,
+    mut handle: F,
+) where
+    K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + 'static,
+    F: FnMut(Change<K>),
+{
     use futures::StreamExt;
     use kube::runtime::WatchStreamExt;
     use kube::runtime::watcher::{self, Event};
-    let api: kube::Api<Trimmed<K>> = kube::Api::all(client);
     let stream = watcher::watcher(api, watcher::Config::default()).default_backoff();
     let mut stream = std::pin::pin!(stream);
     let mut buffer = Vec::new();
@@ -51,10 +74,26 @@ pub async fn watch_changes<K, F>(
                 tracing::debug!(error = %crate::error::chain(&error), "watch failed, retrying")
             }
             Some(Ok(Event::Init)) => buffer.clear(),
-            Some(Ok(Event::InitApply(object))) => buffer.push(object.0),
+            Some(Ok(Event::InitApply(object))) => buffer.push(object),
             Some(Ok(Event::InitDone)) => handle(Change::Resynced(std::mem::take(&mut buffer))),
-            Some(Ok(Event::Apply(object))) => handle(Change::Applied(object.0)),
-            Some(Ok(Event::Delete(object))) => handle(Change::Deleted(object.0)),
+            Some(Ok(Event::Apply(object))) => handle(Change::Applied(object)),
+            Some(Ok(Event::Delete(object))) => handle(Change::Deleted(object)),
+        }
+    }
+}
+
+/// Drive a reflector's watch stream (kube-runtime's `reflect`, which fills
+/// a `Store` as a side effect) until `shutdown` or its end.
+pub async fn reflect<S: futures::Stream + Send + 'static>(
+    stream: S,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    use futures::StreamExt;
+    let mut stream = std::pin::pin!(stream);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            item = stream.next() => if item.is_none() { return },
         }
     }
 }

@@ -15,26 +15,23 @@
 //!
 //! Nothing is decided before every kind has been listed once.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-use futures::StreamExt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::api::{
     Api, DeleteParams, DynamicObject, Patch, PatchParams, Preconditions, PropagationPolicy,
 };
 use kube::discovery::ApiResource;
-use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::json;
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::Context;
-use skiff_common::error::{chain, is_status};
+use skiff_common::error::is_status;
 use skiff_common::registry::{self, RESOURCES, ResourceInfo};
 use skiff_common::trimmed::MetadataOnly;
-use skiff_common::watch::Change as PodChange;
+use skiff_common::watch::{Change, watch_api};
+use skiff_common::workqueue::WorkQueue;
 
 /// The finalizer of owners deleted with foreground propagation.
 pub const FOREGROUND: &str = "foregroundDeletion";
@@ -275,23 +272,42 @@ fn api_for(
 /// The shared state of the watchers and the worker.
 struct State {
     graph: Mutex<Graph>,
-    queue: Mutex<(VecDeque<String>, HashSet<String>)>,
-    wake: Notify,
+    /// The uids to re-examine.
+    queue: Arc<WorkQueue>,
     synced: Mutex<Vec<bool>>,
 }
 
 impl State {
-    fn enqueue(&self, uids: impl IntoIterator<Item = String>) {
-        let mut queue = self.queue.lock().expect("gc queue lock");
-        let mut added = false;
-        for uid in uids {
-            if queue.1.insert(uid.clone()) {
-                queue.0.push_back(uid);
-                added = true;
+    /// Fold one change of resource `index`'s watch into the graph, and
+    /// queue the objects it concerns.
+    fn observe<T>(&self, index: usize, change: Change<T>, meta: impl Fn(&T) -> &ObjectMeta) {
+        let touched = {
+            let mut graph = self.graph.lock().expect("gc graph lock");
+            match change {
+                Change::Applied(object) => match Node::of(index, meta(&object)) {
+                    Some((uid, node)) => graph.upsert(&uid, node),
+                    None => Vec::new(),
+                },
+                Change::Deleted(object) => match meta(&object).uid.as_deref() {
+                    Some(uid) => graph.remove(uid),
+                    None => Vec::new(),
+                },
+                Change::Resynced(objects) => {
+                    let mut touched = Vec::new();
+                    let mut listed = HashSet::new();
+                    for object in &objects {
+                        if let Some((uid, node)) = Node::of(index, meta(object)) {
+                            listed.insert(uid.clone());
+                            touched.extend(graph.upsert(&uid, node));
+                        }
+                    }
+                    touched.extend(self.relisted(&mut graph, index, &listed));
+                    touched
+                }
             }
-        }
-        if added {
-            self.wake.notify_one();
+        };
+        for uid in touched {
+            self.queue.add(&uid);
         }
     }
 
@@ -325,177 +341,96 @@ impl State {
     }
 }
 
-/// Run the collector until `shutdown`.
+/// How many objects are collected at once.
+const WORKERS: usize = 16;
+
+/// A collection step that failed; the object is examined again, rate-limited.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot carry out {action:?}")]
+struct CollectError {
+    /// What was attempted.
+    action: GcAction,
+    /// The API's error.
+    #[source]
+    source: kube::Error,
+}
+
+/// Run the collector until `shutdown`: one watch per served kind feeds the
+/// graph, and [`WORKERS`] workers of the shared work queue examine the
+/// objects each change concerns, once every kind has been listed.
 pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
     let state = Arc::new(State {
         graph: Mutex::new(Graph::default()),
-        queue: Mutex::new((VecDeque::new(), HashSet::new())),
-        wake: Notify::new(),
+        queue: Arc::new(WorkQueue::new()),
         synced: Mutex::new(vec![false; RESOURCES.len()]),
     });
     let mut tasks = tokio::task::JoinSet::new();
     for (index, info) in RESOURCES.iter().enumerate() {
+        let (ctx, state, shutdown) = (ctx.clone(), state.clone(), shutdown.clone());
         if info.group.is_empty() && info.plural == "pods" {
-            tasks.spawn(watch_pods(
-                ctx.clone(),
-                state.clone(),
-                index,
-                shutdown.clone(),
-            ));
+            // Pods come from the process's shared pod watch (as the other
+            // controllers' do) rather than a metadata watch of their own:
+            // pods change the most, and decoding each change once more cost
+            // ~2% of skiff-control's CPU under load.
+            tasks.spawn(async move {
+                let pods = ctx.pods.clone();
+                pods.watch(shutdown, |change| {
+                    state.observe(index, change, |pod| &pod.metadata)
+                })
+                .await;
+            });
         } else {
-            tasks.spawn(watch_kind(ctx.clone(), state.clone(), index, info));
+            // Only metadata is read (upstream's collector uses metadata
+            // informers).
+            let api: Api<MetadataOnly<DynamicObject>> =
+                Api::all_with(ctx.client.clone(), &api_resource(info));
+            tasks.spawn(async move {
+                watch_api(api, shutdown, |change| {
+                    state.observe(index, change, |object| &object.metadata)
+                })
+                .await;
+            });
         }
     }
-    tokio::select! {
-        _ = work(ctx, state) => {}
-        _ = shutdown.cancelled() => {}
+    for _ in 0..WORKERS {
+        let (ctx, state, shutdown) = (ctx.clone(), state.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            let queue = state.queue.clone();
+            let synced = || state.all_synced();
+            queue
+                .run_worker("garbage collection", synced, &shutdown, |uid| {
+                    let (ctx, state) = (ctx.clone(), state.clone());
+                    async move { collect(&ctx, &state, &uid).await.map(|()| None) }
+                })
+                .await;
+        });
     }
-    tasks.abort_all();
     while tasks.join_next().await.is_some() {}
 }
 
-/// Pods come from the process's shared pod watch (as the other
-/// controllers' do) rather than a metadata watch of their own: pods change
-/// the most, and decoding each change once more cost ~2% of skiff-control's
-/// CPU under load.
-async fn watch_pods(
-    ctx: Arc<Context>,
-    state: Arc<State>,
-    index: usize,
-    shutdown: CancellationToken,
-) {
-    ctx.pods
-        .watch(shutdown, |change| {
-            let touched = {
-                let mut graph = state.graph.lock().expect("gc graph lock");
-                match change {
-                    PodChange::Applied(pod) => match Node::of(index, &pod.metadata) {
-                        Some((uid, node)) => graph.upsert(&uid, node),
-                        None => Vec::new(),
-                    },
-                    PodChange::Deleted(pod) => match pod.metadata.uid.as_deref() {
-                        Some(uid) => graph.remove(uid),
-                        None => Vec::new(),
-                    },
-                    PodChange::Resynced(pods) => {
-                        let mut touched = Vec::new();
-                        let mut listed = HashSet::new();
-                        for pod in &pods {
-                            if let Some((uid, node)) = Node::of(index, &pod.metadata) {
-                                listed.insert(uid.clone());
-                                touched.extend(graph.upsert(&uid, node));
-                            }
-                        }
-                        touched.extend(state.relisted(&mut graph, index, &listed));
-                        touched
-                    }
-                }
-            };
-            state.enqueue(touched);
-        })
-        .await;
-}
-
-async fn watch_kind(
-    ctx: Arc<Context>,
-    state: Arc<State>,
-    index: usize,
-    info: &'static ResourceInfo,
-) {
-    // Only metadata is read (upstream's collector uses metadata informers).
-    let api: Api<MetadataOnly<DynamicObject>> =
-        Api::all_with(ctx.client.clone(), &api_resource(info));
-    let mut events = watcher(api, watcher::Config::default())
-        .default_backoff()
-        .boxed();
-    let mut listed: HashSet<String> = HashSet::new();
-    while let Some(event) = events.next().await {
-        let event = match event {
-            Ok(event) => event,
-            Err(error) => {
-                tracing::debug!(kind = info.kind, error = %chain(&error), "garbage collector watch error");
-                continue;
-            }
-        };
-        let touched = {
-            let mut graph = state.graph.lock().expect("gc graph lock");
-            match event {
-                watcher::Event::Init => {
-                    listed.clear();
-                    Vec::new()
-                }
-                watcher::Event::InitApply(object) | watcher::Event::Apply(object) => {
-                    match Node::of(index, &object.metadata) {
-                        Some((uid, node)) => {
-                            listed.insert(uid.clone());
-                            graph.upsert(&uid, node)
-                        }
-                        None => Vec::new(),
-                    }
-                }
-                watcher::Event::Delete(object) => match object.metadata.uid.as_deref() {
-                    Some(uid) => graph.remove(uid),
-                    None => Vec::new(),
-                },
-                watcher::Event::InitDone => state.relisted(&mut graph, index, &listed),
-            }
-        };
-        state.enqueue(touched);
-    }
-}
-
-async fn work(ctx: Arc<Context>, state: Arc<State>) {
-    loop {
-        let notified = state.wake.notified();
-        if !state.all_synced() {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            continue;
-        }
-        let batch: Vec<String> = {
-            let mut queue = state.queue.lock().expect("gc queue lock");
-            let batch: Vec<String> = queue.0.drain(..).collect();
-            queue.1.clear();
-            batch
-        };
-        if batch.is_empty() {
-            notified.await;
-            continue;
-        }
-        let actions: Vec<(GcAction, Option<Node>)> = {
-            let graph = state.graph.lock().expect("gc graph lock");
-            batch
-                .iter()
-                .flat_map(|uid| decide(&graph, uid))
-                .map(|action| {
-                    let uid = match &action {
-                        GcAction::Delete { uid, .. } | GcAction::RemoveFinalizer { uid, .. } => uid,
-                        GcAction::Orphan { dependent, .. } => dependent,
-                    };
-                    let node = graph.get(uid).cloned();
-                    (action, node)
-                })
-                .collect()
-        };
-        futures::stream::iter(actions)
-            .for_each_concurrent(16, |(action, node)| {
-                let (ctx, state) = (ctx.clone(), state.clone());
-                async move {
-                    let Some(node) = node else { return };
-                    if let Err(error) = execute(&ctx, &action, &node).await {
-                        tracing::warn!(?action, error = %chain(&error), "garbage collection failed, retrying");
-                        let uid = match &action {
-                            GcAction::Delete { uid, .. } | GcAction::RemoveFinalizer { uid, .. } => uid.clone(),
-                            GcAction::Orphan { owner, .. } => owner.clone(),
-                        };
-                        tokio::spawn(async move {
-                            tokio::time::sleep(Duration::from_secs(2)).await;
-                            state.enqueue([uid]);
-                        });
-                    }
-                }
+/// Carry out what the graph says of `uid`.
+async fn collect(ctx: &Context, state: &State, uid: &str) -> Result<(), CollectError> {
+    let actions: Vec<(GcAction, Option<Node>)> = {
+        let graph = state.graph.lock().expect("gc graph lock");
+        decide(&graph, uid)
+            .into_iter()
+            .map(|action| {
+                let target = match &action {
+                    GcAction::Delete { uid, .. } | GcAction::RemoveFinalizer { uid, .. } => uid,
+                    GcAction::Orphan { dependent, .. } => dependent,
+                };
+                let node = graph.get(target).cloned();
+                (action, node)
             })
-            .await;
+            .collect()
+    };
+    for (action, node) in actions {
+        let Some(node) = node else { continue };
+        if let Err(source) = execute(ctx, &action, &node).await {
+            return Err(CollectError { action, source });
+        }
     }
+    Ok(())
 }
 
 /// Whether the owner `reference` of an object in `namespace` exists (a

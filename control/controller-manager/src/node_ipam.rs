@@ -12,20 +12,20 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
 use ipnetwork::IpNetwork;
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use super::Context;
 use skiff_common::events::{EventType, reference};
-use skiff_common::trimmed::Trimmed;
+use skiff_common::watch::{Change, watch_changes};
+use skiff_common::workqueue::WorkQueue;
 
 /// The most subnets the allocator manages (a /8 into /24s is 65,536).
 const MAX_SUBNETS: u32 = 24;
@@ -242,7 +242,25 @@ impl Ipam {
     }
 }
 
-/// Run node IPAM until `shutdown`.
+/// The one key of node IPAM's work queue: every waiting Node is assigned
+/// in one sync, in name order, so ranges go out lowest first.
+const WAITING: &str = "waiting";
+
+/// A CIDR assignment that did not go through; retried, rate-limited.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot assign a pod CIDR to node {node}")]
+struct AssignError {
+    /// The Node.
+    node: String,
+    /// The API's error.
+    #[source]
+    source: kube::Error,
+}
+
+/// Run node IPAM until `shutdown`: the node watch keeps the allocator's
+/// state, and one worker of the shared work queue assigns the waiting Nodes
+/// in batches, at most [`BATCH_DELAY`] after the first of a batch was seen,
+/// so that a burst of new Nodes is written concurrently.
 pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
     let allocator = match CidrAllocator::new(
         ctx.options.cluster_cidr,
@@ -255,87 +273,63 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
             return;
         }
     };
-    let api: Api<Node> = Api::all(ctx.client.clone());
-    let mut stream = watcher(
-        Api::<Trimmed<Node>>::all(ctx.client.clone()),
-        watcher::Config::default(),
-    )
-    .default_backoff()
-    .boxed();
-    let mut listing: Vec<Node> = Vec::new();
-    let mut ipam: Option<Ipam> = None;
-    let mut retry = tokio::time::interval(RETRY);
-    retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // Nodes wait for a CIDR; they are given one in batches, at most
-    // `BATCH_DELAY` after the first of a batch was seen, so that a burst of
-    // new Nodes is written concurrently.
-    let mut dirty: Option<tokio::time::Instant> = None;
-    loop {
-        let event = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => return,
-            event = stream.next() => event,
-            _ = tokio::time::sleep_until(dirty.unwrap_or_else(tokio::time::Instant::now)), if dirty.is_some() => {
-                dirty = None;
-                if let Some(ipam) = ipam.as_mut() {
-                    assign_waiting(&ctx, &api, ipam).await;
+    let ipam: Arc<Mutex<Option<Ipam>>> = Arc::new(Mutex::new(None));
+    let queue = Arc::new(WorkQueue::new());
+    let watch = {
+        let (ipam, queue) = (ipam.clone(), queue.clone());
+        watch_changes::<Node, _>(ctx.client.clone(), shutdown.clone(), move |change| {
+            let mut ipam = ipam.lock().expect("ipam lock");
+            let waiting = match change {
+                Change::Resynced(nodes) => {
+                    let fresh = Ipam::rebuild(&allocator, &nodes);
+                    tracing::info!(used = fresh.allocator.used(), capacity = %fresh.allocator.capacity(), "node IPAM state rebuilt");
+                    let waiting = !fresh.waiting.is_empty();
+                    *ipam = Some(fresh);
+                    waiting
                 }
-                continue;
-            }
-            _ = retry.tick() => {
-                if let Some(ipam) = ipam.as_mut() {
-                    assign_waiting(&ctx, &api, ipam).await;
-                }
-                continue;
-            }
-        };
-        match event {
-            None => return,
-            Some(Err(error)) => {
-                tracing::warn!(error = %skiff_common::error::chain(&error), "node watch failed; retrying")
-            }
-            Some(Ok(watcher::Event::Init)) => listing.clear(),
-            Some(Ok(watcher::Event::InitApply(node))) => listing.push(node.0),
-            Some(Ok(watcher::Event::InitDone)) => {
-                let fresh = Ipam::rebuild(&allocator, &listing);
-                listing.clear();
-                tracing::info!(used = fresh.allocator.used(), capacity = %fresh.allocator.capacity(), "node IPAM state rebuilt");
-                if !fresh.waiting.is_empty() {
-                    dirty = Some(tokio::time::Instant::now());
-                }
-                ipam = Some(fresh);
-            }
-            Some(Ok(watcher::Event::Apply(node))) => {
-                if let Some(ipam) = ipam.as_mut()
-                    && ipam.observe(&node)
-                {
-                    dirty.get_or_insert_with(|| tokio::time::Instant::now() + BATCH_DELAY);
-                }
-            }
-            Some(Ok(watcher::Event::Delete(node))) => {
-                if let Some(ipam) = ipam.as_mut() {
+                Change::Applied(node) => ipam.as_mut().is_some_and(|ipam| ipam.observe(&node)),
+                Change::Deleted(node) => ipam.as_mut().is_some_and(|ipam| {
                     ipam.forget(node.metadata.name.as_deref().unwrap_or_default());
-                    if !ipam.waiting.is_empty() {
-                        dirty.get_or_insert_with(|| tokio::time::Instant::now() + BATCH_DELAY);
-                    }
-                }
+                    !ipam.waiting.is_empty()
+                }),
+            };
+            if waiting {
+                queue.add_batched(WAITING, BATCH_DELAY);
             }
-        }
-    }
+        })
+    };
+    let api: Api<Node> = Api::all(ctx.client.clone());
+    let synced = || ipam.lock().expect("ipam lock").is_some();
+    let work = queue.run_worker("node IPAM", synced, &shutdown, |_| {
+        assign_waiting(&ctx, &api, &ipam)
+    });
+    tokio::join!(watch, work);
 }
 
-/// Give every waiting Node a CIDR, in name order.
-async fn assign_waiting(ctx: &Context, api: &Api<Node>, ipam: &mut Ipam) {
-    let mut names: Vec<String> = ipam.waiting.keys().cloned().collect();
-    names.sort();
+/// Give every waiting Node a CIDR, in name order; asks to run again after
+/// [`RETRY`] while some still wait.
+async fn assign_waiting(
+    ctx: &Context,
+    api: &Api<Node>,
+    ipam: &Mutex<Option<Ipam>>,
+) -> Result<Option<Duration>, AssignError> {
     // Ranges are taken in memory first, then written concurrently.
-    let mut batch = Vec::new();
-    for name in names {
-        match ipam.allocator.allocate() {
-            Some(cidr) => batch.push((name, cidr)),
-            None => break,
+    let batch = {
+        let mut guard = ipam.lock().expect("ipam lock");
+        let Some(ipam) = guard.as_mut() else {
+            return Ok(None);
+        };
+        let mut names: Vec<String> = ipam.waiting.keys().cloned().collect();
+        names.sort();
+        let mut batch = Vec::new();
+        for name in names {
+            match ipam.allocator.allocate() {
+                Some(cidr) => batch.push((name, cidr)),
+                None => break,
+            }
         }
-    }
+        batch
+    };
     let writes = futures::stream::iter(batch)
         .map(|(name, cidr)| async move {
             let patch =
@@ -348,52 +342,84 @@ async fn assign_waiting(ctx: &Context, api: &Api<Node>, ipam: &mut Ipam) {
         .buffer_unordered(CONCURRENT_WRITES)
         .collect::<Vec<_>>()
         .await;
-    for (name, cidr, result) in writes {
-        match result {
-            Ok(node) => {
-                tracing::info!(node = %name, %cidr, "assigned pod CIDR");
-                ipam.waiting.remove(&name);
-                ipam.assigned.insert(name.clone(), cidr);
-                // Someone else may have set a different one first.
-                if let Some(actual) = node_cidr(&node)
-                    && actual != cidr
-                {
-                    ipam.allocator.release(cidr);
-                    ipam.allocator.occupy(actual);
-                    ipam.assigned.insert(name, actual);
-                }
-            }
-            Err(error) => {
-                ipam.allocator.release(cidr);
-                if matches!(&error, kube::Error::Api(s) if s.code == 404) {
+    let mut failed = None;
+    let exhausted = {
+        let mut guard = ipam.lock().expect("ipam lock");
+        let Some(ipam) = guard.as_mut() else {
+            return Ok(None);
+        };
+        for (name, cidr, result) in writes {
+            match result {
+                Ok(node) => {
+                    tracing::info!(node = %name, %cidr, "assigned pod CIDR");
                     ipam.waiting.remove(&name);
-                } else {
-                    tracing::warn!(node = %name, error = %skiff_common::error::chain(&error), "cannot assign pod CIDR; retrying");
+                    // The watch may have relisted meanwhile: the range is taken.
+                    ipam.allocator.occupy(cidr);
+                    ipam.assigned.insert(name.clone(), cidr);
+                    // Someone else may have set a different one first.
+                    if let Some(actual) = node_cidr(&node)
+                        && actual != cidr
+                    {
+                        ipam.allocator.release(cidr);
+                        ipam.allocator.occupy(actual);
+                        ipam.assigned.insert(name, actual);
+                    }
+                }
+                Err(error) => {
+                    ipam.allocator.release(cidr);
+                    if matches!(&error, kube::Error::Api(s) if s.code == 404) {
+                        ipam.waiting.remove(&name);
+                    } else {
+                        failed = Some(AssignError {
+                            node: name,
+                            source: error,
+                        });
+                    }
                 }
             }
         }
-    }
-    if ipam.allocator.used() as u128 >= ipam.allocator.capacity() {
-        for (name, reported) in ipam.waiting.iter_mut().filter(|(_, reported)| !**reported) {
-            *reported = true;
-            tracing::warn!(node = %name, cluster = %ipam.allocator.cluster, "no pod CIDR left for node");
-            let meta = match api.get(name).await {
-                Ok(node) => node.metadata,
-                Err(error) => {
-                    tracing::debug!(node = %name, error = %skiff_common::error::chain(&error), "cannot read node for its event");
-                    continue;
-                }
-            };
-            ctx.events
-                .record(
-                    &reference("v1", "Node", &meta),
-                    EventType::Normal,
-                    "CIDRNotAvailable",
-                    &format!("Node {name} status is now: CIDRNotAvailable"),
-                )
-                .await;
+        if ipam.allocator.used() as u128 >= ipam.allocator.capacity() {
+            let cluster = ipam.allocator.cluster;
+            ipam.waiting
+                .iter_mut()
+                .filter(|(_, reported)| !**reported)
+                .map(|(name, reported)| {
+                    *reported = true;
+                    name.clone()
+                })
+                .map(|name| (name, cluster))
+                .collect::<Vec<_>>()
+        } else {
+            Vec::new()
         }
+    };
+    for (name, cluster) in exhausted {
+        tracing::warn!(node = %name, %cluster, "no pod CIDR left for node");
+        let meta = match api.get(&name).await {
+            Ok(node) => node.metadata,
+            Err(error) => {
+                tracing::debug!(node = %name, error = %skiff_common::error::chain(&error), "cannot read node for its event");
+                continue;
+            }
+        };
+        ctx.events
+            .record(
+                &reference("v1", "Node", &meta),
+                EventType::Normal,
+                "CIDRNotAvailable",
+                &format!("Node {name} status is now: CIDRNotAvailable"),
+            )
+            .await;
     }
+    if let Some(error) = failed {
+        return Err(error);
+    }
+    let waiting = ipam
+        .lock()
+        .expect("ipam lock")
+        .as_ref()
+        .is_some_and(|ipam| !ipam.waiting.is_empty());
+    Ok(waiting.then_some(RETRY))
 }
 
 #[cfg(test)]

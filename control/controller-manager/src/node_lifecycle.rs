@@ -27,7 +27,6 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, NodeCondition, Pod, Taint, Toleration};
@@ -44,6 +43,7 @@ use super::Context;
 use skiff_common::events::{EventType, reference};
 use skiff_common::informer::SharedWatch;
 use skiff_common::trimmed::Trimmed;
+use skiff_common::watch::reflect;
 
 /// The taint of Nodes whose Ready condition is Unknown.
 pub const TAINT_UNREACHABLE: &str = "node.kubernetes.io/unreachable";
@@ -322,14 +322,14 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
     )
     .default_backoff()
     .reflect(nodes_writer);
-    watches.spawn(drive(stream, token.clone()));
+    watches.spawn(reflect(stream, token.clone()));
     let stream = watcher(
         Api::<Trimmed<Lease>>::namespaced(client.clone(), LEASE_NAMESPACE),
         watcher::Config::default(),
     )
     .default_backoff()
     .reflect(leases_writer);
-    watches.spawn(drive(stream, token.clone()));
+    watches.spawn(reflect(stream, token.clone()));
     // Pods come from the watch the other controllers share.
     let pods = ctx.pods.clone();
     {
@@ -368,16 +368,6 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
         }
     }
     while watches.join_next().await.is_some() {}
-}
-
-async fn drive<S: futures::Stream + Send + 'static>(stream: S, shutdown: CancellationToken) {
-    let mut stream = std::pin::pin!(stream);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            item = stream.next() => if item.is_none() { return },
-        }
-    }
 }
 
 struct Monitor {
