@@ -362,6 +362,7 @@ state = "{state}"
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "privileged: needs root (network namespaces, containerd)"]
 async fn containerd_cri_runs_a_sandbox_through_skiff_cni_and_chained_plugins() {
     for tool in [
         "containerd",

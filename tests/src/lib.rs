@@ -151,6 +151,36 @@ pub fn free_port() -> u16 {
     panic!("found no free loopback port in 100 tries")
 }
 
+/// How often [`wait_for`] checks its condition.
+pub const POLL: Duration = Duration::from_millis(250);
+
+/// How long [`ApiServer::wait_for`] waits before it fails the test.
+pub const WAIT: Duration = Duration::from_secs(90);
+
+/// Poll `check` every [`POLL`] until it returns `Some`, and return that;
+/// after `timeout`, panic naming `what`, with `context()` (logs, the state
+/// of things) appended. Tests synchronise with this, never with a sleep.
+pub fn wait_for<T>(
+    what: &str,
+    timeout: Duration,
+    context: impl Fn() -> String,
+    mut check: impl FnMut() -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        if Instant::now() >= deadline {
+            panic!(
+                "timed out after {timeout:?} waiting for {what}\n{}",
+                context()
+            );
+        }
+        thread::sleep(POLL);
+    }
+}
+
 /// The last `n` lines of `text`.
 pub fn tail(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
@@ -383,7 +413,9 @@ impl ApiServer {
     /// stops (and is removed) when the last holder drops its handle. Keep tests apart with a
     /// namespace each.
     ///
-    /// ```ignore
+    /// ```no_run
+    /// # use std::sync::{Mutex, Weak};
+    /// # use skiff_tests::ApiServer;
     /// static SERVER: Mutex<Weak<ApiServer>> = Mutex::new(Weak::new());
     /// let server = ApiServer::shared(&SERVER);
     /// ```
@@ -400,6 +432,50 @@ impl ApiServer {
     /// The last lines of the server log, for panic messages.
     pub fn log_excerpt(&self) -> String {
         self.log_tail()
+    }
+
+    /// [`wait_for`] `check` for up to [`WAIT`], failing with the server log.
+    pub fn wait_for<T>(&self, what: &str, check: impl FnMut() -> Option<T>) -> T {
+        self.wait_within(WAIT, what, check)
+    }
+
+    /// A barrier behind the garbage collector: creates a ConfigMap in
+    /// `namespace` whose owner never existed and returns once the collector
+    /// has deleted it, so the changes its watch delivered before have been
+    /// acted on. Tests that check the collector leaves something alone wait
+    /// for this instead of sleeping.
+    pub fn wait_gc_caught_up(&self, namespace: &str) {
+        static BARRIERS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = BARRIERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("gc-barrier-{n}");
+        self.kubectl_stdin_ok(
+            &["apply", "-f", "-"],
+            &format!(
+                "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {name}\n  namespace: {namespace}\n  ownerReferences:\n  - apiVersion: v1\n    kind: ConfigMap\n    name: never-existed\n    uid: 00000000-0000-0000-0000-00000000dead\n"
+            ),
+        );
+        self.wait_for(
+            &format!("the collector to delete configmap {namespace}/{name}"),
+            || {
+                let out = self.kubectl(&["get", "configmap", &name, "-n", namespace, "-o", "name"]);
+                (!out.status.success()).then_some(())
+            },
+        );
+    }
+
+    /// [`wait_for`] `check` for up to `timeout`, failing with the server log.
+    pub fn wait_within<T>(
+        &self,
+        timeout: Duration,
+        what: &str,
+        check: impl FnMut() -> Option<T>,
+    ) -> T {
+        wait_for(
+            what,
+            timeout,
+            || format!("--- server log ---\n{}", self.log_excerpt()),
+            check,
+        )
     }
 
     /// Starts the server with an external etcd (`--etcd-servers`) and extra flags.

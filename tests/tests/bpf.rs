@@ -190,6 +190,7 @@ fn pinned_progs(node: &str) -> Vec<std::path::PathBuf> {
 }
 
 #[test]
+#[ignore = "privileged: needs root (eBPF, network namespaces)"]
 fn pods_are_counted_restored_from_pins_shown_and_detached() {
     let lab = Lab::new();
     // The datapath works in the node namespace: run the body on a thread of its own that enters

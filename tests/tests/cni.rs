@@ -280,6 +280,7 @@ fn pod_ip(result: &Value, ifname: &str, netns: &str) -> String {
 }
 
 #[test]
+#[ignore = "privileged: needs root (network namespaces)"]
 fn add_wires_calico_style_pods_reach_each_other_check_and_del() {
     let mut f = Fixture::new(1);
     let pod_a = f.pod("a");
@@ -411,6 +412,7 @@ fn add_wires_calico_style_pods_reach_each_other_check_and_del() {
 }
 
 #[test]
+#[ignore = "privileged: needs root (network namespaces)"]
 fn add_twice_for_the_same_interface_is_a_json_error_and_leaks_nothing() {
     let mut f = Fixture::new(2);
     let pod = f.pod("p");
@@ -464,6 +466,7 @@ fn add_twice_for_the_same_interface_is_a_json_error_and_leaks_nothing() {
 }
 
 #[test]
+#[ignore = "privileged: needs root (network namespaces)"]
 fn concurrent_adds_get_distinct_addresses() {
     let mut f = Fixture::new(3);
     let pods: Vec<String> = (0..8).map(|i| f.pod(&format!("c{i}"))).collect();
@@ -499,6 +502,7 @@ fn concurrent_adds_get_distinct_addresses() {
 }
 
 #[test]
+#[ignore = "privileged: needs root (network namespaces)"]
 fn gc_releases_orphans_and_removes_stale_veths() {
     let mut f = Fixture::new(4);
     let keep = f.pod("keep");
@@ -545,6 +549,7 @@ fn gc_releases_orphans_and_removes_stale_veths() {
 }
 
 #[test]
+#[ignore = "privileged: needs root (network namespaces)"]
 fn version_and_status_from_the_binary() {
     let f = Fixture::new(5);
     let out = f
@@ -633,6 +638,7 @@ fn plugin_path(plugin: &Value) -> PathBuf {
 }
 
 #[test]
+#[ignore = "privileged: needs root (network namespaces)"]
 fn chains_with_debian_tuning_and_portmap() {
     for plugin in ["tuning", "portmap"] {
         assert!(

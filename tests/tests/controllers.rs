@@ -6,8 +6,6 @@
 //! its own namespace.
 
 use std::sync::{Arc, Mutex, Weak};
-use std::thread;
-use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use skiff_tests::{ApiServer, kubectl_path};
@@ -22,23 +20,6 @@ fn server() -> Arc<ApiServer> {
     let server = Arc::new(ApiServer::start_all(&["--lb-ip-pool", "192.0.2.0/28"]));
     *slot = Arc::downgrade(&server);
     server
-}
-
-/// Poll `check` until it returns `Some`, or panic with `what` and the server log.
-fn wait_for<T>(server: &ApiServer, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(value) = check() {
-            return value;
-        }
-        if Instant::now() > deadline {
-            panic!(
-                "timed out waiting for {what}\n--- server log ---\n{}",
-                server.log_excerpt()
-            );
-        }
-        thread::sleep(Duration::from_millis(250));
-    }
 }
 
 fn namespace(server: &ApiServer, name: &str) {
@@ -124,17 +105,13 @@ fn services_get_endpoints_and_slices_split_by_readiness() {
     set_pod_status(&server, "unready", "10.244.1.11", false);
     set_pod_status(&server, "other", "10.244.1.12", true);
 
-    let subset = wait_for(
-        &server,
-        "endpoints with one ready and one unready address",
-        || {
-            let endpoints = get(&server, &["-n", "ep", "endpoints", "web"])?;
-            let subset = endpoints.pointer("/subsets/0")?.clone();
-            (ips(subset.get("addresses")) == ["10.244.1.10"]
-                && ips(subset.get("notReadyAddresses")) == ["10.244.1.11"])
-            .then_some(subset)
-        },
-    );
+    let subset = server.wait_for("endpoints with one ready and one unready address", || {
+        let endpoints = get(&server, &["-n", "ep", "endpoints", "web"])?;
+        let subset = endpoints.pointer("/subsets/0")?.clone();
+        (ips(subset.get("addresses")) == ["10.244.1.10"]
+            && ips(subset.get("notReadyAddresses")) == ["10.244.1.11"])
+        .then_some(subset)
+    });
     assert_eq!(
         subset["ports"][0]["port"], 8080,
         "named targetPort resolved: {subset}"
@@ -143,7 +120,7 @@ fn services_get_endpoints_and_slices_split_by_readiness() {
 
     let service_uid =
         get(&server, &["-n", "ep", "service", "web"]).expect("service")["metadata"]["uid"].clone();
-    let slice = wait_for(&server, "an endpoint slice with both pods", || {
+    let slice = server.wait_for("an endpoint slice with both pods", || {
         let slices = get(
             &server,
             &[
@@ -178,7 +155,7 @@ fn services_get_endpoints_and_slices_split_by_readiness() {
 
     // Readiness changes move the address.
     set_pod_status(&server, "unready", "10.244.1.11", true);
-    wait_for(&server, "both addresses ready", || {
+    server.wait_for("both addresses ready", || {
         let endpoints = get(&server, &["-n", "ep", "endpoints", "web"])?;
         let subset = endpoints.pointer("/subsets/0")?;
         (ips(subset.get("addresses")) == ["10.244.1.10", "10.244.1.11"]
@@ -191,12 +168,12 @@ fn services_get_endpoints_and_slices_split_by_readiness() {
 fn new_namespaces_get_a_default_service_account() {
     let server = server();
     namespace(&server, "sa-default");
-    wait_for(&server, "the default service account", || {
+    server.wait_for("the default service account", || {
         get(&server, &["-n", "sa-default", "serviceaccount", "default"])
     });
     // Recreated when deleted.
     server.kubectl_ok(&["-n", "sa-default", "delete", "serviceaccount", "default"]);
-    wait_for(&server, "the default service account again", || {
+    server.wait_for("the default service account again", || {
         get(&server, &["-n", "sa-default", "serviceaccount", "default"])
     });
 }
@@ -210,7 +187,7 @@ fn service_account_tokens_authenticate() {
         &["apply", "-f", "-"],
         "apiVersion: v1\nkind: Secret\nmetadata:\n  name: builder-token\n  namespace: tok\n  annotations:\n    kubernetes.io/service-account.name: builder\ntype: kubernetes.io/service-account-token\n",
     );
-    let token = wait_for(&server, "the token secret to be filled", || {
+    let token = server.wait_for("the token secret to be filled", || {
         let out = server.kubectl(&[
             "-n",
             "tok",
@@ -264,7 +241,7 @@ fn service_account_tokens_authenticate() {
 
     // The account deleted: its token Secret goes too.
     server.kubectl_ok(&["-n", "tok", "delete", "serviceaccount", "builder"]);
-    wait_for(&server, "the token secret to be deleted", || {
+    server.wait_for("the token secret to be deleted", || {
         not_found(&server, &["-n", "tok", "secret", "builder-token"]).then_some(())
     });
 }
@@ -333,7 +310,7 @@ fn owner_deletion_cascades_in_background_foreground_and_orphan() {
     owned_configmap(&server, "or");
 
     server.kubectl_ok(&["-n", "gc", "delete", "configmap", "bg"]);
-    wait_for(&server, "the background dependent to be collected", || {
+    server.wait_for("the background dependent to be collected", || {
         not_found(&server, &["-n", "gc", "configmap", "bg-child"]).then_some(())
     });
 
@@ -369,8 +346,8 @@ fn owner_deletion_cascades_in_background_foreground_and_orphan() {
         child["metadata"].get("ownerReferences").is_none(),
         "the orphan keeps its reference: {child}"
     );
-    // And stays: give the collector time to (wrongly) act.
-    thread::sleep(Duration::from_secs(2));
+    // And stays, once the collector has caught up.
+    server.wait_gc_caught_up("gc");
     assert!(get(&server, &["-n", "gc", "configmap", "or-child"]).is_some());
 }
 
@@ -393,7 +370,7 @@ fn load_balancers_get_pool_addresses_released_on_delete() {
         "first",
         "--tcp=80",
     ]);
-    let ip = wait_for(&server, "an EXTERNAL-IP", || external_ip(&server, "first"));
+    let ip = server.wait_for("an EXTERNAL-IP", || external_ip(&server, "first"));
     let last: u8 = ip
         .rsplit('.')
         .next()
@@ -412,9 +389,7 @@ fn load_balancers_get_pool_addresses_released_on_delete() {
         "second",
         "--tcp=80",
     ]);
-    let second = wait_for(&server, "a second EXTERNAL-IP", || {
-        external_ip(&server, "second")
-    });
+    let second = server.wait_for("a second EXTERNAL-IP", || external_ip(&server, "second"));
     assert_ne!(ip, second);
 
     // Deleted: the address is free for a Service asking for it.
@@ -423,9 +398,7 @@ fn load_balancers_get_pool_addresses_released_on_delete() {
         &["apply", "-f", "-"],
         &format!("apiVersion: v1\nkind: Service\nmetadata: {{name: third, namespace: lb}}\nspec: {{type: LoadBalancer, loadBalancerIP: \"{ip}\", ports: [{{port: 80}}]}}\n"),
     );
-    let third = wait_for(&server, "the released address", || {
-        external_ip(&server, "third")
-    });
+    let third = server.wait_for("the released address", || external_ip(&server, "third"));
     assert_eq!(third, ip);
 
     // No longer a LoadBalancer: the status is cleared (the node port goes
@@ -440,7 +413,7 @@ fn load_balancers_get_pool_addresses_released_on_delete() {
         "-p",
         r#"[{"op":"replace","path":"/spec/type","value":"ClusterIP"},{"op":"remove","path":"/spec/ports/0/nodePort"}]"#,
     ]);
-    wait_for(&server, "the status to be cleared", || {
+    server.wait_for("the status to be cleared", || {
         let service = get(&server, &["-n", "lb", "service", "second"])?;
         service
             .pointer("/status/loadBalancer/ingress")

@@ -576,6 +576,37 @@ fn spawn_lines(server: &ApiServer, args: &[&str]) -> (std::process::Child, mpsc:
     (child, rx)
 }
 
+/// Like [`spawn_lines`], with stderr's lines sent on the same channel (for
+/// kubectl's `-v=6` request log).
+fn spawn_merged(
+    server: &ApiServer,
+    args: &[&str],
+) -> (std::process::Child, mpsc::Receiver<String>) {
+    let mut cmd = server.kubectl_command(args);
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn kubectl {args:?}: {e}"));
+    let (tx, rx) = mpsc::channel();
+    let out = child.stdout.take().expect("piped stdout");
+    let err = child.stderr.take().expect("piped stderr");
+    for stream in [
+        Box::new(out) as Box<dyn std::io::Read + Send>,
+        Box::new(err),
+    ] {
+        let tx = tx.clone();
+        thread::spawn(move || {
+            for line in BufReader::new(stream).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    (child, rx)
+}
+
 /// Waits until a line satisfying `want` arrives (collecting all lines into `seen`).
 fn wait_line(
     rx: &mpsc::Receiver<String>,
@@ -1173,14 +1204,26 @@ fn delete_wait_and_wait_for_delete_return() {
     );
 
     server.kubectl_stdin_ok(&["apply", "-f", "-"], &configmap_yaml(ns, "b", "1"));
-    let (child, rx) = spawn_lines(
+    let (child, rx) = spawn_merged(
         &server,
-        &["wait", "--for=delete", "cm/b", "-n", ns, "--timeout=30s"],
+        &[
+            "wait",
+            "--for=delete",
+            "cm/b",
+            "-n",
+            ns,
+            "--timeout=30s",
+            "-v=6",
+        ],
     );
-    // Give the waiter time to start watching, then delete.
-    thread::sleep(Duration::from_millis(1500));
-    server.kubectl_ok(&["delete", "cm", "b", "-n", ns, "--wait=false"]);
+    // Delete once the waiter watches: its informer's cache is populated
+    // (the -v=6 log).
     let mut seen = Vec::new();
+    let watching = wait_line(&rx, &mut seen, Duration::from_secs(20), |l| {
+        l.contains("Caches populated")
+    });
+    assert!(watching, "kubectl wait never watched: {seen:?}");
+    server.kubectl_ok(&["delete", "cm", "b", "-n", ns, "--wait=false"]);
     let met = wait_line(&rx, &mut seen, Duration::from_secs(20), |l| {
         l.contains("condition met")
     });

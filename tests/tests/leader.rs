@@ -7,10 +7,10 @@
 use std::fs;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::thread;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use skiff_tests::wait_for;
 use skiff_tests::{ApiServer, HollowNodes, ProcessGroup, bin_path, tail};
 
 /// The takeover bound the issue sets.
@@ -64,25 +64,6 @@ impl Replica {
         assert!(status.success(), "kill -KILL {} failed", self.name);
         // Reaps the killed group.
         drop(process);
-    }
-}
-
-/// Poll until `check` returns `Some`, or panic with `what` and the logs.
-fn wait_for<T>(
-    what: &str,
-    timeout: Duration,
-    logs: &dyn Fn() -> String,
-    mut check: impl FnMut() -> Option<T>,
-) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(value) = check() {
-            return value;
-        }
-        if Instant::now() > deadline {
-            panic!("timed out after {timeout:?} waiting for {what}\n{}", logs());
-        }
-        thread::sleep(Duration::from_millis(200));
     }
 }
 
@@ -174,10 +155,10 @@ fn killing_the_leaders_hands_over_to_the_standbys_within_15s() {
     let first_manager = wait_for(
         "a controller-manager leader",
         Duration::from_secs(30),
-        &logs,
+        logs,
         || leader_index(&managers),
     );
-    let first_scheduler = wait_for("a scheduler leader", Duration::from_secs(30), &logs, || {
+    let first_scheduler = wait_for("a scheduler leader", Duration::from_secs(30), logs, || {
         leader_index(&schedulers)
     });
     for (pair, lease, leader) in [
@@ -198,7 +179,7 @@ fn killing_the_leaders_hands_over_to_the_standbys_within_15s() {
     wait_for(
         "2 bound pods of ReplicaSet before",
         Duration::from_secs(30),
-        &logs,
+        logs,
         || (pods(&server, "before") == (2, 2)).then_some(()),
     );
 
@@ -233,7 +214,7 @@ fn killing_the_leaders_hands_over_to_the_standbys_within_15s() {
     wait_for(
         "3 pods of ReplicaSet after, all bound",
         TAKEOVER,
-        &logs,
+        logs,
         || (pods(&server, "after") == (3, 3)).then_some(()),
     );
     let took = killed.elapsed();

@@ -5,7 +5,6 @@
 //! them on the other nodes.
 
 use std::net::Ipv4Addr;
-use std::thread;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -30,29 +29,6 @@ fn agent(server: &ApiServer, count: u32, prefix: &str) -> HollowNodes {
     let mut args = vec!["--name-prefix", prefix];
     args.extend(FAST);
     HollowNodes::start(server, count, &args)
-}
-
-/// Polls `check` every 250 ms until it returns `Some`, panicking with `what` and the server log
-/// after `timeout`.
-fn wait_for<T>(
-    server: &ApiServer,
-    timeout: Duration,
-    what: &str,
-    mut check: impl FnMut() -> Option<T>,
-) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(value) = check() {
-            return value;
-        }
-        if Instant::now() >= deadline {
-            panic!(
-                "timed out after {timeout:?} waiting for {what}\n--- server log ---\n{}",
-                server.log_excerpt()
-            );
-        }
-        thread::sleep(Duration::from_millis(250));
-    }
 }
 
 fn node(server: &ApiServer, name: &str) -> Value {
@@ -166,8 +142,7 @@ fn hollow_nodes_run_pods_and_lost_nodes_are_evicted() {
         );
     }
     for (name, cidr) in names.iter().zip(&cidrs) {
-        let pod = wait_for(
-            &server,
+        let pod = server.wait_within(
             Duration::from_secs(30),
             &format!("pod-{name} Running"),
             || {
@@ -206,18 +181,13 @@ fn hollow_nodes_run_pods_and_lost_nodes_are_evicted() {
 
     // A ReplicaSet spread over the nodes by the scheduler.
     server.kubectl_stdin_ok(&["apply", "-f", "-"], REPLICASET);
-    wait_for(
-        &server,
-        Duration::from_secs(60),
-        "3 web pods Running",
-        || {
-            let running = pods(&server, "app=web")
-                .iter()
-                .filter(|p| is_running_ready(p))
-                .count();
-            (running == 3).then_some(())
-        },
-    );
+    server.wait_within(Duration::from_secs(60), "3 web pods Running", || {
+        let running = pods(&server, "app=web")
+            .iter()
+            .filter(|p| is_running_ready(p))
+            .count();
+        (running == 3).then_some(())
+    });
 
     // Stop the last node's agent: it stops heartbeating.
     let lost = names[2].clone();
@@ -230,8 +200,7 @@ fn hollow_nodes_run_pods_and_lost_nodes_are_evicted() {
     agents[2].kill();
     let stopped = Instant::now();
 
-    let n = wait_for(
-        &server,
+    let n = server.wait_within(
         Duration::from_secs(30),
         "the lost node Unknown and tainted",
         || {
@@ -259,19 +228,14 @@ fn hollow_nodes_run_pods_and_lost_nodes_are_evicted() {
     assert_eq!(ready["message"], "Kubelet stopped posting node status.");
 
     // Its pods go after their 5 s toleration (evicted, then force-deleted since nobody finishes them).
-    wait_for(
-        &server,
-        Duration::from_secs(60),
-        "the lost node's pods gone",
-        || {
-            let left = pods(&server, "test=bound,app!=web")
-                .iter()
-                .chain(pods(&server, "app=web").iter())
-                .filter(|p| p["spec"]["nodeName"] == lost.as_str())
-                .count();
-            (left == 0).then_some(())
-        },
-    );
+    server.wait_within(Duration::from_secs(60), "the lost node's pods gone", || {
+        let left = pods(&server, "test=bound,app!=web")
+            .iter()
+            .chain(pods(&server, "app=web").iter())
+            .filter(|p| p["spec"]["nodeName"] == lost.as_str())
+            .count();
+        (left == 0).then_some(())
+    });
     let evicted_at = Instant::now();
     assert!(
         evicted_at.duration_since(stopped) >= Duration::from_secs(10),
@@ -283,8 +247,7 @@ fn hollow_nodes_run_pods_and_lost_nodes_are_evicted() {
     );
 
     // The ReplicaSet replaced them on the nodes that are left.
-    wait_for(
-        &server,
+    server.wait_within(
         Duration::from_secs(60),
         "3 web pods Running elsewhere",
         || {

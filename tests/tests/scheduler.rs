@@ -4,14 +4,9 @@
 //! FailedScheduling message until a big enough node appears.
 
 use std::collections::BTreeMap;
-use std::thread;
-use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use skiff_tests::ApiServer;
-
-/// How long a pod may take to be bound (or to get its FailedScheduling event).
-const WAIT: Duration = Duration::from_secs(60);
 
 fn now() -> String {
     let out = std::process::Command::new("date")
@@ -69,23 +64,6 @@ fn create(server: &ApiServer, objects: &[Value]) {
     server.kubectl_stdin_ok(&["create", "-f", "-"], &stream.join("\n"));
 }
 
-/// Polls until `check` returns Some, panicking with `what` and the server log after [`WAIT`].
-fn wait_for<T>(server: &ApiServer, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(v) = check() {
-            return v;
-        }
-        if Instant::now() >= deadline {
-            panic!(
-                "timed out waiting for {what}\n--- server log ---\n{}",
-                server.log_excerpt()
-            );
-        }
-        thread::sleep(Duration::from_millis(250));
-    }
-}
-
 fn node_of(server: &ApiServer, name: &str) -> Option<String> {
     let pod = server.kubectl_json(&["get", "pod", "-n", "sched", name]);
     pod["spec"]["nodeName"]
@@ -95,9 +73,7 @@ fn node_of(server: &ApiServer, name: &str) -> Option<String> {
 }
 
 fn wait_bound(server: &ApiServer, name: &str) -> String {
-    wait_for(server, &format!("pod {name} to be bound"), || {
-        node_of(server, name)
-    })
+    server.wait_for(&format!("pod {name} to be bound"), || node_of(server, name))
 }
 
 /// The message of the FailedScheduling event about pod `name`, once there is one.
@@ -147,7 +123,7 @@ fn scheduler_binds_spreads_filters_and_retries() {
     assert_eq!(scheduled["status"], "True", "in {web0:#}");
     let node = web0["spec"]["nodeName"].as_str().expect("bound");
     let want = format!("Successfully assigned sched/web-0 to {node}");
-    wait_for(&server, "the Scheduled event", || {
+    server.wait_for("the Scheduled event", || {
         let events = server.kubectl_json(&["get", "events", "-n", "sched"]);
         events["items"]
             .as_array()?
@@ -164,7 +140,7 @@ fn scheduler_binds_spreads_filters_and_retries() {
     // A pod asking for more cpu than any node has stays Pending, with upstream's message in
     // an event and in its PodScheduled condition.
     create(&server, &[pod("big", "100", json!({}), json!({}))]);
-    let message = wait_for(&server, "FailedScheduling for big", || {
+    let message = server.wait_for("FailedScheduling for big", || {
         failed_scheduling(&server, "big")
     });
     assert_eq!(
@@ -176,7 +152,7 @@ fn scheduler_binds_spreads_filters_and_retries() {
         describe.contains("FailedScheduling") && describe.contains("3 Insufficient cpu"),
         "kubectl describe shows the event:\n{describe}"
     );
-    let condition = wait_for(&server, "big's PodScheduled=False condition", || {
+    let condition = server.wait_for("big's PodScheduled=False condition", || {
         let pod = server.kubectl_json(&["get", "pod", "-n", "sched", "big"]);
         pod["status"]["conditions"]
             .as_array()?
@@ -206,7 +182,7 @@ fn scheduler_binds_spreads_filters_and_retries() {
         assert_ne!(node, "n3", "plain-{i} landed on the tainted node");
     }
     assert_eq!(wait_bound(&server, "tolerant"), "n3");
-    let message = wait_for(&server, "FailedScheduling for intolerant", || {
+    let message = server.wait_for("FailedScheduling for intolerant", || {
         failed_scheduling(&server, "intolerant")
     });
     assert_eq!(

@@ -8,7 +8,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 use skiff_tests::ApiServer;
@@ -23,23 +23,6 @@ fn server() -> Arc<ApiServer> {
     let server = Arc::new(ApiServer::start_all(&[]));
     *slot = Arc::downgrade(&server);
     server
-}
-
-/// Poll `check` until it returns `Some`, or panic with `what` and the server log.
-fn wait_for<T>(server: &ApiServer, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        if let Some(value) = check() {
-            return value;
-        }
-        if Instant::now() > deadline {
-            panic!(
-                "timed out waiting for {what}\n--- server log ---\n{}",
-                server.log_excerpt()
-            );
-        }
-        thread::sleep(Duration::from_millis(250));
-    }
 }
 
 fn items(server: &ApiServer, kind: &str, ns: &str) -> Vec<Value> {
@@ -170,7 +153,7 @@ fn deployment_rolls_out_rolls_back_restarts_and_scales() {
     );
 
     // One ReplicaSet named <deploy>-<hash>, five pods it controls.
-    let rs = wait_for(&server, "a ReplicaSet with 5 ready pods", || {
+    let rs = server.wait_for("a ReplicaSet with 5 ready pods", || {
         let sets = items(&server, "rs", ns);
         let pods = active_pods(&server, ns);
         (sets.len() == 1 && pods.len() == 5 && sets[0]["status"]["readyReplicas"] == 5)
@@ -322,7 +305,7 @@ fn deployment_rolls_out_rolls_back_restarts_and_scales() {
 
     // Scale: the new ReplicaSet follows, and so do the pods.
     server.kubectl_ok(&["scale", "deploy/web", "--replicas=2", "-n", ns]);
-    wait_for(&server, "2 pods after scaling down", || {
+    server.wait_for("2 pods after scaling down", || {
         let pods = active_pods(&server, ns);
         let deploy = server.kubectl_json(&["get", "deploy", "web", "-n", ns]);
         (pods.len() == 2 && deploy["status"]["availableReplicas"] == 2).then_some(())
@@ -373,7 +356,7 @@ fn replicaset_replaces_deleted_pods_and_adopts_orphans() {
         "-o",
         "jsonpath={.metadata.uid}",
     ]);
-    wait_for(&server, "3 ready replicas, the orphan adopted", || {
+    server.wait_for("3 ready replicas, the orphan adopted", || {
         let rs = server.kubectl_json(&["get", "rs", "cache", "-n", ns]);
         let pods = active_pods(&server, ns);
         let owned = pods
@@ -409,7 +392,7 @@ fn replicaset_replaces_deleted_pods_and_adopts_orphans() {
         .expect("name")
         .to_string();
     server.kubectl_ok(&["delete", "pod", &victim, "-n", ns, "--wait=false"]);
-    wait_for(&server, "a replacement pod", || {
+    server.wait_for("a replacement pod", || {
         let pods = active_pods(&server, ns);
         (pods.len() == 3
             && pods
@@ -424,7 +407,7 @@ fn replicaset_replaces_deleted_pods_and_adopts_orphans() {
         .expect("name")
         .to_string();
     server.kubectl_ok(&["label", "pod", &leaver, "-n", ns, "app=gone", "--overwrite"]);
-    wait_for(&server, "the relabelled pod released and replaced", || {
+    server.wait_for("the relabelled pod released and replaced", || {
         let released = server.kubectl_json(&["get", "pod", &leaver, "-n", ns]);
         let owned = active_pods(&server, ns)
             .iter()
@@ -435,7 +418,7 @@ fn replicaset_replaces_deleted_pods_and_adopts_orphans() {
 
     // Scale down: surplus pods go.
     server.kubectl_ok(&["scale", "rs", "cache", "--replicas=1", "-n", ns]);
-    wait_for(&server, "1 replica", || {
+    server.wait_for("1 replica", || {
         let rs = server.kubectl_json(&["get", "rs", "cache", "-n", ns]);
         let owned = active_pods(&server, ns)
             .iter()
@@ -461,7 +444,7 @@ fn recreate_and_paused_deployments() {
     // Paused: a template change makes no ReplicaSet; resuming rolls out.
     server.kubectl_ok(&["rollout", "pause", "deploy/web", "-n", ns]);
     server.kubectl_ok(&["set", "image", "deploy/web", "web=nginx:2", "-n", ns]);
-    wait_for(&server, "the Progressing condition to say paused", || {
+    server.wait_for("the Progressing condition to say paused", || {
         let deploy = server.kubectl_json(&["get", "deploy", "web", "-n", ns]);
         deploy["status"]["conditions"]
             .as_array()
@@ -514,16 +497,12 @@ fn recreate_and_paused_deployments() {
     // revisionHistoryLimit 1: after a third template only one old set stays.
     server.kubectl_ok(&["set", "image", "deploy/web", "web=nginx:3", "-n", ns]);
     server.kubectl_ok(&["rollout", "status", "deploy/web", "-n", ns, "--timeout=90s"]);
-    wait_for(
-        &server,
-        "old ReplicaSets beyond the history limit deleted",
-        || {
-            let sets = items(&server, "rs", ns);
-            let mut revisions: Vec<i64> = sets.iter().filter_map(revision_of).collect();
-            revisions.sort();
-            (revisions == [2, 3]).then_some(())
-        },
-    );
+    server.wait_for("old ReplicaSets beyond the history limit deleted", || {
+        let sets = items(&server, "rs", ns);
+        let mut revisions: Vec<i64> = sets.iter().filter_map(revision_of).collect();
+        revisions.sort();
+        (revisions == [2, 3]).then_some(())
+    });
 }
 
 #[test]
@@ -538,7 +517,7 @@ fn deleting_a_deployment_cascades_to_its_replicasets_and_pods() {
             &["apply", "-f", "-"],
             &deployment_manifest(ns, 3, "nginx:1"),
         );
-        wait_for(&server, "a ReplicaSet with 3 pods", || {
+        server.wait_for("a ReplicaSet with 3 pods", || {
             (items(&server, "rs", ns).len() == 1 && active_pods(&server, ns).len() == 3)
                 .then_some(())
         });
@@ -558,7 +537,7 @@ fn deleting_a_deployment_cascades_to_its_replicasets_and_pods() {
     // Background (kubectl's default): the Deployment goes at once, then the
     // collector deletes its ReplicaSet, then the set's pods.
     deploy_and_delete("background");
-    wait_for(&server, "the ReplicaSet and its pods collected", || {
+    server.wait_for("the ReplicaSet and its pods collected", || {
         (items(&server, "rs", ns).is_empty() && items(&server, "pods", ns).is_empty()).then_some(())
     });
 
@@ -574,7 +553,7 @@ fn deleting_a_deployment_cascades_to_its_replicasets_and_pods() {
 
     // Orphan: the ReplicaSet and its pods stay, the set without its owner.
     deploy_and_delete("orphan");
-    thread::sleep(Duration::from_secs(2));
+    server.wait_gc_caught_up(ns);
     let sets = items(&server, "rs", ns);
     assert_eq!(sets.len(), 1, "the orphaned ReplicaSet stays: {sets:?}");
     assert!(

@@ -412,10 +412,13 @@ fn build(ws: &Path) -> Result<PathBuf> {
     Ok(target_dir(ws)?.join("debug"))
 }
 
-/// Setup, build, then `cargo test --workspace` with the pinned tools.
+/// Setup, build, then `cargo test --workspace` with the pinned tools, the
+/// privileged tests included (they are `#[ignore]`d, with their reason, so
+/// that a plain `cargo test` as a normal user leaves them out and says so).
 fn test(ws: &Path, args: &[String]) -> Result<()> {
     let tools = setup(ws)?;
     let bin_dir = build(ws)?;
+    let args = with_ignored(args);
     say(format!(
         "cargo test --workspace --no-fail-fast {}",
         args.join(" ")
@@ -423,11 +426,22 @@ fn test(ws: &Path, args: &[String]) -> Result<()> {
     run(cargo()
         .current_dir(ws)
         .args(["test", "--workspace", "--no-fail-fast"])
-        .args(args)
+        .args(&args)
         .env("SKIFF_KUBECTL", &tools.kubectl)
         .env("SKIFF_PYTHON", &tools.python)
         .env("SKIFF_BIN_DIR", &bin_dir))
     .context("tests failed")
+}
+
+/// `args` for `cargo test` with `--include-ignored` among the test binaries'
+/// arguments (after `--`).
+fn with_ignored(args: &[String]) -> Vec<String> {
+    let mut args = args.to_vec();
+    match args.iter().position(|a| a == "--") {
+        Some(i) => args.insert(i + 1, "--include-ignored".into()),
+        None => args.extend(["--".into(), "--include-ignored".into()]),
+    }
+    args
 }
 
 /// A kubeconfig-bound kubectl for the demo.
@@ -855,4 +869,25 @@ fn shell_words(args: &[&str]) -> String {
         })
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn privileged_tests_are_included_after_the_separator() {
+        let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(with_ignored(&[]), strings(&["--", "--include-ignored"]));
+        assert_eq!(
+            with_ignored(&strings(&["-p", "skiff-tests", "--", "--nocapture"])),
+            strings(&[
+                "-p",
+                "skiff-tests",
+                "--",
+                "--include-ignored",
+                "--nocapture"
+            ])
+        );
+    }
 }
