@@ -32,6 +32,7 @@ use serde_json::{Value, json};
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
+use skiff_common::error::api_code;
 use skiff_common::node::{
     InvalidNodeName, KUBELET_VERSION, LEASE_NAMESPACE, pod_cidr, validate_name,
 };
@@ -500,14 +501,6 @@ pub async fn run(
     Ok(())
 }
 
-/// The status code of an API error.
-fn code(error: &kube::Error) -> Option<u16> {
-    match error {
-        kube::Error::Api(status) => Some(status.code),
-        _ => None,
-    }
-}
-
 impl Agent {
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
@@ -586,7 +579,7 @@ impl Agent {
             let _permit = self.writes.acquire().await;
             match api.create(&PostParams::default(), &node).await {
                 Ok(created) => created,
-                Err(error) if code(&error) == Some(409) => api.get(name).await?,
+                Err(error) if api_code(&error) == Some(409) => api.get(name).await?,
                 Err(error) => return Err(error),
             }
         };
@@ -630,7 +623,7 @@ impl Agent {
             .await
         {
             Ok(_) => Ok(()),
-            Err(error) if code(&error) == Some(404) => {
+            Err(error) if api_code(&error) == Some(404) => {
                 let uid = self.lock().nodes.get(name).and_then(|n| n.uid.clone());
                 let mut metadata = json!({"name": name, "namespace": LEASE_NAMESPACE});
                 if let Some(uid) = uid {
@@ -646,7 +639,7 @@ impl Agent {
                 }))
                 .expect("a node Lease is well-formed");
                 match api.create(&PostParams::default(), &lease).await {
-                    Err(error) if code(&error) != Some(409) => Err(error),
+                    Err(error) if api_code(&error) != Some(409) => Err(error),
                     _ => Ok(()),
                 }
             }
@@ -987,7 +980,7 @@ impl Agent {
                     return;
                 }
                 // Gone: its Delete event frees the address.
-                Err(error) if code(&error) == Some(404) => return,
+                Err(error) if api_code(&error) == Some(404) => return,
                 Err(error) => {
                     tracing::warn!(pod = %format!("{namespace}/{name}"), error = %skiff_common::error::chain(&error), "cannot report pod running; retrying");
                     if !self.pause(backoff).await {
@@ -1020,7 +1013,7 @@ impl Agent {
             };
             match result {
                 Ok(_) => return,
-                Err(error) if matches!(code(&error), Some(404 | 409)) => return,
+                Err(error) if matches!(api_code(&error), Some(404 | 409)) => return,
                 Err(error) => {
                     tracing::warn!(pod = %format!("{namespace}/{name}"), error = %skiff_common::error::chain(&error), "cannot delete pod; retrying");
                     if !self.pause(backoff).await {

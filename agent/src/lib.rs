@@ -1,10 +1,17 @@
-//! skiff's node agent.
+//! skiff's node agent, and `skiffctl`.
 //!
-//! Its first mode is hollow nodes (`skiff-agent --hollow`): Node objects
-//! with capacity and heartbeats whose pods are reported Running without any
-//! container being started, to exercise the control plane at scale. The real
-//! node role (containers, networking, eBPF) will sit beside [`hollow`] and
-//! share [`cli`] and `skiff_common::daemon`.
+//! - [`kubelet`]: the real node (`skiff-agent --node-name N`): registers the
+//!   Node and heartbeats it, runs the pods bound to it through containerd
+//!   and the CNI plugin, probes them, reports their status, serves logs,
+//!   exec and port-forward, and attaches the eBPF datapath to each pod.
+//! - [`hollow`]: simulated nodes (`skiff-agent --hollow --count N`) that
+//!   heartbeat and report their pods Running without containers, for tests
+//!   and benchmarks at scale.
+//! - [`bpf`]: the eBPF datapath: programs loaded and pinned, maps written
+//!   only through the map writer, links attached per pod.
+//! - [`skiffctl`]: the local multi-node cluster (`up`, `down`, `status`) and
+//!   the views of the pinned maps (`bpf pods`).
+//! - [`cli`]: the agent's flags; start-up is `skiff_common::daemon`.
 
 pub mod bpf;
 pub mod cli;

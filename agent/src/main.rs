@@ -10,10 +10,7 @@ use skiff_agent::kubelet::{self, PodNetworkHook, datapath::BpfHook};
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    skiff_common::daemon::init_tracing(&cli.log);
-    let runtime = tokio::runtime::Runtime::new()?;
-    runtime.block_on(async {
-        let shutdown = skiff_common::daemon::shutdown_on_signal();
+    skiff_common::daemon::block_on(&cli.log.clone(), |shutdown| async move {
         let client = skiff_common::daemon::client(cli.kubeconfig.as_deref()).await?;
         if cli.hollow {
             hollow::run(client, cli.node, shutdown).await?;

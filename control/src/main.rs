@@ -11,10 +11,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    skiff_common::daemon::init_tracing(&cli.log);
-    let runtime = tokio::runtime::Runtime::new()?;
-    runtime.block_on(async {
-        let shutdown = skiff_common::daemon::shutdown_on_signal();
+    skiff_common::daemon::block_on(&cli.log.clone(), |shutdown| async move {
         match cli.command {
             Command::Apiserver(args) => {
                 skiff_apiserver::server::run_apiserver(args, shutdown).await?

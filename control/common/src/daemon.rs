@@ -50,6 +50,46 @@ pub struct DaemonArgs {
     pub election: crate::leader::ElectionArgs,
 }
 
+/// A daemon's `main` after its flags are parsed: the tracing subscriber
+/// (`log_filter`, RUST_LOG syntax), a multi-threaded runtime, and `main`
+/// run on it with the process's shutdown token.
+pub fn block_on<F, Fut, E>(log_filter: &str, main: F) -> Result<(), E>
+where
+    F: FnOnce(CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = Result<(), E>>,
+    E: From<std::io::Error>,
+{
+    init_tracing(log_filter);
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async { main(shutdown_on_signal()).await })
+}
+
+/// A daemon apart from the API server (the scheduler, the controller
+/// manager): its client from `daemon`'s kubeconfig and the process's one
+/// pod watch, then `run` with them, its `options` and its election, until
+/// `shutdown`.
+pub async fn run_client_daemon<O, F, Fut>(
+    daemon: DaemonArgs,
+    options: O,
+    shutdown: CancellationToken,
+    run: F,
+) -> Result<(), ClientError>
+where
+    F: FnOnce(
+        kube::Client,
+        O,
+        std::sync::Arc<crate::informer::SharedWatch<k8s_openapi::api::core::v1::Pod>>,
+        crate::leader::ElectionArgs,
+        CancellationToken,
+    ) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let client = self::client(daemon.kubeconfig.as_deref()).await?;
+    let pods = crate::informer::SharedWatch::new(client.clone(), shutdown.clone());
+    run(client, options, pods, daemon.election, shutdown).await;
+    Ok(())
+}
+
 /// Set up the one tracing subscriber of the process (stderr, `filter` as
 /// RUST_LOG; `info` if it does not parse).
 pub fn init_tracing(filter: &str) {

@@ -122,10 +122,7 @@ pub async fn run_daemon(
     args: ControllerManagerArgs,
     shutdown: CancellationToken,
 ) -> Result<(), skiff_common::daemon::ClientError> {
-    let client = skiff_common::daemon::client(args.daemon.kubeconfig.as_deref()).await?;
-    let pods = SharedWatch::new(client.clone(), shutdown.clone());
-    run(client, args.options, pods, args.daemon.election, shutdown).await;
-    Ok(())
+    skiff_common::daemon::run_client_daemon(args.daemon, args.options, shutdown, run).await
 }
 
 /// Run the controller manager: every controller while this process leads

@@ -367,7 +367,7 @@ async fn assign_waiting(
                 }
                 Err(error) => {
                     ipam.allocator.release(cidr);
-                    if matches!(&error, kube::Error::Api(s) if s.code == 404) {
+                    if skiff_common::error::is_status(&error, 404) {
                         ipam.waiting.remove(&name);
                     } else {
                         failed = Some(AssignError {

@@ -107,7 +107,7 @@ impl BindError {
     /// or being deleted (409); the watch brings the truth.
     pub fn is_final(&self) -> bool {
         let BindError::Api { source, .. } = self;
-        matches!(source, kube::Error::Api(status) if status.code == 404 || status.code == 409)
+        matches!(skiff_common::error::api_code(source), Some(404 | 409))
     }
 }
 
@@ -117,10 +117,7 @@ pub async fn run_daemon(
     args: SchedulerArgs,
     shutdown: CancellationToken,
 ) -> Result<(), skiff_common::daemon::ClientError> {
-    let client = skiff_common::daemon::client(args.daemon.kubeconfig.as_deref()).await?;
-    let pods = SharedWatch::new(client.clone(), shutdown.clone());
-    run(client, args.options, pods, args.daemon.election, shutdown).await;
-    Ok(())
+    skiff_common::daemon::run_client_daemon(args.daemon, args.options, shutdown, run).await
 }
 
 /// Run the scheduler until `shutdown`: while this process holds the

@@ -597,17 +597,8 @@ impl ServiceAllocator {
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::{defaulted, info};
     use super::*;
-    use skiff_common::registry::find_kind;
-
-    fn info(api_version: &str, kind: &str) -> &'static ResourceInfo {
-        find_kind(api_version, kind).expect("kind is served")
-    }
-
-    fn defaulted(api_version: &str, kind: &str, mut obj: Value) -> Value {
-        default_object(info(api_version, kind), &mut obj);
-        obj
-    }
 
     /// Claimed keys held in memory, standing in for etcd.
     impl Claims for HashSet<String> {

@@ -65,11 +65,11 @@ mod tests {
     use super::*;
     use skiff_common::registry::find_kind;
 
-    fn info(api_version: &str, kind: &str) -> &'static ResourceInfo {
+    pub(super) fn info(api_version: &str, kind: &str) -> &'static ResourceInfo {
         find_kind(api_version, kind).expect("kind is served")
     }
 
-    fn defaulted(api_version: &str, kind: &str, mut obj: Value) -> Value {
+    pub(super) fn defaulted(api_version: &str, kind: &str, mut obj: Value) -> Value {
         default_object(info(api_version, kind), &mut obj);
         obj
     }
