@@ -70,13 +70,32 @@ pub struct NodeArgs {
     pub concurrency: usize,
 }
 
+/// A `--node-labels` entry that is not `key=value`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LabelError {
+    /// No `=`.
+    #[error("expected key=value, got {text:?}")]
+    Syntax {
+        /// What was given.
+        text: String,
+    },
+    /// `=value`.
+    #[error("empty label key in {text:?}")]
+    EmptyKey {
+        /// What was given.
+        text: String,
+    },
+}
+
 /// Parse `key=value`.
-pub fn parse_label(s: &str) -> Result<(String, String), String> {
-    let (key, value) = s
-        .split_once('=')
-        .ok_or_else(|| format!("expected key=value, got {s:?}"))?;
+pub fn parse_label(s: &str) -> Result<(String, String), LabelError> {
+    let (key, value) = s.split_once('=').ok_or_else(|| LabelError::Syntax {
+        text: s.to_string(),
+    })?;
     if key.is_empty() {
-        return Err(format!("empty label key in {s:?}"));
+        return Err(LabelError::EmptyKey {
+            text: s.to_string(),
+        });
     }
     Ok((key.to_string(), value.to_string()))
 }

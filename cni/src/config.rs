@@ -130,9 +130,9 @@ impl CniEnv {
             variable: "CNI_IFNAME",
             reason: "missing".into(),
         })?;
-        validate_ifname(name).map_err(|reason| CniError::InvalidEnv {
+        validate_ifname(name).map_err(|error| CniError::InvalidEnv {
             variable: "CNI_IFNAME",
-            reason,
+            reason: error.to_string(),
         })?;
         Ok(name)
     }
@@ -146,19 +146,43 @@ impl CniEnv {
     }
 }
 
+/// An interface name the kernel or the CNI spec refuses.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IfnameError {
+    /// Empty or longer than `IFNAMSIZ - 1`.
+    #[error("{name:?} must be 1 to 15 bytes long")]
+    Length {
+        /// The name.
+        name: String,
+    },
+    /// `.` or `..`.
+    #[error("{name:?} is not a valid interface name")]
+    Dots {
+        /// The name.
+        name: String,
+    },
+    /// A `/`, `:`, whitespace or control character.
+    #[error("{name:?} must not contain '/', ':' or whitespace")]
+    Character {
+        /// The name.
+        name: String,
+    },
+}
+
 /// Checks an interface name as the kernel and the CNI spec want it.
-pub fn validate_ifname(name: &str) -> Result<(), String> {
+pub fn validate_ifname(name: &str) -> Result<(), IfnameError> {
+    let name_owned = || name.to_string();
     if name.is_empty() || name.len() > 15 {
-        return Err(format!("{name:?} must be 1 to 15 bytes long"));
+        return Err(IfnameError::Length { name: name_owned() });
     }
     if name == "." || name == ".." {
-        return Err(format!("{name:?} is not a valid interface name"));
+        return Err(IfnameError::Dots { name: name_owned() });
     }
     if name
         .chars()
         .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control())
     {
-        return Err(format!("{name:?} must not contain '/', ':' or whitespace"));
+        return Err(IfnameError::Character { name: name_owned() });
     }
     Ok(())
 }
@@ -260,7 +284,7 @@ impl NetConf {
         let cidr_text = raw
             .pod_cidr
             .ok_or_else(|| invalid("\"podCIDR\" is missing".into()))?;
-        let pod_cidr = parse_pod_cidr(&cidr_text).map_err(invalid)?;
+        let pod_cidr = parse_pod_cidr(&cidr_text).map_err(|error| invalid(error.to_string()))?;
         let mtu = raw.mtu.unwrap_or(DEFAULT_MTU);
         if !(68..=65535).contains(&mtu) {
             return Err(invalid(format!("mtu {mtu} is outside 68..=65535")));
@@ -304,23 +328,55 @@ pub fn check_version(version: &str) -> Result<(), CniError> {
     }
 }
 
+/// A `podCIDR` the plugin cannot hand addresses out of.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PodCidrError {
+    /// Not an IPv4 CIDR.
+    #[error("podCIDR {text:?} is not an IPv4 CIDR: {reason}")]
+    Syntax {
+        /// What was given.
+        text: String,
+        /// Why it does not parse (the plugin's errors are flat strings in
+        /// the CNI error's `msg`, so the cause is kept as its message).
+        reason: String,
+    },
+    /// Smaller than a /30.
+    #[error(
+        "podCIDR {text} is too small: at least a /30 is needed (network, node and broadcast addresses are reserved)"
+    )]
+    TooSmall {
+        /// What was given.
+        text: String,
+    },
+    /// Host bits set.
+    #[error("podCIDR {text} has host bits set (the network is {network})")]
+    HostBits {
+        /// What was given.
+        text: String,
+        /// The network it names.
+        network: Ipv4Network,
+    },
+}
+
 /// Parses a pod CIDR: IPv4, no host bits set, prefix at most /30 (so that one address is left
 /// after the network, node and broadcast addresses).
-pub fn parse_pod_cidr(text: &str) -> Result<Ipv4Network, String> {
-    let net: Ipv4Network = text
-        .parse()
-        .map_err(|e| format!("podCIDR {text:?} is not an IPv4 CIDR: {e}"))?;
+pub fn parse_pod_cidr(text: &str) -> Result<Ipv4Network, PodCidrError> {
+    let net: Ipv4Network =
+        text.parse()
+            .map_err(|e: ipnetwork::IpNetworkError| PodCidrError::Syntax {
+                text: text.to_string(),
+                reason: e.to_string(),
+            })?;
     if net.prefix() > 30 {
-        return Err(format!(
-            "podCIDR {text} is too small: at least a /30 is needed (network, node and broadcast addresses are reserved)"
-        ));
+        return Err(PodCidrError::TooSmall {
+            text: text.to_string(),
+        });
     }
     if net.ip() != net.network() {
-        return Err(format!(
-            "podCIDR {text} has host bits set (the network is {}/{})",
-            net.network(),
-            net.prefix()
-        ));
+        return Err(PodCidrError::HostBits {
+            text: text.to_string(),
+            network: Ipv4Network::new(net.network(), net.prefix()).unwrap_or(net),
+        });
     }
     Ok(net)
 }

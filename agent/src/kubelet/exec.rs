@@ -31,6 +31,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::query::QueryError;
 use super::runtime::{ExecStdio, Runtime};
 use super::spdy::{self, PeerStream, StreamSender};
 
@@ -79,7 +80,7 @@ pub struct ExecOptions {
 
 impl ExecOptions {
     /// Parse the query string; a command and at least one stream are needed.
-    pub fn parse(query: Option<&str>) -> Result<ExecOptions, String> {
+    pub fn parse(query: Option<&str>) -> Result<ExecOptions, QueryError> {
         let mut options = ExecOptions::default();
         for (key, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
             let flag = || matches!(value.as_ref(), "1" | "t" | "T" | "true" | "TRUE" | "True");
@@ -93,10 +94,10 @@ impl ExecOptions {
             }
         }
         if options.command.is_empty() {
-            return Err("you must specify at least one command for the container".into());
+            return Err(QueryError::NoCommand);
         }
         if !(options.stdin || options.stdout || options.stderr) {
-            return Err("you must specify at least 1 of stdin, stdout, stderr".into());
+            return Err(QueryError::NoStream);
         }
         if options.tty {
             // A terminal merges stderr into stdout, as upstream.
@@ -389,7 +390,8 @@ async fn run_to_status(
         Ok(Some(code)) => Some(exit_status(&options.command, code)),
         // The client went away.
         Ok(None) => None,
-        Err(message) => {
+        Err(error) => {
+            let message = skiff_common::error::chain(&error);
             tracing::info!(container = %target.container_id, %message, "exec failed");
             Some(error_status(&message))
         }
@@ -592,6 +594,34 @@ where
 type WsTx = futures::stream::SplitSink<WebSocket, Message>;
 type WsRx = futures::stream::SplitStream<WebSocket>;
 
+/// Why an exec could not run (the message of the failure `Status`).
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    /// The fifo directory or a fifo could not be made.
+    #[error("cannot create {what} in {}", dir.display())]
+    Fifo {
+        /// What (`the directory`, `a fifo`).
+        what: &'static str,
+        /// Where.
+        dir: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The container's OCI spec has no process to base the exec on.
+    #[error("container {container} has no process in its spec")]
+    NoProcess {
+        /// The container.
+        container: String,
+    },
+    /// containerd refused to create or start the exec.
+    #[error(transparent)]
+    Runtime(#[from] super::runtime::RuntimeError),
+    /// Waiting for the process failed while the client was still there.
+    #[error("lost track of the process")]
+    Lost,
+}
+
 /// The exec itself: `Ok(Some(code))` when the process exited, `Ok(None)`
 /// when the client went away (the process is killed), `Err` when it could
 /// not run.
@@ -602,14 +632,18 @@ async fn run(
     dir: &Path,
     out: &mut impl Output,
     input: &mut impl InputSource,
-) -> Result<Option<u32>, String> {
+) -> Result<Option<u32>, ExecError> {
     let runtime = &target.runtime;
     let cid = target.container_id.as_str();
-    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    let fifo = |name: &str| {
-        FifoEnd::create(dir, name)
-            .map_err(|e| format!("cannot create a fifo in {}: {e}", dir.display()))
+    let io = |what| {
+        move |source| ExecError::Fifo {
+            what,
+            dir: dir.to_path_buf(),
+            source,
+        }
     };
+    std::fs::create_dir_all(dir).map_err(io("the directory"))?;
+    let fifo = |name: &str| FifoEnd::create(dir, name).map_err(io("a fifo"));
     let stdin = options.stdin.then(|| fifo("stdin")).transpose()?;
     let stdout = options.stdout.then(|| fifo("stdout")).transpose()?;
     let stderr = options.stderr.then(|| fifo("stderr")).transpose()?;
@@ -645,7 +679,9 @@ async fn run(
     let mut process = target.spec["process"].clone();
     if !process.is_object() {
         release();
-        return Err(format!("container {cid} has no process in its spec"));
+        return Err(ExecError::NoProcess {
+            container: cid.to_string(),
+        });
     }
     process["args"] = json!(options.command);
     process["terminal"] = json!(options.tty);
@@ -657,12 +693,12 @@ async fn run(
     };
     if let Err(error) = runtime.exec_create(cid, id, &process, &stdio).await {
         release();
-        return Err(error.to_string());
+        return Err(error.into());
     }
     if let Err(error) = runtime.start(cid, id).await {
         let _ = runtime.exec_delete(cid, id).await;
         release();
-        return Err(error.to_string());
+        return Err(error.into());
     }
     // The lowest output channel opens the stream, as the kubelet does.
     let first = if options.stdout {
@@ -731,7 +767,7 @@ async fn run(
         if client_gone {
             return Ok(None);
         }
-        return Err("lost track of the process".into());
+        return Err(ExecError::Lost);
     };
     // What the process wrote before it exited.
     let _ = tokio::time::timeout(DRAIN, async {

@@ -24,6 +24,7 @@ use jiff::Timestamp;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::mpsc;
 
+use super::query::QueryError;
 use super::runtime::Runtime;
 
 /// How often a followed log is checked for new output.
@@ -49,23 +50,27 @@ pub struct LogOptions {
 }
 
 /// Go's `strconv.ParseBool`, as the kubelet parses its query.
-fn parse_bool(key: &str, value: &str) -> Result<bool, String> {
+fn parse_bool(key: &str, value: &str) -> Result<bool, QueryError> {
     match value {
         "1" | "t" | "T" | "true" | "TRUE" | "True" => Ok(true),
         "0" | "f" | "F" | "false" | "FALSE" | "False" | "" => Ok(false),
-        _ => Err(format!("invalid value {value:?} for {key}: not a boolean")),
+        _ => Err(QueryError::NotBoolean {
+            key: key.to_string(),
+            value: value.to_string(),
+        }),
     }
 }
 
 impl LogOptions {
     /// Parse a query string (`now` for `sinceSeconds`).
-    pub fn parse(query: Option<&str>, now: Timestamp) -> Result<LogOptions, String> {
+    pub fn parse(query: Option<&str>, now: Timestamp) -> Result<LogOptions, QueryError> {
         let mut options = LogOptions::default();
         for (key, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
             let number = || {
-                value
-                    .parse::<i64>()
-                    .map_err(|_| format!("invalid value {value:?} for {key}: not an integer"))
+                value.parse::<i64>().map_err(|_| QueryError::NotInteger {
+                    key: key.to_string(),
+                    value: value.to_string(),
+                })
             };
             match key.as_ref() {
                 "follow" => options.follow = parse_bool(&key, &value)?,
@@ -74,30 +79,36 @@ impl LogOptions {
                 "tailLines" => {
                     let n = number()?;
                     if n < 0 {
-                        return Err("tailLines must be greater than or equal to 0".into());
+                        return Err(QueryError::Negative { key: "tailLines" });
                     }
                     options.tail_lines = Some(n as u64);
                 }
                 "limitBytes" => {
                     let n = number()?;
                     if n < 1 {
-                        return Err("limitBytes must be greater than 0".into());
+                        return Err(QueryError::NotPositive { key: "limitBytes" });
                     }
                     options.limit_bytes = Some(n as u64);
                 }
                 "sinceSeconds" => {
                     let n = number()?;
                     if n < 1 {
-                        return Err("sinceSeconds must be greater than 0".into());
+                        return Err(QueryError::NotPositive {
+                            key: "sinceSeconds",
+                        });
                     }
                     options.since = Some(now - jiff::SignedDuration::from_secs(n));
                 }
                 "sinceTime" => {
-                    options.since = Some(
-                        value
-                            .parse::<Timestamp>()
-                            .map_err(|e| format!("invalid value {value:?} for sinceTime: {e}"))?,
-                    );
+                    options.since =
+                        Some(
+                            value
+                                .parse::<Timestamp>()
+                                .map_err(|e| QueryError::SinceTime {
+                                    value: value.to_string(),
+                                    reason: e.to_string(),
+                                })?,
+                        );
                 }
                 _ => {}
             }

@@ -28,6 +28,7 @@ pub mod node;
 pub mod pod;
 pub mod portforward;
 pub mod probe;
+pub mod query;
 pub mod runtime;
 pub mod server;
 pub mod spdy;

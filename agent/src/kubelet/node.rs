@@ -125,16 +125,15 @@ impl Kubelet {
     }
 
     /// Whether the node can run pods: containerd's version, or why not.
-    async fn readiness(&self) -> Result<String, String> {
+    async fn readiness(&self) -> Result<String, NotReady> {
         let version = self
             .runtime
             .version()
             .await
-            .map_err(|e| format!("container runtime is down: {e}"))?;
-        self.cni
-            .status()
-            .await
-            .map_err(|e| format!("container runtime network not ready: NetworkReady=false reason:NetworkPluginNotReady message:{e}"))?;
+            .map_err(|source| NotReady::Runtime { source })?;
+        self.cni.status().await.map_err(|e| NotReady::Network {
+            message: skiff_common::error::chain(&e),
+        })?;
         Ok(version)
     }
 
@@ -253,7 +252,7 @@ impl Kubelet {
                     runtime_version = version;
                     (true, String::new())
                 }
-                Err(message) => (false, message),
+                Err(error) => (false, skiff_common::error::chain(&error)),
             };
             if ready != Some(now_ready) {
                 ready_since = Timestamp::now();
@@ -297,4 +296,25 @@ impl Kubelet {
             }
         }
     }
+}
+
+/// Why a node is not Ready: the reason its Ready condition shows, worded
+/// as upstream's kubelet words it.
+#[derive(Debug, thiserror::Error)]
+pub enum NotReady {
+    /// containerd does not answer.
+    #[error("container runtime is down")]
+    Runtime {
+        /// The runtime's error.
+        #[source]
+        source: super::runtime::RuntimeError,
+    },
+    /// The CNI network's STATUS (or VERSION) fails.
+    #[error(
+        "container runtime network not ready: NetworkReady=false reason:NetworkPluginNotReady message:{message}"
+    )]
+    Network {
+        /// The network's error, with its causes.
+        message: String,
+    },
 }

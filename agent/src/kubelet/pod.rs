@@ -429,7 +429,8 @@ impl Worker {
                     self.last_ip = Some(sandbox.ip);
                     self.sandbox = Some(sandbox);
                 }
-                Err(message) => {
+                Err(error) => {
+                    let message = skiff_common::error::chain(&error);
                     self.sandbox_failures += 1;
                     self.sandbox_next = Some(
                         Instant::now()
@@ -529,13 +530,12 @@ impl Worker {
         super::status::phase(&views, &policy, self.initialized())
     }
 
-    async fn create_sandbox(&mut self) -> Result<Sandbox, String> {
+    async fn create_sandbox(&mut self) -> Result<Sandbox, SandboxError> {
         let path = netns::netns_path(&self.k.run_dir, &self.uid);
         let netns_path = path.clone();
         tokio::task::spawn_blocking(move || netns::create(&netns_path))
             .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
+            .map_err(|source| SandboxError::Task { source })??;
         let namespace = self.pod.metadata.namespace.clone().unwrap_or_default();
         let name = self.pod.metadata.name.clone().unwrap_or_default();
         let mut capability_args = serde_json::Map::new();
@@ -554,7 +554,7 @@ impl Worker {
             Err(error) => {
                 let _ = self.k.cni.del(&attachment, None).await;
                 let _ = netns::remove(&path);
-                return Err(error.to_string());
+                return Err(error.into());
             }
         };
         let dir = self.k.pod_dir(&self.uid);
@@ -1194,6 +1194,24 @@ pub(super) fn remove_pod_files(k: &Kubelet, uid: &str) {
             let _ = std::fs::remove_dir(&dir);
         }
     }
+}
+
+/// Why a pod's sandbox (its network namespace and CNI ADD) could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    /// The thread that makes the namespace failed.
+    #[error("the namespace task failed")]
+    Task {
+        /// Its join error.
+        #[source]
+        source: tokio::task::JoinError,
+    },
+    /// The namespace could not be made.
+    #[error(transparent)]
+    Netns(#[from] netns::NetnsError),
+    /// CNI ADD failed.
+    #[error(transparent)]
+    Cni(#[from] super::cni::CniError),
 }
 
 #[cfg(test)]

@@ -36,6 +36,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::netns;
+use super::query::QueryError;
 use super::spdy::{self, PeerStream};
 
 /// The stream protocol (`X-Stream-Protocol-Version`).
@@ -129,7 +130,7 @@ pub async fn serve_websocket(socket: WebSocket, target: Target) {
 
 /// The ports of a channel-protocol request: every `port` and `ports`
 /// query value, each possibly a comma-separated list.
-pub fn query_ports(query: Option<&str>) -> Result<Vec<u16>, String> {
+pub fn query_ports(query: Option<&str>) -> Result<Vec<u16>, QueryError> {
     let mut ports = Vec::new();
     for (key, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
         if key != "port" && key != "ports" {
@@ -138,12 +139,16 @@ pub fn query_ports(query: Option<&str>) -> Result<Vec<u16>, String> {
         for port in value.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             match port.parse::<u16>() {
                 Ok(p) if p > 0 => ports.push(p),
-                _ => return Err(format!("unable to parse {port:?} as a port")),
+                _ => {
+                    return Err(QueryError::Port {
+                        port: port.to_string(),
+                    });
+                }
             }
         }
     }
     if ports.is_empty() {
-        return Err("query parameter \"port\" is required".into());
+        return Err(QueryError::NoPort);
     }
     Ok(ports)
 }
@@ -179,7 +184,7 @@ pub async fn serve_channels(socket: WebSocket, target: Target, ports: Vec<u16>) 
             let connection = match connect(&target, port).await {
                 Ok(c) => c,
                 Err(cause) => {
-                    let message = target.failure(port, cause);
+                    let message = target.failure(port, skiff_common::error::chain(&cause));
                     let _ = out.send(frame(error, message.as_bytes())).await;
                     return;
                 }
@@ -288,7 +293,8 @@ async fn accept(
     stream: PeerStream,
     pairs: &mut HashMap<String, Pair>,
 ) -> Option<(PeerStream, PeerStream)> {
-    if let Err(message) = check_headers(&stream) {
+    if let Err(error) = check_headers(&stream) {
+        let message = skiff_common::error::chain(&error);
         tracing::info!(stream = stream.id, %message, "port-forward stream refused");
         let _ = stream.out.reply(true).await;
         return None;
@@ -327,19 +333,48 @@ async fn accept(
     None
 }
 
+/// A port-forward stream whose headers upstream refuses, with its messages.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HeaderError {
+    /// No `streamType`.
+    #[error("streamType header is required")]
+    NoStreamType,
+    /// A `streamType` other than `error` and `data`.
+    #[error("invalid stream type {stream_type:?}")]
+    StreamType {
+        /// The value.
+        stream_type: String,
+    },
+    /// No `port`.
+    #[error("port header is required")]
+    NoPort,
+    /// A `port` that is not a port number.
+    #[error("unable to parse {port:?} as a port")]
+    Port {
+        /// The value.
+        port: String,
+        /// Why it does not parse.
+        #[source]
+        source: std::num::ParseIntError,
+    },
+}
+
 /// The headers a stream must have, with upstream's messages.
-fn check_headers(stream: &PeerStream) -> Result<(), String> {
+fn check_headers(stream: &PeerStream) -> Result<(), HeaderError> {
     match stream.headers.get("streamType") {
-        None => return Err("streamType header is required".into()),
+        None => return Err(HeaderError::NoStreamType),
         Some("error" | "data") => {}
-        Some(other) => return Err(format!("invalid stream type {other:?}")),
+        Some(other) => {
+            return Err(HeaderError::StreamType {
+                stream_type: other.to_string(),
+            });
+        }
     }
-    let port = stream
-        .headers
-        .get("port")
-        .ok_or_else(|| "port header is required".to_string())?;
-    port.parse::<u16>()
-        .map_err(|e| format!("unable to parse {port:?} as a port: {e}"))?;
+    let port = stream.headers.get("port").ok_or(HeaderError::NoPort)?;
+    port.parse::<u16>().map_err(|source| HeaderError::Port {
+        port: port.to_string(),
+        source,
+    })?;
     Ok(())
 }
 
@@ -381,7 +416,7 @@ async fn forward((error, data): (PeerStream, PeerStream), target: &Target) {
     let connection = match connect(target, port).await {
         Ok(c) => c,
         Err(cause) => {
-            let message = target.failure(port, cause);
+            let message = target.failure(port, skiff_common::error::chain(&cause));
             let _ = error.send(Bytes::from(message)).await;
             let _ = error.finish().await;
             let _ = data.out.finish().await;
@@ -447,18 +482,38 @@ where
     }
 }
 
+/// Why the pod's port could not be reached.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The thread that joins the pod's namespace failed.
+    #[error("the connecting task failed")]
+    Task {
+        /// Its join error.
+        #[source]
+        source: tokio::task::JoinError,
+    },
+    /// Nothing answered on the port.
+    #[error(transparent)]
+    Connect(#[from] netns::NetnsError),
+    /// The connection could not be handed to the runtime.
+    #[error("cannot use the connection")]
+    Use {
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 /// A connection to `localhost:port` where the pod's ports are.
-async fn connect(target: &Target, port: u16) -> Result<TcpStream, String> {
+async fn connect(target: &Target, port: u16) -> Result<TcpStream, ConnectError> {
     let path = target.netns.clone();
     let stream =
         tokio::task::spawn_blocking(move || netns::connect(path.as_deref(), port, CONNECT_TIMEOUT))
             .await
-            .map_err(|e| format!("the connecting task failed: {e}"))?
-            .map_err(|e| e.to_string())?;
-    stream
-        .set_nonblocking(true)
-        .map_err(|e| format!("cannot use the connection: {e}"))?;
-    TcpStream::from_std(stream).map_err(|e| format!("cannot use the connection: {e}"))
+            .map_err(|source| ConnectError::Task { source })??;
+    let unusable = |source| ConnectError::Use { source };
+    stream.set_nonblocking(true).map_err(unusable)?;
+    TcpStream::from_std(stream).map_err(unusable)
 }
 
 #[cfg(test)]
@@ -607,11 +662,11 @@ mod tests {
         assert_eq!(query_ports(Some("ports=80%2C443")), Ok(vec![80, 443]));
         assert_eq!(query_ports(Some("ports=80,443&other=1")), Ok(vec![80, 443]));
         assert_eq!(
-            query_ports(None),
+            query_ports(None).map_err(|e| e.to_string()),
             Err("query parameter \"port\" is required".to_string())
         );
         assert_eq!(
-            query_ports(Some("port=http")),
+            query_ports(Some("port=http")).map_err(|e| e.to_string()),
             Err("unable to parse \"http\" as a port".to_string())
         );
         assert!(query_ports(Some("port=0")).is_err());

@@ -73,20 +73,111 @@ pub struct ProbeTarget {
     pub ports: Vec<(String, i32)>,
 }
 
-fn port(target: &ProbeTarget, port: &IntOrString) -> Result<u16, String> {
+/// Why a probe failed, worded as upstream's prober words its output (what
+/// the Unhealthy event shows, with [`skiff_common::error::chain`]).
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    /// A numeric port out of range.
+    #[error("invalid port {port}")]
+    InvalidPort {
+        /// The port.
+        port: i32,
+    },
+    /// A named port the container does not declare.
+    #[error("no container port named {name:?}")]
+    NoNamedPort {
+        /// The name.
+        name: String,
+    },
+    /// An exec probe's command exited non-zero.
+    #[error("command {command:?} exited with {code}")]
+    ExitCode {
+        /// The command.
+        command: Vec<String>,
+        /// Its exit code.
+        code: u32,
+    },
+    /// An exec probe's command could not run.
+    #[error(transparent)]
+    Exec(#[from] super::runtime::RuntimeError),
+    /// A network probe of a pod without an address yet.
+    #[error("the pod has no IP")]
+    NoPodIp,
+    /// A tcpSocket probe's connect failed.
+    #[error("dial tcp {host}:{port}")]
+    TcpDial {
+        /// The host.
+        host: String,
+        /// The port.
+        port: u16,
+        /// The connect error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An httpGet probe's connect failed.
+    #[error("Get \"http://{host}:{port}{path}\": dial tcp")]
+    HttpDial {
+        /// The host.
+        host: String,
+        /// The port.
+        port: u16,
+        /// The path.
+        path: String,
+        /// The connect error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Sending the request failed.
+    #[error("write")]
+    Write {
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Reading the answer failed.
+    #[error("read")]
+    Read {
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The answer was not HTTP.
+    #[error("not an HTTP answer: {line:?}")]
+    NotHttp {
+        /// Its first line.
+        line: Option<String>,
+    },
+    /// An HTTP status outside 200–399.
+    #[error("HTTP probe failed with statuscode: {code}")]
+    Status {
+        /// The status code.
+        code: u16,
+    },
+    /// No exec, tcpSocket or httpGet.
+    #[error("the probe has no handler")]
+    NoHandler,
+    /// No answer within `timeoutSeconds`.
+    #[error("probe timed out after {seconds}s")]
+    Timeout {
+        /// The timeout.
+        seconds: u64,
+    },
+}
+
+fn port(target: &ProbeTarget, port: &IntOrString) -> Result<u16, ProbeError> {
     match port {
-        IntOrString::Int(p) => u16::try_from(*p).map_err(|_| format!("invalid port {p}")),
+        IntOrString::Int(p) => u16::try_from(*p).map_err(|_| ProbeError::InvalidPort { port: *p }),
         IntOrString::String(name) => target
             .ports
             .iter()
             .find(|(n, _)| n == name)
             .and_then(|(_, p)| u16::try_from(*p).ok())
-            .ok_or_else(|| format!("no container port named {name:?}")),
+            .ok_or_else(|| ProbeError::NoNamedPort { name: name.clone() }),
     }
 }
 
-/// Run a probe once: `Ok(())` when it passes, the failure message otherwise.
-pub async fn run_once(probe: &Probe, target: &ProbeTarget) -> Result<(), String> {
+/// Run a probe once: `Ok(())` when it passes, why not otherwise.
+pub async fn run_once(probe: &Probe, target: &ProbeTarget) -> Result<(), ProbeError> {
     let timeout = Duration::from_secs(probe.timeout_seconds.unwrap_or(1).max(1) as u64);
     let attempt = async {
         if let Some(exec) = &probe.exec {
@@ -100,21 +191,21 @@ pub async fn run_once(probe: &Probe, target: &ProbeTarget) -> Result<(), String>
                 .await
             {
                 Ok(0) => Ok(()),
-                Ok(code) => Err(format!("command {args:?} exited with {code}")),
-                Err(e) => Err(e.to_string()),
+                Ok(code) => Err(ProbeError::ExitCode {
+                    command: args,
+                    code,
+                }),
+                Err(e) => Err(e.into()),
             };
         }
-        let ip = target
-            .pod_ip
-            .clone()
-            .ok_or_else(|| "the pod has no IP".to_string())?;
+        let ip = target.pod_ip.clone().ok_or(ProbeError::NoPodIp)?;
         if let Some(tcp) = &probe.tcp_socket {
             let port = port(target, &tcp.port)?;
             let host = tcp.host.clone().unwrap_or(ip);
             return tokio::net::TcpStream::connect((host.as_str(), port))
                 .await
                 .map(drop)
-                .map_err(|e| format!("dial tcp {host}:{port}: {e}"));
+                .map_err(|source| ProbeError::TcpDial { host, port, source });
         }
         if let Some(http) = &probe.http_get {
             let port = port(target, &http.port)?;
@@ -122,7 +213,12 @@ pub async fn run_once(probe: &Probe, target: &ProbeTarget) -> Result<(), String>
             let path = http.path.clone().unwrap_or_else(|| "/".into());
             let mut stream = tokio::net::TcpStream::connect((host.as_str(), port))
                 .await
-                .map_err(|e| format!("Get \"http://{host}:{port}{path}\": dial tcp: {e}"))?;
+                .map_err(|source| ProbeError::HttpDial {
+                    host: host.clone(),
+                    port,
+                    path: path.clone(),
+                    source,
+                })?;
             let mut request = format!(
                 "GET {path} HTTP/1.0\r\nHost: {host}:{port}\r\nUser-Agent: kube-probe/1.37\r\nAccept: */*\r\n"
             );
@@ -133,29 +229,33 @@ pub async fn run_once(probe: &Probe, target: &ProbeTarget) -> Result<(), String>
             stream
                 .write_all(request.as_bytes())
                 .await
-                .map_err(|e| format!("write: {e}"))?;
+                .map_err(|source| ProbeError::Write { source })?;
             let mut head = vec![0u8; 64];
             let n = stream
                 .read(&mut head)
                 .await
-                .map_err(|e| format!("read: {e}"))?;
+                .map_err(|source| ProbeError::Read { source })?;
             let line = String::from_utf8_lossy(&head[..n]).to_string();
             let code: u16 = line
                 .split_whitespace()
                 .nth(1)
                 .and_then(|c| c.parse().ok())
-                .ok_or_else(|| format!("not an HTTP answer: {:?}", line.lines().next()))?;
+                .ok_or_else(|| ProbeError::NotHttp {
+                    line: line.lines().next().map(str::to_string),
+                })?;
             return if (200..400).contains(&code) {
                 Ok(())
             } else {
-                Err(format!("HTTP probe failed with statuscode: {code}"))
+                Err(ProbeError::Status { code })
             };
         }
-        Err("the probe has no handler".to_string())
+        Err(ProbeError::NoHandler)
     };
     match tokio::time::timeout(timeout, attempt).await {
         Ok(result) => result,
-        Err(_) => Err(format!("probe timed out after {}s", timeout.as_secs())),
+        Err(_) => Err(ProbeError::Timeout {
+            seconds: timeout.as_secs(),
+        }),
     }
 }
 
@@ -210,7 +310,7 @@ pub async fn probe_loop(
                 container_id: target.container_id.clone(),
                 kind,
                 verdict: new,
-                error: result.err(),
+                error: result.err().map(|e| skiff_common::error::chain(&e)),
             });
             verdict = new;
         }

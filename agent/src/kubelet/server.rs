@@ -577,7 +577,7 @@ async fn container_logs(
 ) -> Response {
     let options = match LogOptions::parse(query.as_deref(), Timestamp::now()) {
         Ok(o) => o,
-        Err(message) => return status(StatusCode::BAD_REQUEST, message),
+        Err(error) => return status(StatusCode::BAD_REQUEST, error.to_string()),
     };
     let k = &state.k;
     let (uid, pod) = match pod_and_container(k, &namespace, &name, &container) {
@@ -652,7 +652,7 @@ async fn exec(
 ) -> Response {
     let options = match ExecOptions::parse(query.as_deref()) {
         Ok(o) => o,
-        Err(message) => return status(StatusCode::BAD_REQUEST, message),
+        Err(error) => return status(StatusCode::BAD_REQUEST, error.to_string()),
     };
     let k = &state.k;
     let uid = match pod_and_container(k, &namespace, &name, &container) {
@@ -788,7 +788,7 @@ async fn port_forward(
     }
     let ports = match super::portforward::query_ports(parts.uri.query()) {
         Ok(ports) => ports,
-        Err(message) => return status(StatusCode::BAD_REQUEST, message),
+        Err(error) => return status(StatusCode::BAD_REQUEST, error.to_string()),
     };
     tracing::info!(pod = %target.pod, ?ports, "port-forward (WebSocket channels)");
     socket.on_upgrade(move |socket| async move {

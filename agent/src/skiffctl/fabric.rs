@@ -99,13 +99,30 @@ impl Layout {
     }
 }
 
+/// A cluster name `skiffctl` refuses.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClusterNameError {
+    /// Too long for the namespace and node names made from it.
+    #[error("cluster name {name:?} is longer than 20 characters")]
+    TooLong {
+        /// The name.
+        name: String,
+    },
+    /// Not lowercase letters, digits and inner dashes.
+    #[error("cluster name {name:?} must be lowercase letters, digits and inner dashes")]
+    Characters {
+        /// The name.
+        name: String,
+    },
+}
+
 /// Check a cluster name: lowercase letters, digits and `-`, short enough
 /// for namespace and node names.
-pub fn validate_name(name: &str) -> Result<(), String> {
+pub fn validate_name(name: &str) -> Result<(), ClusterNameError> {
     if name.len() > 20 {
-        return Err(format!(
-            "cluster name {name:?} is longer than 20 characters"
-        ));
+        return Err(ClusterNameError::TooLong {
+            name: name.to_string(),
+        });
     }
     if !name
         .bytes()
@@ -113,9 +130,9 @@ pub fn validate_name(name: &str) -> Result<(), String> {
         || name.starts_with('-')
         || name.ends_with('-')
     {
-        return Err(format!(
-            "cluster name {name:?} must be lowercase letters, digits and inner dashes"
-        ));
+        return Err(ClusterNameError::Characters {
+            name: name.to_string(),
+        });
     }
     Ok(())
 }

@@ -89,7 +89,7 @@ impl ClusterArgs {
     }
 }
 
-fn parse_name(s: &str) -> Result<String, String> {
+fn parse_name(s: &str) -> Result<String, fabric::ClusterNameError> {
     fabric::validate_name(s).map(|()| s.to_string())
 }
 

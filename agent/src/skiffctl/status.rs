@@ -83,7 +83,7 @@ pub fn print(dir: &Path, state: &State) -> Result<(), SkiffctlError> {
     let (nodes, api_error) = match &state.kubeconfig {
         Some(path) => match list_nodes(path) {
             Ok(nodes) => (Some(nodes), None),
-            Err(e) => (None, Some(e)),
+            Err(e) => (None, Some(skiff_common::error::chain(&e))),
         },
         None => (None, Some("no kubeconfig recorded".to_string())),
     };
@@ -142,17 +142,32 @@ pub fn print(dir: &Path, state: &State) -> Result<(), SkiffctlError> {
     Ok(())
 }
 
-fn list_nodes(kubeconfig: &Path) -> Result<Vec<Node>, String> {
-    let runtime = super::runtime().map_err(|e| e.to_string())?;
+/// Why the Nodes could not be listed.
+#[derive(Debug, thiserror::Error)]
+enum ListError {
+    /// No runtime for the client.
+    #[error(transparent)]
+    Runtime(#[from] SkiffctlError),
+    /// No client from the recorded kubeconfig.
+    #[error(transparent)]
+    Client(#[from] skiff_common::daemon::ClientError),
+    /// The API server answered with an error.
+    #[error(transparent)]
+    Api(#[from] kube::Error),
+    /// The API server did not answer in time.
+    #[error("timed out after 5s")]
+    Timeout,
+}
+
+fn list_nodes(kubeconfig: &Path) -> Result<Vec<Node>, ListError> {
+    let runtime = super::runtime()?;
     runtime.block_on(async {
-        let client = skiff_common::daemon::client(Some(kubeconfig))
-            .await
-            .map_err(|e| e.to_string())?;
+        let client = skiff_common::daemon::client(Some(kubeconfig)).await?;
         let api: kube::Api<Node> = kube::Api::all(client);
         match tokio::time::timeout(Duration::from_secs(5), api.list(&Default::default())).await {
             Ok(Ok(list)) => Ok(list.items),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err("timed out after 5s".to_string()),
+            Ok(Err(e)) => Err(e.into()),
+            Err(_) => Err(ListError::Timeout),
         }
     })
 }

@@ -589,7 +589,7 @@ struct Walker<'a> {
 }
 
 impl Walker<'_> {
-    fn object_set(&self, obj: &Value, scope: Scope) -> Result<FieldSet, String> {
+    fn object_set(&self, obj: &Value, scope: Scope) -> Result<FieldSet, ListError> {
         let mut out = FieldSet::new();
         let Value::Object(root) = obj else {
             return Ok(out);
@@ -629,7 +629,7 @@ impl Walker<'_> {
         names: &mut Vec<String>,
         path: &mut Path,
         out: &mut FieldSet,
-    ) -> Result<(), String> {
+    ) -> Result<(), ListError> {
         match value {
             Value::Object(map) if !map.is_empty() && !atomic_map(self.info, names) => {
                 if self.maps_are_members && granular_map(names) {
@@ -661,7 +661,10 @@ impl Walker<'_> {
                             }
                         }
                         Err(e) if self.strict => {
-                            return Err(format!("{}: {e}", display_path(path)));
+                            return Err(ListError::At {
+                                path: display_path(path),
+                                error: Box::new(e),
+                            });
                         }
                         Err(_) => {
                             out.insert(path.clone());
@@ -683,7 +686,7 @@ impl Walker<'_> {
         names: &mut Vec<String>,
         path: &mut Path,
         out: &mut FieldSet,
-    ) -> Result<(), String> {
+    ) -> Result<(), ListError> {
         for (k, v) in map {
             names.push(k.clone());
             path.push(format!("f:{k}"));
@@ -707,30 +710,68 @@ fn key_value(item: &Value, key: &str) -> Option<Value> {
 }
 
 /// The `k:{…}` path element of every element of a keyed list.
-fn element_keys(items: &[Value], keys: &[&str]) -> Result<Vec<String>, String> {
+/// Why a keyed list has no field set, with upstream's structured-merge-diff
+/// messages.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ListError {
+    /// An element that is not an object.
+    #[error("element {element}: expected an object")]
+    NotObject {
+        /// The element's index.
+        element: usize,
+    },
+    /// An element without one of the list's key fields.
+    #[error(
+        "element {element}: associative list with keys has an element that omits key field {key:?} (and doesn't have default value)"
+    )]
+    MissingKey {
+        /// The element's index.
+        element: usize,
+        /// The key field.
+        key: String,
+    },
+    /// Two elements with the same key.
+    #[error("duplicate entries for key {key}")]
+    Duplicate {
+        /// The key, as upstream prints a path.
+        key: String,
+    },
+    /// The same, somewhere inside an object (the strict walk of an apply
+    /// configuration).
+    #[error("{path}: {error}")]
+    At {
+        /// Where, as upstream prints a path.
+        path: String,
+        /// What (printed on the same line, as upstream does, so not a
+        /// `#[source]`).
+        error: Box<ListError>,
+    },
+}
+
+fn element_keys(items: &[Value], keys: &[&str]) -> Result<Vec<String>, ListError> {
     let mut sorted: Vec<&str> = keys.to_vec();
     sorted.sort_unstable();
     let mut seen = BTreeSet::new();
     let mut out = Vec::with_capacity(items.len());
     for (i, item) in items.iter().enumerate() {
         if !item.is_object() {
-            return Err(format!("element {i}: expected an object"));
+            return Err(ListError::NotObject { element: i });
         }
         let mut key = Map::new();
         for k in &sorted {
             let Some(v) = key_value(item, k) else {
-                return Err(format!(
-                    "element {i}: associative list with keys has an element that omits key field {k:?} (and doesn't have default value)"
-                ));
+                return Err(ListError::MissingKey {
+                    element: i,
+                    key: k.to_string(),
+                });
             };
             key.insert(k.to_string(), v);
         }
         let element = format!("k:{}", Value::Object(key));
         if !seen.insert(element.clone()) {
-            return Err(format!(
-                "duplicate entries for key {}",
-                display_path(&[element])
-            ));
+            return Err(ListError::Duplicate {
+                key: display_path(&[element]),
+            });
         }
         out.push(element);
     }

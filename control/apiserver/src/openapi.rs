@@ -943,10 +943,10 @@ impl OpenApi {
         info: &ResourceInfo,
         obj: &mut Value,
         prune: bool,
-    ) -> Result<Vec<String>, String> {
+    ) -> Result<Vec<String>, TypeError> {
         let findings = self.check(info, obj);
-        if let Some(error) = findings.mistyped {
-            return Err(error);
+        if let Some(message) = findings.mistyped {
+            return Err(TypeError { message });
         }
         if prune {
             for location in findings.unknown.iter().rev() {
@@ -1148,6 +1148,15 @@ impl Walk<'_, '_> {
             _ => {}
         }
     }
+}
+
+/// A field of the wrong JSON type, with the message Go's decoder gives,
+/// which upstream's API server answers with.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct TypeError {
+    /// The decoder's message.
+    pub message: String,
 }
 
 #[cfg(test)]
@@ -1584,7 +1593,9 @@ mod tests {
         let before = bad.clone();
         assert_eq!(
             API.decode_check(info, &mut bad, true),
-            Err(API.type_error(info, &before).expect("mistyped")),
+            Err(TypeError {
+                message: API.type_error(info, &before).expect("mistyped")
+            }),
             "a type error wins over unknown fields"
         );
         assert_eq!(bad, before, "nothing is pruned from a refused object");

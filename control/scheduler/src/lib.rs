@@ -160,19 +160,29 @@ pub fn feasible_nodes_to_find(nodes: usize) -> usize {
     (nodes * percent / 100).max(100)
 }
 
+/// A pod that fits on no node, with upstream's `FailedScheduling` message
+/// (what its event and its `PodScheduled` condition say).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct Unschedulable {
+    /// The message.
+    pub message: String,
+}
+
 /// Choose a node for `candidate` among the cache's nodes, searching from
-/// `*start` and advancing it past the nodes looked at; `Err` holds the
-/// `FailedScheduling` message.
+/// `*start` and advancing it past the nodes looked at.
 pub fn find_node(
     cache: &Cache,
     candidate: &Candidate<'_>,
     start: &mut usize,
     rng: &mut impl rand::Rng,
-) -> Result<String, String> {
+) -> Result<String, Unschedulable> {
     let nodes = cache.nodes();
     let total = nodes.len();
     if total == 0 {
-        return Err(filter::fit_error(0, &[], candidate.never_preempts));
+        return Err(Unschedulable {
+            message: filter::fit_error(0, &[], candidate.never_preempts),
+        });
     }
     let wanted = feasible_nodes_to_find(total);
     let mut feasible = Vec::with_capacity(wanted.min(total));
@@ -193,11 +203,9 @@ pub fn find_node(
     }
     *start = (*start + looked) % total;
     if feasible.is_empty() {
-        return Err(filter::fit_error(
-            total,
-            &failures,
-            candidate.never_preempts,
-        ));
+        return Err(Unschedulable {
+            message: filter::fit_error(total, &failures, candidate.never_preempts),
+        });
     }
     let scores = score::score(candidate, &feasible);
     let best = score::select(&scores, rng).unwrap_or(0);
@@ -319,7 +327,7 @@ impl Scheduler {
                     }
                 });
             }
-            Err(message) => {
+            Err(Unschedulable { message }) => {
                 tracing::debug!(pod = %key(&pod), %message, attempts = queued.attempts, "pod is unschedulable");
                 self.queue.unschedulable(&queued.uid, Instant::now());
                 send(reports, Report::Failed { pod, message });
@@ -653,7 +661,7 @@ mod tests {
         let err =
             find_node(&cache, &Candidate::new(&p), &mut start, &mut rand::rng()).expect_err("full");
         assert_eq!(
-            err,
+            err.message,
             "0/2 nodes are available: 2 Insufficient cpu. preemption: 0/2 nodes are available: 2 No preemption victims found for incoming pod."
         );
     }
@@ -675,7 +683,9 @@ mod tests {
         let empty = Cache::new();
         assert_eq!(
             find_node(&empty, &Candidate::new(&p), &mut start, &mut rand::rng()),
-            Err(filter::ERR_NO_NODES.to_string())
+            Err(Unschedulable {
+                message: filter::ERR_NO_NODES.to_string()
+            })
         );
     }
 
