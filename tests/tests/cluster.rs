@@ -153,7 +153,7 @@ impl Cluster {
         }
         let ext = format!("skiff-{}-ext", self.name);
         for i in 1..=3 {
-            let ip = format!("10.99.0.{}", 10 + i);
+            let ip = format!("10.90.0.{}", 10 + i);
             run(
                 "ip",
                 &["netns", "exec", &ext, "ping", "-c", "1", "-W", "2", &ip],
@@ -163,7 +163,7 @@ impl Cluster {
             let routes = run("ip", &["-n", &format!("skiff-{name}"), "route", "show"]);
             for (j, (_, cidr)) in nodes.iter().enumerate() {
                 if i != j {
-                    let want = format!("{cidr} via 10.99.0.{}", 11 + j);
+                    let want = format!("{cidr} via 10.90.0.{}", 11 + j);
                     assert!(routes.contains(&want), "{name} routes {want}: {routes}");
                 }
             }

@@ -2,10 +2,17 @@
 //! the machine's real interfaces.
 //!
 //! ```text
-//!  skiff-fabric ns: br0 10.99.0.1/24 (the control plane listens here)
-//!     ├── veth-1 ─── eth0 10.99.0.11/24  in skiff-node-1
-//!     ├── veth-2 ─── eth0 10.99.0.12/24  in skiff-node-2
-//!     └── veth-ext ─ eth0 10.99.0.200/24 in skiff-ext
+//!  skiff-fabric ns: br0 10.90.0.1/24 (the control plane listens here)
+//!     ├── veth-1 ─── eth0 10.90.0.11/24  in skiff-node-1
+//!     ├── veth-2 ─── eth0 10.90.0.12/24  in skiff-node-2
+//!     └── veth-ext ─ eth0 10.90.0.200/24 in skiff-ext
+//! ```
+//!
+//! The fabric's /24 lies outside the default service range (10.96.0.0/12)
+//! and pod network (10.244.0.0/16), so no ClusterIP or pod IP can equal a
+//! node's address; `skiffctl up` refuses ranges that overlap.
+//!
+//! ```text
 //! ```
 //!
 //! Links and addresses are made with iproute2's `ip` (glue for a CLI);
@@ -22,12 +29,19 @@ use super::SkiffctlError;
 
 /// The fabric's prefix length.
 pub const FABRIC_PREFIX_LEN: u8 = 24;
+/// The fabric's network address.
+pub const FABRIC_NETWORK: Ipv4Addr = Ipv4Addr::new(10, 90, 0, 0);
 /// The control plane's address on the fabric bridge.
-pub const CONTROL_IP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
+pub const CONTROL_IP: Ipv4Addr = Ipv4Addr::new(10, 90, 0, 1);
 /// The outside client's address.
-pub const EXT_IP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 200);
-/// The most nodes a fabric holds (10.99.0.11 to 10.99.0.199).
+pub const EXT_IP: Ipv4Addr = Ipv4Addr::new(10, 90, 0, 200);
+/// The most nodes a fabric holds (10.90.0.11 to 10.90.0.199).
 pub const MAX_NODES: usize = 189;
+/// The fabric's network, `10.90.0.0/24`.
+pub fn fabric_cidr() -> ipnetwork::Ipv4Network {
+    ipnetwork::Ipv4Network::new(FABRIC_NETWORK, FABRIC_PREFIX_LEN).expect("a /24 is a valid prefix")
+}
+
 /// The bridge's name in the fabric namespace.
 pub const BRIDGE: &str = "br0";
 /// Where `ip netns` keeps named namespaces.
@@ -80,10 +94,11 @@ impl Layout {
         format!("skiff-{}ext", self.prefix())
     }
 
-    /// The fabric address of node `i`: 10.99.0.(10 + i).
+    /// The fabric address of node `i`: 10.90.0.(10 + i).
     pub fn node_ip(&self, i: usize) -> Ipv4Addr {
         let host = u8::try_from(10 + i).expect("node index within MAX_NODES");
-        Ipv4Addr::new(10, 99, 0, host)
+        let [a, b, c, _] = FABRIC_NETWORK.octets();
+        Ipv4Addr::new(a, b, c, host)
     }
 
     /// Whether `netns` looks like one of this cluster's namespaces (for a
@@ -285,8 +300,8 @@ mod tests {
         assert_eq!(layout.node_netns(3), "skiff-node-3");
         assert_eq!(layout.fabric_netns(), "skiff-fabric");
         assert_eq!(layout.ext_netns(), "skiff-ext");
-        assert_eq!(layout.node_ip(1), Ipv4Addr::new(10, 99, 0, 11));
-        assert_eq!(layout.node_ip(MAX_NODES), Ipv4Addr::new(10, 99, 0, 199));
+        assert_eq!(layout.node_ip(1), Ipv4Addr::new(10, 90, 0, 11));
+        assert_eq!(layout.node_ip(MAX_NODES), Ipv4Addr::new(10, 90, 0, 199));
     }
 
     #[test]

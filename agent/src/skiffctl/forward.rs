@@ -1,4 +1,4 @@
-//! The API forwarder: the control plane listens on the fabric (10.99.0.1),
+//! The API forwarder: the control plane listens on the fabric (10.90.0.1),
 //! where the node agents reach it; kubectl on the host reaches it through
 //! this small TCP proxy on 127.0.0.1.
 //!

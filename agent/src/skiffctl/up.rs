@@ -13,6 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::Args;
+use ipnetwork::Ipv4Network;
 use k8s_openapi::api::core::v1::Node;
 
 use super::fabric::{self, CONTROL_IP, EXT_IP, Layout, MAX_NODES};
@@ -24,8 +25,10 @@ use super::{ClusterArgs, SkiffctlError, log_tail};
 pub const FABRIC_API_PORT: u16 = 6443;
 /// The pod network node IPAM carves the nodes' pod CIDRs from.
 pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
+/// The default service range (kube-apiserver's `--service-cluster-ip-range`).
+pub const SERVICE_CIDR: &str = "10.96.0.0/12";
 /// The LoadBalancer pool, on the fabric.
-pub const LB_IP_POOL: &str = "10.99.0.100-10.99.0.149";
+pub const LB_IP_POOL: &str = "10.90.0.100-10.90.0.149";
 /// The containerd namespace the agents and the image import use.
 pub const CONTAINERD_NAMESPACE: &str = "skiff";
 /// The image file `cargo xtask image` writes, relative to the target dir.
@@ -59,9 +62,40 @@ pub struct UpArgs {
     /// How long to wait for the API server and for every node to be Ready.
     #[arg(long, value_parser = skiff_common::duration::parse_duration, default_value = "120s")]
     pub timeout: Duration,
+    /// The pod network every node's pod CIDR comes from.
+    #[arg(long, default_value = CLUSTER_CIDR)]
+    pub cluster_cidr: Ipv4Network,
+    /// The range ClusterIPs come from.
+    #[arg(long, default_value = SERVICE_CIDR)]
+    pub service_cidr: Ipv4Network,
     /// Run hollow agents (no containers) instead of real ones.
     #[arg(long, hide = true)]
     pub hollow: bool,
+}
+
+/// Refuse ranges that overlap: the fabric (nodes, the control plane and
+/// LoadBalancer IPs), the pod network and the service range must be apart,
+/// or a ClusterIP or pod IP could equal a node's address.
+pub fn check_ranges(
+    fabric: Ipv4Network,
+    cluster: Ipv4Network,
+    service: Ipv4Network,
+) -> Result<(), SkiffctlError> {
+    let named = [
+        ("the fabric", fabric),
+        ("the pod network (--cluster-cidr)", cluster),
+        ("the service range (--service-cidr)", service),
+    ];
+    for (i, (a_name, a)) in named.iter().enumerate() {
+        for (b_name, b) in &named[i + 1..] {
+            if a.overlaps(*b) {
+                return Err(SkiffctlError::cluster(format!(
+                    "{a_name} {a} overlaps {b_name} {b}: choose ranges that do not overlap"
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The programs a cluster runs.
@@ -176,6 +210,7 @@ pub fn up(args: &UpArgs) -> Result<(), SkiffctlError> {
     if let Some(state) = State::load(&dir)? {
         return already_up(args, &dir, &state);
     }
+    check_ranges(fabric::fabric_cidr(), args.cluster_cidr, args.service_cidr)?;
     let layout = Layout::new(&args.cluster.name, args.nodes);
     let clashing: Vec<String> = fabric::list_netns()
         .into_iter()
@@ -497,7 +532,9 @@ impl Up<'_> {
             "--write-kubeconfig",
             kubeconfig.to_string_lossy().as_ref(),
             "--cluster-cidr",
-            CLUSTER_CIDR,
+            &self.args.cluster_cidr.to_string(),
+            "--service-cluster-ip-range",
+            &self.args.service_cidr.to_string(),
             "--lb-ip-pool",
             LB_IP_POOL,
         ]
@@ -934,6 +971,36 @@ fn write_private(path: &Path, text: &str) -> Result<(), SkiffctlError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn overlapping_ranges_are_refused_naming_both() {
+        let net = |s: &str| s.parse::<Ipv4Network>().expect("cidr");
+        let (cluster, service) = (net(CLUSTER_CIDR), net(SERVICE_CIDR));
+        check_ranges(fabric::fabric_cidr(), cluster, service).expect("the defaults are apart");
+        // The fabric skiffctl used before sat inside the default service range.
+        let error = check_ranges(net("10.99.0.0/24"), cluster, service)
+            .expect_err("10.99.0.0/24 is in 10.96.0.0/12")
+            .to_string();
+        assert!(
+            error.contains("the fabric 10.99.0.0/24") && error.contains("10.96.0.0/12"),
+            "{error}"
+        );
+        let error = check_ranges(fabric::fabric_cidr(), net("10.96.0.0/16"), service)
+            .expect_err("pods in the service range")
+            .to_string();
+        assert!(
+            error.contains("10.96.0.0/16") && error.contains("10.96.0.0/12"),
+            "{error}"
+        );
+        assert!(
+            check_ranges(
+                fabric::fabric_cidr(),
+                net("10.0.0.0/8"),
+                net("172.16.0.0/16")
+            )
+            .is_err()
+        );
+    }
 
     #[test]
     fn containerd_config_keeps_everything_under_the_node_dir() {

@@ -6,16 +6,17 @@
 //! - `skf_pod_egress` at the veth's egress: packets going into the pod (the pod receives).
 //!
 //! Both count packets and bytes per pod in the per-CPU hash map `SKF_PODCNT_V1`, keyed by the
-//! veth's ifindex, for the veths the agent registered in `SKF_PODID_V1`, and always let the
-//! packet through (`TC_ACT_OK`): counting must never change what the network does. They read no
-//! packet data, only `skb->ifindex` and `skb->len`.
+//! veth's ifindex, for the veths the agent registered in `SKF_PODID_V1`, and always hand the
+//! packet on with `TCX_NEXT`: counting must never change what the network does, and a program
+//! attached after them on the same hook (service load balancing) still runs; with none after
+//! them, TCX passes the packet. They read no packet data, only `skb->ifindex` and `skb->len`.
 //!
 //! The map layouts and names come from `skiff-ebpf-common`, shared with the agent.
 
 #![no_std]
 #![no_main]
 
-use aya_ebpf::bindings::TC_ACT_OK;
+use aya_ebpf::bindings::tcx_action_base::TCX_NEXT;
 use aya_ebpf::macros::{classifier, map};
 use aya_ebpf::maps::{HashMap, PerCpuHashMap};
 use aya_ebpf::programs::TcContext;
@@ -61,14 +62,11 @@ pub fn skf_pod_egress(ctx: TcContext) -> i32 {
     action(try_count(&ctx, Way::ToPod))
 }
 
-/// Counting is best effort: whatever happened, the packet goes on.
+/// Counting is best effort: whatever happened, the packet goes on to the
+/// next program of the hook (`TCX_NEXT`; `TC_ACT_OK` would end the chain).
 #[inline(always)]
-#[allow(
-    clippy::unnecessary_cast,
-    reason = "TC_ACT_OK is u32 or i32 depending on the architecture's bindings"
-)]
 fn action(_result: Result<(), i64>) -> i32 {
-    TC_ACT_OK as i32
+    TCX_NEXT
 }
 
 #[inline(always)]
