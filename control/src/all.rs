@@ -7,15 +7,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cli::AllArgs;
 
-/// Errors of the daemons that run beside or apart from the API server.
+/// Errors of `skiff-control all`.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
     /// The API server failed.
     #[error(transparent)]
     Server(#[from] ServerError),
-    /// The client could not be built.
-    #[error(transparent)]
-    Client(#[from] skiff_common::daemon::ClientError),
     /// The daemon's client certificate could not be issued.
     #[error("cannot issue the {daemon} client certificate")]
     Credentials {
@@ -51,42 +48,39 @@ pub async fn run_all(args: AllArgs, shutdown: CancellationToken) -> Result<(), D
             Err(_) => Ok(()),
         };
     };
-    let mut daemons = tokio::task::JoinSet::new();
-    // One watch of every pod serves both daemons (upstream's shared
-    // informers; here across daemons as well, since they share a process),
-    // under the controller manager's identity, the first one issued below.
-    let mut pods = None;
-    for (daemon, user) in [
-        ("controller-manager", "system:kube-controller-manager"),
-        ("scheduler", "system:kube-scheduler"),
-    ] {
+    // Each daemon with a client certificate of its own, its requests handed
+    // to the server's handler stack in process.
+    let client = |daemon: &'static str, user: &str| {
         let identity = ready
             .pki
             .issue_client_identity(user)
             .map_err(|source| DaemonError::Credentials { daemon, source })?;
-        let client = skiff_apiserver::client::in_process(ready.app.clone(), identity);
-        let token = shutdown.clone();
-        let pods = pods
-            .get_or_insert_with(|| SharedWatch::new(client.clone(), shutdown.clone()))
-            .clone();
-        if daemon == "scheduler" {
-            daemons.spawn(skiff_scheduler::run(
-                client,
-                args.scheduler.clone(),
-                pods,
-                args.election,
-                token,
-            ));
-        } else {
-            daemons.spawn(skiff_controller_manager::run(
-                client,
-                args.controllers.clone(),
-                pods,
-                args.election,
-                token,
-            ));
-        }
-    }
+        Ok::<_, DaemonError>(skiff_apiserver::client::in_process(
+            ready.app.clone(),
+            identity,
+        ))
+    };
+    let controllers = client("controller-manager", "system:kube-controller-manager")?;
+    let scheduler = client("scheduler", "system:kube-scheduler")?;
+    // One watch of every pod serves both daemons (upstream's shared
+    // informers; here across daemons as well, since they share a process),
+    // under the controller manager's identity.
+    let pods = SharedWatch::new(controllers.clone(), shutdown.clone());
+    let mut daemons = tokio::task::JoinSet::new();
+    daemons.spawn(skiff_controller_manager::run(
+        controllers,
+        args.controllers,
+        pods.clone(),
+        args.election,
+        shutdown.clone(),
+    ));
+    daemons.spawn(skiff_scheduler::run(
+        scheduler,
+        args.scheduler,
+        pods,
+        args.election,
+        shutdown.clone(),
+    ));
     let result = server.await;
     shutdown.cancel();
     while daemons.join_next().await.is_some() {}

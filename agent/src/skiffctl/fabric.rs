@@ -32,9 +32,18 @@ pub const FABRIC_PREFIX_LEN: u8 = 24;
 /// The fabric's network address.
 pub const FABRIC_NETWORK: Ipv4Addr = Ipv4Addr::new(10, 90, 0, 0);
 /// The control plane's address on the fabric bridge.
-pub const CONTROL_IP: Ipv4Addr = Ipv4Addr::new(10, 90, 0, 1);
+pub const CONTROL_IP: Ipv4Addr = fabric_host(1);
 /// The outside client's address.
-pub const EXT_IP: Ipv4Addr = Ipv4Addr::new(10, 90, 0, 200);
+pub const EXT_IP: Ipv4Addr = fabric_host(200);
+/// The LoadBalancer IP pool's first and last addresses (on the fabric, so
+/// that the outside client reaches them on its link).
+pub const LB_POOL: (Ipv4Addr, Ipv4Addr) = (fabric_host(100), fabric_host(149));
+
+/// Host `host` of the fabric's /24.
+pub const fn fabric_host(host: u8) -> Ipv4Addr {
+    let [a, b, c, _] = FABRIC_NETWORK.octets();
+    Ipv4Addr::new(a, b, c, host)
+}
 /// The most nodes a fabric holds (10.90.0.11 to 10.90.0.199).
 pub const MAX_NODES: usize = 189;
 /// The fabric's network, `10.90.0.0/24`.
@@ -96,9 +105,7 @@ impl Layout {
 
     /// The fabric address of node `i`: 10.90.0.(10 + i).
     pub fn node_ip(&self, i: usize) -> Ipv4Addr {
-        let host = u8::try_from(10 + i).expect("node index within MAX_NODES");
-        let [a, b, c, _] = FABRIC_NETWORK.octets();
-        Ipv4Addr::new(a, b, c, host)
+        fabric_host(u8::try_from(10 + i).expect("node index within MAX_NODES"))
     }
 
     /// Whether `netns` looks like one of this cluster's namespaces (for a

@@ -27,8 +27,6 @@ pub const FABRIC_API_PORT: u16 = 6443;
 pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
 /// The default service range (kube-apiserver's `--service-cluster-ip-range`).
 pub const SERVICE_CIDR: &str = "10.96.0.0/12";
-/// The LoadBalancer pool, on the fabric.
-pub const LB_IP_POOL: &str = "10.90.0.100-10.90.0.149";
 /// The containerd namespace the agents and the image import use.
 pub const CONTAINERD_NAMESPACE: &str = "skiff";
 /// The image file `cargo xtask image` writes, relative to the target dir.
@@ -536,7 +534,7 @@ impl Up<'_> {
             "--service-cluster-ip-range",
             &self.args.service_cidr.to_string(),
             "--lb-ip-pool",
-            LB_IP_POOL,
+            &format!("{}-{}", fabric::LB_POOL.0, fabric::LB_POOL.1),
         ]
         .map(str::to_string)
         .to_vec();

@@ -378,22 +378,18 @@ async fn assign_waiting(
                 }
             }
         }
-        if ipam.allocator.used() as u128 >= ipam.allocator.capacity() {
-            let cluster = ipam.allocator.cluster;
-            ipam.waiting
-                .iter_mut()
-                .filter(|(_, reported)| !**reported)
-                .map(|(name, reported)| {
-                    *reported = true;
-                    name.clone()
-                })
-                .map(|name| (name, cluster))
-                .collect::<Vec<_>>()
-        } else {
-            Vec::new()
+        // Once the cluster CIDR is full, each waiting Node is reported once.
+        let full = ipam.allocator.used() as u128 >= ipam.allocator.capacity();
+        let mut unreported = Vec::new();
+        for (name, reported) in ipam.waiting.iter_mut().filter(|_| full) {
+            if !std::mem::replace(reported, true) {
+                unreported.push(name.clone());
+            }
         }
+        (ipam.allocator.cluster, unreported)
     };
-    for (name, cluster) in exhausted {
+    let (cluster, exhausted) = exhausted;
+    for name in exhausted {
         tracing::warn!(node = %name, %cluster, "no pod CIDR left for node");
         let meta = match api.get(&name).await {
             Ok(node) => node.metadata,

@@ -121,6 +121,11 @@ pub(super) fn array_mut<'a>(
 }
 
 pub(super) fn default_pod(root: &mut Map<String, Value>) {
+    // The QoS class is computed once, when the status has none (a pod's
+    // resources cannot change afterwards), not on every status write.
+    let has_qos = root
+        .get("status")
+        .is_some_and(|s| s.get("qosClass").is_some_and(|q| !q.is_null()));
     let Some(spec) = child_mut(root, "spec") else {
         return;
     };
@@ -191,10 +196,12 @@ pub(super) fn default_pod(root: &mut Map<String, Value>) {
             }
         }
     }
-    let qos = skiff_common::qos::pod_qos_class(spec);
+    let qos = (!has_qos).then(|| skiff_common::qos::pod_qos_class(spec));
     if let Some(status) = child_mut(root, "status") {
         set_default(status, "phase", json!("Pending"));
-        set_default(status, "qosClass", json!(qos));
+        if let Some(qos) = qos {
+            set_default(status, "qosClass", json!(qos));
+        }
     }
 }
 
