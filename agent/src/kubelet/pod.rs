@@ -657,7 +657,7 @@ impl Worker {
                 } else {
                     "ImagePullBackOff"
                 };
-                let message = error.to_string();
+                let message = skiff_common::error::chain(&error);
                 self.k.event(
                     &self.pod,
                     Some(&name),
@@ -739,7 +739,7 @@ impl Worker {
             .create(&id, &image, &spec, labels, &log)
             .await
         {
-            let message = error.to_string();
+            let message = skiff_common::error::chain(&error);
             self.k.event(
                 &self.pod,
                 Some(&name),
@@ -758,7 +758,7 @@ impl Worker {
             format!("Created container {name}"),
         );
         if let Err(error) = self.k.runtime.start(&id, "").await {
-            let message = error.to_string();
+            let message = skiff_common::error::chain(&error);
             let _ = self.k.runtime.remove(&id).await;
             self.k.event(
                 &self.pod,

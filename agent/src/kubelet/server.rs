@@ -667,7 +667,12 @@ async fn exec(
     };
     let spec = match k.runtime.spec(&container_id).await {
         Ok(spec) => spec,
-        Err(error) => return status(StatusCode::INTERNAL_SERVER_ERROR, error.to_string()),
+        Err(error) => {
+            return status(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                skiff_common::error::chain(&error),
+            );
+        }
     };
     let target = ExecTarget {
         runtime: k.runtime.clone(),

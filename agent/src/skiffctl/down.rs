@@ -36,7 +36,10 @@ pub fn down(args: &ClusterArgs) -> Result<(), SkiffctlError> {
     let state = match State::load(&dir) {
         Ok(state) => state,
         Err(error) => {
-            println!("warning: {error}; cleaning up by name");
+            println!(
+                "warning: {}; cleaning up by name",
+                skiff_common::error::chain(&error)
+            );
             None
         }
     };
@@ -152,7 +155,10 @@ pub fn down(args: &ClusterArgs) -> Result<(), SkiffctlError> {
     for netns in namespaces.iter().rev() {
         match fabric::delete_netns(netns) {
             Ok(()) => deleted += 1,
-            Err(error) => failures.push(format!("network namespace {netns}: {error}")),
+            Err(error) => failures.push(format!(
+                "network namespace {netns}: {}",
+                skiff_common::error::chain(&error)
+            )),
         }
     }
     println!("ok ({deleted})");
@@ -171,7 +177,11 @@ pub fn down(args: &ClusterArgs) -> Result<(), SkiffctlError> {
     }
     for path in &paths {
         if let Err(error) = remove_path(path) {
-            failures.push(format!("{}: {error}", path.display()));
+            failures.push(format!(
+                "{}: {}",
+                path.display(),
+                skiff_common::error::chain(&error)
+            ));
         }
     }
     // The shared parents go too once no cluster uses them (only if empty).

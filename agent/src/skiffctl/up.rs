@@ -613,8 +613,9 @@ impl Up<'_> {
             .block_on(skiff_common::daemon::client(Some(&path)))
             .map_err(|e| {
                 SkiffctlError::cluster(format!(
-                    "the kubeconfig {} is unusable: {e}",
-                    path.display()
+                    "the kubeconfig {} is unusable: {}",
+                    path.display(),
+                    skiff_common::error::chain(&e)
                 ))
             })?;
         let log = self.log("control-plane");
@@ -744,7 +745,12 @@ impl Up<'_> {
             |_| {
                 skiff_image::build_image(busybox, &out)
                     .map(|built| Some(built.path))
-                    .map_err(|e| SkiffctlError::cluster(format!("cannot build the image: {e}")))
+                    .map_err(|e| {
+                        SkiffctlError::cluster(format!(
+                            "cannot build the image: {}",
+                            skiff_common::error::chain(&e)
+                        ))
+                    })
             },
         )
     }
