@@ -9,6 +9,8 @@
 //!   and benchmarks at scale.
 //! - [`bpf`]: the eBPF datapath: programs loaded and pinned, maps written
 //!   only through the map writer, links attached per pod.
+//! - [`services`]: kube-proxy's role in eBPF: Services and EndpointSlices reconciled into the
+//!   node's load-balancing maps.
 //! - [`skiffctl`]: the local multi-node cluster (`up`, `down`, `status`) and
 //!   the views of the pinned maps (`bpf pods`).
 //! - [`cli`]: the agent's flags; start-up is `skiff_common::daemon`.
@@ -17,4 +19,5 @@ pub mod bpf;
 pub mod cli;
 pub mod hollow;
 pub mod kubelet;
+pub mod services;
 pub mod skiffctl;

@@ -16,21 +16,33 @@ fn main() -> anyhow::Result<()> {
             hollow::run(client, cli.node, shutdown).await?;
             return Ok(());
         }
-        let hook: Option<Arc<dyn PodNetworkHook>> = match (&cli.kubelet.node_name, cli.kubelet.bpf)
-        {
-            (Some(node), true) => Some(Arc::new(BpfHook::open(node).with_context(|| {
-                format!(
-                    "cannot load the eBPF datapath for node {node} (--bpf=false runs without it)"
-                )
-            })?)),
+        let bpf = match (&cli.kubelet.node_name, cli.kubelet.bpf) {
+            (Some(node), true) => Some(Arc::new(
+                BpfHook::open(node, &cli.kubelet.services.limits).with_context(|| {
+                    format!(
+                        "cannot load the eBPF datapath for node {node} (--bpf=false runs without it)"
+                    )
+                })?,
+            )),
             _ => None,
         };
+        let datapath = bpf.as_ref().map(|b| b.datapath().clone());
+        let hook = bpf.map(|b| b as Arc<dyn PodNetworkHook>);
         let client_ca = kubelet::server::client_ca(
             cli.kubeconfig.as_deref(),
             cli.kubelet.client_ca_file.as_deref(),
         )
         .await?;
-        kubelet::run(client, cli.kubelet, cli.node, hook, client_ca, shutdown).await?;
+        kubelet::run(
+            client,
+            cli.kubelet,
+            cli.node,
+            hook,
+            datapath,
+            client_ca,
+            shutdown,
+        )
+        .await?;
         Ok(())
     })
 }

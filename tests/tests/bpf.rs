@@ -214,7 +214,11 @@ fn scenario(lab: &Lab) {
         assert_eq!(lab.tcx_programs(host), 2, "ingress and egress on {host}");
     }
     let progs = pinned_progs(&lab.node);
-    assert_eq!(progs.len(), 2, "two pinned programs: {progs:?}");
+    assert_eq!(
+        progs.len(),
+        4,
+        "the pods' two programs, the uplink's and the service veth's: {progs:?}"
+    );
     let ids: Vec<u64> = progs.iter().map(|p| prog_id(p)).collect();
 
     lab.ping(3);
@@ -301,7 +305,7 @@ fn scenario(lab: &Lab) {
     let new_progs = pinned_progs(&lab.node);
     assert_eq!(
         new_progs.len(),
-        2,
+        4,
         "only the new version's programs: {new_progs:?}"
     );
     let new_ids: Vec<u64> = new_progs.iter().map(|p| prog_id(p)).collect();
@@ -316,7 +320,14 @@ fn scenario(lab: &Lab) {
             .map(u64::from)
             .collect();
         attached.sort();
-        let mut expected = new_ids.clone();
+        let mut expected: Vec<u64> = new_progs
+            .iter()
+            .filter(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("skf_pod_"))
+            })
+            .map(|p| prog_id(p))
+            .collect();
         expected.sort();
         assert_eq!(
             attached, expected,

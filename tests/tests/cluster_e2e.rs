@@ -116,7 +116,7 @@ impl Cluster {
     fn skiffctl(&self, args: &[&str]) -> Output {
         let mut cmd = Command::new(bin_path("skiffctl"));
         cmd.args(args);
-        if !matches!(args.first(), Some(&"bpf")) {
+        if !matches!(args.first(), Some(&"bpf" | &"service")) {
             cmd.arg("--state-dir").arg(&self.state_dir);
         }
         cmd.stdin(Stdio::null()).output().expect("skiffctl runs")
@@ -588,6 +588,167 @@ spec:
     let body = String::from_utf8_lossy(&out.stdout);
     assert!(body.contains(&format!("hello from {}", b.name)), "{body}");
     c.kubectl_ok(&["delete", "pod", "-n", NS, "client", "--wait=true"]);
+}
+
+/// `http://<addr>/` fetched with `curl` from inside the network namespace `netns`: the body, or
+/// `None` when the request failed.
+fn curl_in(netns: &str, addr: &str) -> Option<String> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", netns, "curl", "-s", "-m", "5"])
+        .arg(format!("http://{addr}/"))
+        .stdin(Stdio::null())
+        .output()
+        .expect("curl runs");
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// One Service of type LoadBalancer in front of the replicas answers, through the eBPF datapath,
+/// on every node: by ClusterIP from a pod (spreading over the replicas of all three nodes) and
+/// from a node's own namespace, by NodePort on every node's address and by its LoadBalancer IP
+/// from the outside namespace (a node answers ARP for it, elected through a Lease); no
+/// iptables or nftables rule is involved, and `skiffctl bpf lb list` and `skiffctl service list`
+/// show it on every node.
+fn services_answer_on_every_node(c: &Cluster, pods: &[WebPod]) {
+    c.apply(&format!(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {{name: web-lb, namespace: {NS}}}
+spec:
+  type: LoadBalancer
+  selector: {{app: web}}
+  ports:
+  - {{name: http, port: 80, targetPort: 8080}}
+"#
+    ));
+    let (cluster_ip, node_port, lb_ip) = c.wait_for(
+        "web-lb's ClusterIP, NodePort and LoadBalancer IP",
+        POD_TIMEOUT,
+        || {
+            let svc = c.json(&["get", "service", "-n", NS, "web-lb"]);
+            Some((
+                svc["spec"]["clusterIP"].as_str()?.to_owned(),
+                svc["spec"]["ports"][0]["nodePort"].as_u64()?,
+                svc["status"]["loadBalancer"]["ingress"][0]["ip"]
+                    .as_str()?
+                    .to_owned(),
+            ))
+        },
+    );
+    // Every node programs the three backends.
+    for node in c.nodes() {
+        c.wait_for(
+            &format!("{node} programs web-lb with 3 backends"),
+            POD_TIMEOUT,
+            || {
+                let out = c.skiffctl(&["bpf", "lb", "list", "--node", &node, "-o", "json"]);
+                let rows: Value = serde_json::from_slice(&out.stdout).ok()?;
+                rows.as_array()?
+                    .iter()
+                    .find(|r| r["frontend"] == format!("{cluster_ip}:80/TCP").as_str())
+                    .filter(|r| r["backends"].as_array().is_some_and(|b| b.len() == 3))
+                    .map(drop)
+            },
+        );
+    }
+    // From a pod: the ClusterIP answers, and spreads over the replicas on all three nodes.
+    let client = &pods[0];
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..60 {
+        let out = c.kubectl(&[
+            "exec",
+            "-n",
+            NS,
+            &client.name,
+            "--",
+            "timeout",
+            "5",
+            "wget",
+            "-qO-",
+            &format!("http://{cluster_ip}/"),
+        ]);
+        let body = String::from_utf8_lossy(&out.stdout);
+        for pod in pods {
+            if body.contains(&format!("hello from {}", pod.name)) {
+                seen.insert(pod.name.clone());
+            }
+        }
+        if seen.len() == pods.len() {
+            break;
+        }
+    }
+    assert_eq!(
+        seen.len(),
+        pods.len(),
+        "{}'s requests to {cluster_ip} reached every replica: {seen:?}",
+        client.name
+    );
+    // From each node's own namespace: the ClusterIP.
+    for i in 1..=3 {
+        let netns = format!("skiff-{}", c.node(i));
+        let body = curl_in(&netns, &cluster_ip);
+        assert!(
+            body.as_deref().is_some_and(|b| b.contains("hello from")),
+            "{netns} reaches {cluster_ip}: {body:?}"
+        );
+    }
+    // From outside: the NodePort on every node's address, and the LoadBalancer IP.
+    let nodes = c.json(&["get", "nodes"]);
+    for node in nodes["items"].as_array().expect("items") {
+        let ip = node["status"]["addresses"]
+            .as_array()
+            .and_then(|a| a.iter().find(|a| a["type"] == "InternalIP"))
+            .and_then(|a| a["address"].as_str())
+            .expect("InternalIP");
+        let body = curl_in(&c.ext_netns(), &format!("{ip}:{node_port}"));
+        assert!(
+            body.as_deref().is_some_and(|b| b.contains("hello from")),
+            "{} reaches NodePort {ip}:{node_port}: {body:?}",
+            c.ext_netns()
+        );
+    }
+    let body = c.wait_for(
+        &format!("{lb_ip} answers from outside"),
+        Duration::from_secs(30),
+        || curl_in(&c.ext_netns(), &lb_ip).filter(|b| b.contains("hello from")),
+    );
+    assert!(body.contains("hello from"), "{body}");
+    // No service rule in any node's iptables or nftables.
+    for i in 1..=3 {
+        let netns = format!("skiff-{}", c.node(i));
+        for (program, args) in [("iptables-save", vec![]), ("nft", vec!["list", "ruleset"])] {
+            let out = Command::new("ip")
+                .args(["netns", "exec", &netns, program])
+                .args(&args)
+                .output()
+                .expect("runs");
+            let rules = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                !rules.contains(&cluster_ip) && !rules.contains(&lb_ip) && !rules.contains("KUBE-"),
+                "{netns}'s {program} holds no service rule:\n{rules}"
+            );
+        }
+    }
+    let out = c.skiffctl(&["service", "list"]);
+    assert!(
+        out.status.success(),
+        "skiffctl service list: {}",
+        text(&out)
+    );
+    let listed = String::from_utf8_lossy(&out.stdout);
+    for node in c.nodes() {
+        assert!(
+            listed
+                .lines()
+                .any(|l| l.contains(&format!("{NS}/web-lb:http"))
+                    && l.contains(&node)
+                    && l.contains("programmed at revision")),
+            "skiffctl service list shows web-lb programmed on {node}:\n{listed}"
+        );
+    }
+    c.kubectl_ok(&["delete", "service", "-n", NS, "web-lb", "--wait=true"]);
 }
 
 /// After traffic, every replica has non-zero counters in both directions;
@@ -1326,6 +1487,10 @@ fn three_node_cluster_runs_real_pods_end_to_end() {
         (
             "pod reaches pod on another node",
             Box::new(|| pod_reaches_pod_on_another_node(c, &pods)),
+        ),
+        (
+            "Services answer on every node through the eBPF datapath",
+            Box::new(|| services_answer_on_every_node(c, &pods)),
         ),
         (
             "eBPF counters survive an agent restart",

@@ -50,6 +50,8 @@ const APT_PACKAGES: &[&str] = &[
     "iputils-ping",
     // iptables (nf_tables backend), which the portmap plugin wires hostPorts with.
     "iptables",
+    // nft: the service tests check that no node's nftables rule set holds a service rule.
+    "nftables",
     // curl and openssl: the kubelet tests call the agent's HTTPS API with client certificates.
     "curl",
     "openssl",
@@ -504,10 +506,12 @@ metadata:
   name: web
   namespace: demo
 spec:
+  type: LoadBalancer
   selector: {app: web}
   ports:
   - port: 80
     targetPort: 8080
+    nodePort: 30080
 "#;
 
 /// The demo's cluster: `skiffctl down` when dropped, unless kept.
@@ -721,16 +725,15 @@ fn demo(ws: &Path, keep: bool) -> Result<()> {
         .collect();
     ensure!(pods.len() == 3, "expected 3 web pods, found {}", pods.len());
 
-    // No ClusterIP datapath yet: the outside namespace fetches each pod by its IP, over the
-    // plain routes skiffctl set between the nodes' pod CIDRs.
+    // The outside namespace fetches each pod by its IP, over the routes between the nodes' pod
+    // CIDRs.
     let curl = std::env::var_os("PATH")
         .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("curl").is_file()));
-    for (_, _, ip) in &pods {
-        let url = format!("http://{ip}:8080/");
+    let fetch_from_ext = |url: &str| -> Result<String> {
         let fetch: Vec<&str> = if curl {
-            vec!["curl", "-s", "--max-time", "5", &url]
+            vec!["curl", "-s", "--max-time", "5", url]
         } else {
-            vec!["busybox", "wget", "-qO-", &url]
+            vec!["busybox", "wget", "-qO-", url]
         };
         let mut args = vec!["netns", "exec", "skiff-ext"];
         args.extend(&fetch);
@@ -739,8 +742,101 @@ fn demo(ws: &Path, keep: bool) -> Result<()> {
             &format!("ip {}", args.join(" ")),
             Command::new("ip").args(&args),
             None,
-        )?;
+        )
+    };
+    for (_, _, ip) in &pods {
+        fetch_from_ext(&format!("http://{ip}:8080/"))?;
     }
+
+    // The Service, through the eBPF datapath: its ClusterIP from a pod, its NodePort on every
+    // node and its LoadBalancer IP from outside.
+    let out =
+        capture(&mut kubectl.command(&["get", "service", "web", "-n", "demo", "-o", "json"]))?;
+    ensure!(out.status.success(), "kubectl get service failed");
+    let service: serde_json::Value = serde_json::from_slice(&out.stdout).context("service JSON")?;
+    let cluster_ip = service["spec"]["clusterIP"]
+        .as_str()
+        .context("the Service has no ClusterIP")?
+        .to_owned();
+    let (first, _, _) = &pods[0];
+    say(format!(
+        "ClusterIP from a pod: {first} fetches http://{cluster_ip}/ three times"
+    ));
+    for _ in 0..3 {
+        k(&[
+            "exec",
+            "-n",
+            "demo",
+            first,
+            "--",
+            "timeout",
+            "5",
+            "wget",
+            "-qO-",
+            &format!("http://{cluster_ip}/"),
+        ])?;
+    }
+    say("NodePort 30080 on every node, from outside");
+    for i in 11..=13 {
+        fetch_from_ext(&format!("http://10.90.0.{i}:30080/"))?;
+    }
+    // The LoadBalancer IP is answered once a node holds its Lease and answers ARP for it.
+    let deadline = Instant::now() + std::time::Duration::from_secs(60);
+    let lb_ip = loop {
+        cluster.check()?;
+        let out = capture(&mut kubectl.command(&[
+            "get",
+            "service",
+            "web",
+            "-n",
+            "demo",
+            "-o",
+            "jsonpath={.status.loadBalancer.ingress[0].ip}",
+        ]))?;
+        let ip = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        if !ip.is_empty() {
+            break ip;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the Service got no LoadBalancer IP in 60 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    };
+    say(format!("LoadBalancer IP {lb_ip} from outside"));
+    let probe = |url: &str| {
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                "skiff-ext",
+                "curl",
+                "-s",
+                "--max-time",
+                "2",
+                url,
+            ])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    let deadline = Instant::now() + std::time::Duration::from_secs(30);
+    while !probe(&format!("http://{lb_ip}/")) && Instant::now() < deadline {
+        cluster.check()?;
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+    fetch_from_ext(&format!("http://{lb_ip}/"))?;
+    step(
+        &cluster,
+        "skiffctl bpf lb list",
+        Command::new(&skiffctl).args(["bpf", "lb", "list"]),
+        None,
+    )?;
+    step(
+        &cluster,
+        "skiffctl service list",
+        Command::new(&skiffctl).args(["service", "list"]),
+        None,
+    )?;
     let (first, first_node, _) = &pods[0];
     let (second, second_node, second_ip) = &pods[1];
     k(&["logs", "-n", "demo", first])?;
@@ -782,6 +878,7 @@ fn demo(ws: &Path, keep: bool) -> Result<()> {
         println!("    export KUBECONFIG={}", kubeconfig.display());
         println!("    {} get pods -A -o wide", kubectl.bin.display());
         println!("    {} bpf pods", skiffctl.display());
+        println!("    {} bpf lb list", skiffctl.display());
         println!();
         println!("Remove it with: {} down", skiffctl.display());
     } else {

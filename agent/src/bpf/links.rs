@@ -7,6 +7,7 @@ use aya::EbpfLoader;
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
 use aya::programs::{LinkOrder, ProgramError, SchedClassifier, TcAttachType};
+use skiff_ebpf_common::lb::{HOST_SERVICE_PROG, NODE_INGRESS_PROG};
 use skiff_ebpf_common::{IFNAME_LEN, POD_EGRESS_PROG, POD_INGRESS_PROG};
 
 use super::pins::{self, PinLayout};
@@ -17,7 +18,7 @@ use super::{BpfError, Hook};
 const ATTACH_RETRIES: u32 = 50;
 const ATTACH_RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(20);
 
-/// Programs on veths, as the logic above sees them.
+/// Programs on interfaces, as the logic above sees them.
 pub trait LinkManager {
     /// The interface index of `ifname` in this network namespace; `None` when there is no such
     /// interface.
@@ -36,12 +37,14 @@ pub fn program_name(hook: Hook) -> &'static str {
     match hook {
         Hook::Ingress => POD_INGRESS_PROG,
         Hook::Egress => POD_EGRESS_PROG,
+        Hook::Uplink => NODE_INGRESS_PROG,
+        Hook::HostService => HOST_SERVICE_PROG,
     }
 }
 
 fn attach_type(hook: Hook) -> TcAttachType {
     match hook {
-        Hook::Ingress => TcAttachType::Ingress,
+        Hook::Ingress | Hook::Uplink | Hook::HostService => TcAttachType::Ingress,
         Hook::Egress => TcAttachType::Egress,
     }
 }
@@ -92,32 +95,34 @@ pub fn tcx_program_ids(ifname: &str, hook: Hook) -> Result<Vec<u32>, BpfError> {
     Ok(programs.iter().map(|p| p.id()).collect())
 }
 
-/// The node's two programs, restored from their pins, and its link pins.
+/// The node's programs, restored from their pins, and its link pins.
 pub struct AyaLinks {
     layout: PinLayout,
-    ingress: SchedClassifier,
-    egress: SchedClassifier,
-    ingress_id: u32,
-    egress_id: u32,
+    programs: Vec<(Hook, SchedClassifier, u32)>,
 }
 
 impl AyaLinks {
     /// Restores the programs of `object` from their pins, loading and pinning them first when
-    /// this object version has none (the maps are created, or reused, pinned by name in the
-    /// node's `maps/`). Links of an older version move to the new programs atomically, and the
-    /// older programs' pins are removed.
-    pub fn open(layout: &PinLayout, object: &[u8]) -> Result<AyaLinks, BpfError> {
+    /// this object version has none (the maps are created with `limits`, or reused, pinned by
+    /// name in the node's `maps/`). Links of an older version move to the new programs
+    /// atomically, and the older programs' pins are removed.
+    pub fn open(
+        layout: &PinLayout,
+        object: &[u8],
+        limits: &super::MapLimits,
+    ) -> Result<AyaLinks, BpfError> {
         let dir = layout.progs_dir().join(object_version(object));
         let pin = |hook| dir.join(program_name(hook));
-        if !(pin(Hook::Ingress).exists() && pin(Hook::Egress).exists()) {
-            load_and_pin(layout, object, &dir)?;
+        if !Hook::ALL.iter().all(|&hook| pin(hook).exists()) {
+            load_and_pin(layout, object, &dir, limits)?;
         }
         for old in pins::read_dir(&layout.progs_dir())? {
             if old != dir {
                 pins::remove_tree(&old)?;
             }
         }
-        let restore = |hook| {
+        let mut programs = Vec::new();
+        for hook in Hook::ALL {
             let name = program_name(hook);
             let prog = SchedClassifier::from_pin(pin(hook))
                 .map_err(program_error(name, "restore from its pin"))?;
@@ -125,31 +130,29 @@ impl AyaLinks {
                 .info()
                 .map_err(program_error(name, "read its info"))?
                 .id();
-            Ok::<_, BpfError>((prog, id))
-        };
-        let (ingress, ingress_id) = restore(Hook::Ingress)?;
-        let (egress, egress_id) = restore(Hook::Egress)?;
+            programs.push((hook, prog, id));
+        }
         Ok(AyaLinks {
             layout: layout.clone(),
-            ingress,
-            egress,
-            ingress_id,
-            egress_id,
+            programs,
         })
     }
 
     fn program(&mut self, hook: Hook) -> &mut SchedClassifier {
-        match hook {
-            Hook::Ingress => &mut self.ingress,
-            Hook::Egress => &mut self.egress,
-        }
+        let (_, prog, _) = self
+            .programs
+            .iter_mut()
+            .find(|(h, _, _)| *h == hook)
+            .expect("every hook's program is restored in open");
+        prog
     }
 
     fn program_id(&self, hook: Hook) -> u32 {
-        match hook {
-            Hook::Ingress => self.ingress_id,
-            Hook::Egress => self.egress_id,
-        }
+        self.programs
+            .iter()
+            .find(|(h, _, _)| *h == hook)
+            .map(|(_, _, id)| *id)
+            .expect("every hook's program is restored in open")
     }
 }
 
@@ -166,15 +169,22 @@ fn link_pins(layout: &PinLayout, hook: Hook) -> Result<Vec<PathBuf>, BpfError> {
         .collect())
 }
 
-fn load_and_pin(layout: &PinLayout, object: &[u8], dir: &Path) -> Result<(), BpfError> {
-    let mut ebpf = EbpfLoader::new()
-        .map_pin_path(layout.maps_dir())
-        .load(object)
-        .map_err(|e| BpfError::Load {
-            source: Box::new(e),
-        })?;
+fn load_and_pin(
+    layout: &PinLayout,
+    object: &[u8],
+    dir: &Path,
+    limits: &super::MapLimits,
+) -> Result<(), BpfError> {
+    let mut loader = EbpfLoader::new();
+    loader.map_pin_path(layout.maps_dir());
+    for (map, size) in limits.sizes() {
+        loader.set_max_entries(map, size);
+    }
+    let mut ebpf = loader.load(object).map_err(|e| BpfError::Load {
+        source: Box::new(e),
+    })?;
     pins::create_dir(dir)?;
-    for hook in Hook::BOTH {
+    for hook in Hook::ALL {
         let name = program_name(hook);
         let prog: &mut SchedClassifier = ebpf
             .program_mut(name)

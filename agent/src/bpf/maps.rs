@@ -34,7 +34,11 @@ pub struct AyaMaps {
     identities: HashMap<MapData, PodKey, PodIdentityValue>,
 }
 
-fn map_error(map: &'static str, action: impl Into<String>) -> impl FnOnce(MapError) -> BpfError {
+/// A map error as a [`BpfError`] naming the map and what was being done.
+pub(crate) fn map_error(
+    map: &'static str,
+    action: impl Into<String>,
+) -> impl FnOnce(MapError) -> BpfError {
     let action = action.into();
     move |source| BpfError::Map {
         map,
@@ -44,7 +48,7 @@ fn map_error(map: &'static str, action: impl Into<String>) -> impl FnOnce(MapErr
 }
 
 /// A missing key (`KeyNotFound` from a lookup, ENOENT from a delete) as `None`.
-fn found<T>(result: Result<T, MapError>) -> Result<Option<T>, MapError> {
+pub(crate) fn found<T>(result: Result<T, MapError>) -> Result<Option<T>, MapError> {
     match result {
         Ok(value) => Ok(Some(value)),
         Err(MapError::KeyNotFound) => Ok(None),

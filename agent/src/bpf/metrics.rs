@@ -43,6 +43,67 @@ pub fn encode_prometheus(counters: &[PodCounters]) -> String {
     out
 }
 
+/// Renders the load-balancing metrics: `skiff_lb_frontend_packets_total` and
+/// `skiff_lb_frontend_bytes_total` per frontend (labels `frontend`, `type`, `service`),
+/// `skiff_conntrack_entries` (a gauge) and `skiff_datapath_events_total` per kind (`ct_full`
+/// counts the conntrack inserts that failed).
+pub fn encode_lb_prometheus(
+    frontends: &[crate::services::table::FrontendRow],
+    conntrack_entries: usize,
+    events: &[u64],
+) -> String {
+    let mut out = String::new();
+    type Family = (
+        &'static str,
+        &'static str,
+        fn(&crate::services::table::FrontendRow) -> u64,
+    );
+    let families: [Family; 2] = [
+        (
+            "skiff_lb_frontend_packets_total",
+            "Packets to a Service frontend translated on this node (client to backend).",
+            |r| r.packets,
+        ),
+        (
+            "skiff_lb_frontend_bytes_total",
+            "Bytes (Ethernet header included) to a Service frontend translated on this node.",
+            |r| r.bytes,
+        ),
+    ];
+    for (name, help, value) in families {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} counter");
+        for row in frontends {
+            let _ = writeln!(
+                out,
+                "{name}{{frontend=\"{}\",type=\"{}\",service=\"{}\"}} {}",
+                escape(&row.frontend),
+                row.kind,
+                escape(&row.service),
+                value(row)
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP skiff_conntrack_entries Entries in the service conntrack table (two per connection)."
+    );
+    let _ = writeln!(out, "# TYPE skiff_conntrack_entries gauge");
+    let _ = writeln!(out, "skiff_conntrack_entries {conntrack_entries}");
+    let _ = writeln!(
+        out,
+        "# HELP skiff_datapath_events_total Errors and events the eBPF programs counted (ct_full: conntrack inserts that failed, the packet dropped)."
+    );
+    let _ = writeln!(out, "# TYPE skiff_datapath_events_total counter");
+    for (name, value) in skiff_ebpf_common::lb::ERROR_NAMES.iter().zip(events) {
+        let _ = writeln!(
+            out,
+            "skiff_datapath_events_total{{kind=\"{name}\"}} {value}"
+        );
+    }
+    out
+}
+
 /// A label value as the text format wants it: `\`, `"` and newlines escaped.
 fn escape(value: &str) -> String {
     let mut out = String::with_capacity(value.len());

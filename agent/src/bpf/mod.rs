@@ -21,6 +21,7 @@
 //! without loading anything, and [`metrics::encode_prometheus`] renders the counters for the
 //! agent's `/metrics`.
 
+pub mod lb;
 pub mod links;
 pub mod maps;
 pub mod metrics;
@@ -29,6 +30,8 @@ pub mod pods;
 
 #[cfg(test)]
 mod fake;
+#[cfg(test)]
+pub(crate) mod lb_fake;
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -36,7 +39,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use serde::Serialize;
 
-pub use metrics::encode_prometheus;
+pub use metrics::{encode_lb_prometheus, encode_prometheus};
 
 use links::AyaLinks;
 use maps::AyaMaps;
@@ -97,25 +100,41 @@ pub struct NodePodCounters {
     pub counters: PodCounters,
 }
 
-/// Which tc hook of a host-side veth.
+/// Where one of skiff's programs is attached (a tc hook of an interface, with TCX).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Hook {
-    /// The veth's ingress: traffic from the pod (`skf_pod_ingress`).
+    /// A pod's host-side veth's ingress: traffic from the pod (`skf_pod_ingress`: counts and
+    /// translates traffic to Services).
     Ingress,
-    /// The veth's egress: traffic to the pod (`skf_pod_egress`).
+    /// A pod's host-side veth's egress: traffic to the pod (`skf_pod_egress`: counts).
     Egress,
+    /// The node's uplink's ingress (`skf_uplink_in`: NodePort, LoadBalancer and external IPs,
+    /// replies, ARP for announced LoadBalancer IPs).
+    Uplink,
+    /// The ingress of `skfsvc1`, where the node routes the service range (`skf_host_svc`:
+    /// Services reached from the node's own processes).
+    HostService,
 }
 
 impl Hook {
-    /// Both hooks, ingress first.
+    /// The hooks of a pod's host-side veth, ingress first.
     pub const BOTH: [Hook; 2] = [Hook::Ingress, Hook::Egress];
+    /// Every hook, one program each.
+    pub const ALL: [Hook; 4] = [Hook::Ingress, Hook::Egress, Hook::Uplink, Hook::HostService];
 
-    /// `ingress` or `egress`, as in the link pins' names.
+    /// The suffix of the link pins' names: `ingress`, `egress`, `uplink`, `hostsvc`.
     pub fn as_str(self) -> &'static str {
         match self {
             Hook::Ingress => "ingress",
             Hook::Egress => "egress",
+            Hook::Uplink => "uplink",
+            Hook::HostService => "hostsvc",
         }
+    }
+
+    /// The hook whose pins end in `-<suffix>`.
+    pub fn from_suffix(suffix: &str) -> Option<Hook> {
+        Hook::ALL.into_iter().find(|h| h.as_str() == suffix)
     }
 }
 
@@ -224,6 +243,57 @@ pub enum BpfError {
     },
 }
 
+/// The sizes of the load-balancing maps, set when the maps are created (a node's first start
+/// with this layout); afterwards the pinned maps keep theirs, and the agent reports any
+/// difference ([`Datapath::open_with`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::Args)]
+pub struct MapLimits {
+    /// Entries of the conntrack map (a translated connection takes two).
+    #[arg(long = "bpf-ct-max", default_value_t = skiff_ebpf_common::lb::DEFAULT_MAX_CT)]
+    pub ct: u32,
+    /// Frontends (ClusterIP, NodePort, LoadBalancer and external-IP ports) per node.
+    #[arg(long = "bpf-lb-frontends-max", default_value_t = skiff_ebpf_common::lb::DEFAULT_MAX_FRONTENDS)]
+    pub frontends: u32,
+    /// Backend slots over all service ports (each revision's slots, and the backends).
+    #[arg(long = "bpf-lb-backends-max", default_value_t = skiff_ebpf_common::lb::DEFAULT_MAX_SLOTS)]
+    pub slots: u32,
+    /// Service ports per node.
+    #[arg(long = "bpf-lb-services-max", default_value_t = skiff_ebpf_common::lb::DEFAULT_MAX_SERVICES)]
+    pub services: u32,
+    /// Clients remembered for session affinity.
+    #[arg(long = "bpf-lb-affinity-max", default_value_t = skiff_ebpf_common::lb::DEFAULT_MAX_AFFINITY)]
+    pub affinity: u32,
+}
+
+impl Default for MapLimits {
+    fn default() -> Self {
+        use skiff_ebpf_common::lb::*;
+        MapLimits {
+            ct: DEFAULT_MAX_CT,
+            frontends: DEFAULT_MAX_FRONTENDS,
+            slots: DEFAULT_MAX_SLOTS,
+            services: DEFAULT_MAX_SERVICES,
+            affinity: DEFAULT_MAX_AFFINITY,
+        }
+    }
+}
+
+impl MapLimits {
+    /// Each sized map's name and size.
+    pub fn sizes(&self) -> [(&'static str, u32); 7] {
+        use skiff_ebpf_common::lb::*;
+        [
+            (CT_MAP, self.ct),
+            (LB_FRONTEND_MAP, self.frontends),
+            (LB_STATS_MAP, self.frontends),
+            (LB_SLOT_MAP, self.slots),
+            (LB_BACKEND_MAP, self.slots),
+            (LB_SERVICE_MAP, self.services),
+            (LB_AFFINITY_MAP, self.affinity),
+        ]
+    }
+}
+
 /// The loaded (or restored) datapath of one node.
 ///
 /// Dropping it closes file descriptors only: everything stays pinned and attached.
@@ -262,10 +332,32 @@ impl Datapath {
         node_name: &str,
         object: &[u8],
     ) -> Result<Datapath, BpfError> {
+        Self::open_with(bpffs, node_name, object, &MapLimits::default())
+    }
+
+    /// As [`Datapath::open_with_object`], creating missing maps with `limits`. Maps pinned
+    /// before keep their size (recreating them would drop every connection): a size that differs
+    /// from `limits` is logged as a warning.
+    pub fn open_with(
+        bpffs: &Path,
+        node_name: &str,
+        object: &[u8],
+        limits: &MapLimits,
+    ) -> Result<Datapath, BpfError> {
         pins::ensure_bpffs(bpffs)?;
         let layout = PinLayout::new(bpffs, node_name)?;
         layout.create_dirs()?;
-        let links = AyaLinks::open(&layout, object)?;
+        let links = AyaLinks::open(&layout, object, limits)?;
+        for (map, wanted) in limits.sizes() {
+            match pins::pinned_map_size(&layout.maps_dir().join(map)) {
+                Ok(size) if size != wanted => tracing::warn!(
+                    %map, pinned = size, flag = wanted,
+                    "a pinned map keeps the size it was created with; remove the node's pins (which drops its connections) to resize it"
+                ),
+                Ok(_) => {}
+                Err(error) => return Err(error),
+            }
+        }
         let maps = AyaMaps::open(&layout.maps_dir())?;
         Ok(Datapath {
             node: node_name.to_owned(),
@@ -288,6 +380,17 @@ impl Datapath {
     /// the veth. Idempotent: attaching an attached pod changes nothing and keeps its counters.
     pub fn attach_pod(&self, host_ifname: &str, pod: &PodIdentity) -> Result<(), BpfError> {
         self.table().attach_pod(host_ifname, pod)
+    }
+
+    /// Attaches a node-level program (`Hook::Uplink`, `Hook::HostService`) to `ifname`, unless
+    /// it is attached already. The link is pinned like the pods'.
+    pub fn attach_node(&self, ifname: &str, hook: Hook) -> Result<(), BpfError> {
+        self.table().attach_hook(ifname, hook)
+    }
+
+    /// The node's load-balancing maps (the services reconciler's map writer).
+    pub fn lb_maps(&self) -> Result<lb::AyaLbMaps, BpfError> {
+        lb::AyaLbMaps::open(&self.layout.maps_dir())
     }
 
     /// Stops counting the pod behind `host_ifname`: detaches the programs (removes the link pins)

@@ -141,7 +141,7 @@ pub(crate) fn read_dir(dir: &Path) -> Result<Vec<PathBuf>, BpfError> {
 
 /// The layouts of every node with pinned maps under `<bpffs>/skiff/`; none when there is no
 /// such directory.
-pub(crate) fn node_layouts(bpffs: &Path) -> Result<Vec<PinLayout>, BpfError> {
+pub fn node_layouts(bpffs: &Path) -> Result<Vec<PinLayout>, BpfError> {
     let skiff = bpffs.join("skiff");
     if !skiff.is_dir() {
         return Ok(Vec::new());
@@ -157,6 +157,21 @@ pub(crate) fn node_layouts(bpffs: &Path) -> Result<Vec<PinLayout>, BpfError> {
         }
     }
     Ok(layouts)
+}
+
+/// The capacity of the map pinned at `path`.
+pub(crate) fn pinned_map_size(path: &Path) -> Result<u32, BpfError> {
+    let map = aya::maps::MapData::from_pin(path).map_err(|source| BpfError::Map {
+        map: "pinned map",
+        action: format!("open {}", path.display()),
+        source: Box::new(source),
+    })?;
+    let info = map.info().map_err(|source| BpfError::Map {
+        map: "pinned map",
+        action: format!("read the info of {}", path.display()),
+        source: Box::new(source),
+    })?;
+    Ok(info.max_entries())
 }
 
 /// Whether `path` is a bpffs mount point's file system.

@@ -113,6 +113,15 @@ impl<M: MapWriter, L: LinkManager> PodTable<M, L> {
         &self.links
     }
 
+    /// Attaches `hook`'s program to `ifname` unless it is attached already (a node-level hook:
+    /// the uplink, the service veth).
+    pub fn attach_hook(&mut self, ifname: &str, hook: Hook) -> Result<(), BpfError> {
+        if !self.links.is_attached(ifname, hook)? {
+            self.links.attach(ifname, hook)?;
+        }
+        Ok(())
+    }
+
     /// See [`super::Datapath::attach_pod`].
     pub fn attach_pod(&mut self, ifname: &str, pod: &PodIdentity) -> Result<(), BpfError> {
         let value = identity_value(ifname, pod)?;

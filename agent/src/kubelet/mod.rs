@@ -102,6 +102,9 @@ pub struct KubeletArgs {
     /// signed by (default: the cluster CA of the kubeconfig).
     #[arg(long)]
     pub client_ca_file: Option<PathBuf>,
+    /// Service load balancing.
+    #[command(flatten)]
+    pub services: crate::services::ServiceArgs,
 }
 
 /// What the agent calls when a pod's network comes and goes: the eBPF
@@ -179,6 +182,7 @@ pub async fn run(
     args: KubeletArgs,
     node_args: NodeArgs,
     hook: Option<Arc<dyn PodNetworkHook>>,
+    datapath: Option<Arc<crate::bpf::Datapath>>,
     client_ca: Vec<Vec<u8>>,
     shutdown: CancellationToken,
 ) -> Result<(), anyhow::Error> {
@@ -256,6 +260,17 @@ pub async fn run(
     });
     tracing::info!(node = %kubelet.node_name, ip = %kubelet.host_ip, containerd = %args.containerd_address.display(), namespace = %args.containerd_namespace, "starting the node");
     let mut tasks = tokio::task::JoinSet::new();
+    if let (Some(datapath), true) = (datapath, args.services.service_lb) {
+        tasks.spawn(run_services(
+            kubelet.client.clone(),
+            kubelet.node_name.clone(),
+            kubelet.host_ip,
+            datapath,
+            args.services.clone(),
+            kubelet.run_dir.join(crate::services::STATUS_FILE),
+            shutdown.clone(),
+        ));
+    }
     tasks.spawn(kubelet.clone().node_loop());
     tasks.spawn(kubelet.clone().watch_pods());
     if let Some((listener, tls)) = listener {
@@ -270,6 +285,41 @@ pub async fn run(
     shutdown.cancelled().await;
     while tasks.join_next().await.is_some() {}
     Ok(())
+}
+
+/// Service load balancing until `shutdown`; a failure to start is logged and tried again every
+/// five seconds (the node keeps running its pods meanwhile).
+async fn run_services(
+    client: kube::Client,
+    node: String,
+    node_ip: Ipv4Addr,
+    datapath: Arc<crate::bpf::Datapath>,
+    args: crate::services::ServiceArgs,
+    status: PathBuf,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let result = crate::services::run(
+            client.clone(),
+            node.clone(),
+            node_ip,
+            datapath.clone(),
+            args.clone(),
+            status.clone(),
+            shutdown.clone(),
+        )
+        .await;
+        match result {
+            Ok(()) => return,
+            Err(error) => {
+                tracing::error!(error = %skiff_common::error::chain(&error), "service load balancing cannot start; retrying in 5 s")
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+    }
 }
 
 impl Kubelet {

@@ -5,6 +5,12 @@
 //! veth carries skiff's counters. Columns: NODE NAMESPACE POD IP IFACE (the host-side veth),
 //! then RX-PKTS RX-BYTES (received by the pod) and TX-PKTS TX-BYTES (sent by the pod); bytes
 //! include the Ethernet header.
+//!
+//! `skiffctl bpf lb list [--node N] [-o table|json]` lists every frontend of the service maps
+//! (address:port/protocol, type, namespace/name:port, the revision in force, the traffic policy)
+//! with its backends (state active or terminating, local or not), as the programs see them.
+//! `skiffctl bpf ct list [--node N] [-o table|json]` lists the conntrack entries of translated
+//! connections (tuple, translation, frontend, age, expiry).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -28,6 +34,176 @@ pub struct BpfArgs {
 pub enum BpfCommand {
     /// Per-pod packet and byte counters (RX: received by the pod, TX: sent by the pod).
     Pods(PodsArgs),
+    /// The service load-balancing maps.
+    Lb(MapsArgs),
+    /// The conntrack table of translated connections.
+    Ct(MapsArgs),
+}
+
+/// `skiffctl bpf lb` and `skiffctl bpf ct`.
+#[derive(Debug, Args)]
+pub struct MapsArgs {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: MapsCommand,
+}
+
+/// What `skiffctl bpf lb` and `ct` do.
+#[derive(Debug, Subcommand)]
+pub enum MapsCommand {
+    /// List the entries.
+    List(PodsArgs),
+}
+
+/// One node's frontend in `skiffctl bpf lb list -o json`.
+#[derive(Serialize)]
+struct NodeFrontend<'a> {
+    node: &'a str,
+    #[serde(flatten)]
+    row: &'a crate::services::table::FrontendRow,
+}
+
+/// One node's conntrack entry in `skiffctl bpf ct list -o json`.
+#[derive(Serialize)]
+struct NodeCt<'a> {
+    node: &'a str,
+    #[serde(flatten)]
+    row: &'a crate::services::conntrack::CtRow,
+}
+
+fn lb_maps_of(args: &PodsArgs) -> Result<Vec<(String, crate::bpf::lb::AyaLbMaps)>> {
+    let layouts =
+        crate::bpf::pins::node_layouts(&args.bpffs).context("cannot read the pinned eBPF maps")?;
+    let mut all = Vec::new();
+    for layout in layouts {
+        if args.node.as_deref().is_some_and(|n| n != layout.node()) {
+            continue;
+        }
+        let maps = crate::bpf::lb::AyaLbMaps::open(&layout.maps_dir())
+            .with_context(|| format!("cannot open the service maps of node {}", layout.node()))?;
+        all.push((layout.node().to_owned(), maps));
+    }
+    if let (Some(node), true) = (&args.node, all.is_empty()) {
+        anyhow::bail!(
+            "no service maps pinned for node {node} under {}",
+            args.bpffs.display()
+        );
+    }
+    Ok(all)
+}
+
+fn lb_list(args: &PodsArgs) -> Result<String> {
+    let mut rows = Vec::new();
+    for (node, maps) in lb_maps_of(args)? {
+        let frontends = crate::services::table::list(&maps)
+            .with_context(|| format!("cannot read the service maps of node {node}"))?;
+        rows.extend(frontends.into_iter().map(|row| (node.clone(), row)));
+    }
+    if args.output == Output::Json {
+        let json: Vec<NodeFrontend<'_>> = rows
+            .iter()
+            .map(|(node, row)| NodeFrontend { node, row })
+            .collect();
+        return Ok(serde_json::to_string_pretty(&json).context("cannot encode JSON")? + "\n");
+    }
+    let mut lines = vec![
+        [
+            "NODE", "FRONTEND", "TYPE", "SERVICE", "REV", "POLICY", "BACKENDS",
+        ]
+        .map(str::to_owned)
+        .to_vec(),
+    ];
+    for (node, row) in &rows {
+        let backends: Vec<String> = row
+            .backends
+            .iter()
+            .map(|b| {
+                format!(
+                    "{} ({}{})",
+                    b.address,
+                    b.state,
+                    if b.local { ", local" } else { "" }
+                )
+            })
+            .collect();
+        lines.push(vec![
+            node.clone(),
+            row.frontend.clone(),
+            row.kind.to_owned(),
+            row.service.clone(),
+            row.revision.to_string(),
+            row.policy.to_owned(),
+            if backends.is_empty() {
+                "(none)".to_owned()
+            } else {
+                backends.join(", ")
+            },
+        ]);
+    }
+    Ok(align(&lines))
+}
+
+fn ct_list(args: &PodsArgs) -> Result<String> {
+    let now = crate::services::conntrack::monotonic_ns();
+    let mut rows = Vec::new();
+    for (node, maps) in lb_maps_of(args)? {
+        let entries = crate::services::conntrack::list(&maps, now)
+            .with_context(|| format!("cannot read the conntrack map of node {node}"))?;
+        rows.extend(entries.into_iter().map(|row| (node.clone(), row)));
+    }
+    if args.output == Output::Json {
+        let json: Vec<NodeCt<'_>> = rows
+            .iter()
+            .map(|(node, row)| NodeCt { node, row })
+            .collect();
+        return Ok(serde_json::to_string_pretty(&json).context("cannot encode JSON")? + "\n");
+    }
+    let mut lines = vec![
+        [
+            "NODE", "DIR", "PROTO", "TUPLE", "NAT", "FRONTEND", "AGE", "EXPIRES", "FLAGS",
+        ]
+        .map(str::to_owned)
+        .to_vec(),
+    ];
+    for (node, row) in &rows {
+        lines.push(vec![
+            node.clone(),
+            row.direction.to_owned(),
+            row.protocol.to_owned(),
+            row.tuple.clone(),
+            row.nat.clone(),
+            row.frontend.to_string(),
+            format!("{}s", row.age_seconds),
+            format!("{}s", row.expires_in_seconds),
+            row.tcp_flags.clone(),
+        ]);
+    }
+    Ok(align(&lines))
+}
+
+/// Rows of cells as aligned columns (three spaces apart, no trailing blanks).
+pub fn align(lines: &[Vec<String>]) -> String {
+    let columns = lines.iter().map(Vec::len).max().unwrap_or(0);
+    let mut widths = vec![0; columns];
+    for line in lines {
+        for (w, cell) in widths.iter_mut().zip(line) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for line in lines {
+        let mut row = String::new();
+        for (i, (cell, w)) in line.iter().zip(&widths).enumerate() {
+            if i + 1 == line.len() {
+                row.push_str(cell);
+            } else {
+                row.push_str(&format!("{cell:<w$}   ", w = *w));
+            }
+        }
+        out.push_str(row.trim_end());
+        out.push('\n');
+    }
+    out
 }
 
 /// `skiffctl bpf pods`.
@@ -63,13 +239,22 @@ pub fn run(args: BpfArgs) -> Result<()> {
                 Output::Table => render_table(&rows),
                 Output::Json => render_json(&rows)?,
             };
-            let mut stdout = std::io::stdout().lock();
-            stdout
-                .write_all(text.as_bytes())
-                .context("cannot write to stdout")?;
-            Ok(())
+            print(&text)
         }
+        BpfCommand::Lb(MapsArgs {
+            command: MapsCommand::List(args),
+        }) => print(&lb_list(&args)?),
+        BpfCommand::Ct(MapsArgs {
+            command: MapsCommand::List(args),
+        }) => print(&ct_list(&args)?),
     }
+}
+
+fn print(text: &str) -> Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    stdout
+        .write_all(text.as_bytes())
+        .context("cannot write to stdout")
 }
 
 /// One pod in `-o json`.
@@ -141,26 +326,8 @@ pub fn render_table(rows: &[NodePodCounters]) -> String {
             c.tx.bytes.to_string(),
         ]);
     }
-    let mut widths = [0; 9];
-    for line in &lines {
-        for (w, cell) in widths.iter_mut().zip(line) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let mut out = String::new();
-    for line in &lines {
-        let mut row = String::new();
-        for (i, (cell, w)) in line.iter().zip(widths).enumerate() {
-            if i + 1 == line.len() {
-                row.push_str(cell);
-            } else {
-                row.push_str(&format!("{cell:<w$}   "));
-            }
-        }
-        out.push_str(row.trim_end());
-        out.push('\n');
-    }
-    out
+    let lines: Vec<Vec<String>> = lines.into_iter().map(|l| l.to_vec()).collect();
+    align(&lines)
 }
 
 #[cfg(test)]
@@ -268,13 +435,27 @@ mod tests {
         }
         let cli = Cli::try_parse_from(["x", "pods", "--node", "n1", "-o", "json", "--bpffs", "/b"])
             .expect("parse");
-        let BpfCommand::Pods(p) = cli.bpf.command;
+        let BpfCommand::Pods(p) = cli.bpf.command else {
+            panic!("pods parses as pods");
+        };
         assert_eq!(p.node.as_deref(), Some("n1"));
         assert_eq!(p.output, Output::Json);
         assert_eq!(p.bpffs, PathBuf::from("/b"));
         let cli = Cli::try_parse_from(["x", "pods"]).expect("parse");
-        let BpfCommand::Pods(p) = cli.bpf.command;
+        let BpfCommand::Pods(p) = cli.bpf.command else {
+            panic!("pods parses as pods");
+        };
         assert_eq!(p.output, Output::Table);
         assert_eq!(p.bpffs, PathBuf::from(DEFAULT_BPFFS));
+        let cli =
+            Cli::try_parse_from(["x", "lb", "list", "--node", "n2", "-o", "json"]).expect("parse");
+        let BpfCommand::Lb(MapsArgs {
+            command: MapsCommand::List(l),
+        }) = cli.bpf.command
+        else {
+            panic!("lb list parses as lb list");
+        };
+        assert_eq!(l.node.as_deref(), Some("n2"));
+        assert_eq!(l.output, Output::Json);
     }
 }

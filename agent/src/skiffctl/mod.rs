@@ -22,6 +22,7 @@ pub mod fabric;
 pub mod forward;
 pub mod procs;
 pub mod restart;
+pub mod service;
 pub mod state;
 pub mod status;
 pub mod up;
@@ -57,6 +58,8 @@ pub enum Command {
     Status(ClusterArgs),
     /// Show what the eBPF datapath holds (from its pins).
     Bpf(bpf::BpfArgs),
+    /// Show how each node programmed the Services.
+    Service(service::ServiceArgs),
     /// Run a command detached, inside a network namespace (internal).
     #[command(hide = true)]
     ExecIn(procs::ExecInArgs),
@@ -184,6 +187,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Down(args) => Ok(down::down(&args)?),
         Command::Status(args) => Ok(status::status(&args)?),
         Command::Bpf(args) => bpf::run(args),
+        Command::Service(args) => service::run(args),
         Command::RestartAgent(args) => Ok(restart::restart_agent(&args)?),
     }
 }

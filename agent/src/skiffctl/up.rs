@@ -825,6 +825,8 @@ impl Up<'_> {
                     .join("agent")
                     .to_string_lossy()
                     .into_owned(),
+                "--service-cidr".into(),
+                self.args.service_cidr.to_string(),
             ]);
         }
         self.spawn("agent", Some(&record.name), Some(&record.netns), command)

@@ -13,6 +13,8 @@
 
 use core::mem::size_of;
 
+pub mod lb;
+
 /// Name of the per-CPU hash map of per-pod counters: key [`PodKey`], value [`PodCountersValue`].
 pub const POD_COUNTERS_MAP: &str = "SKF_PODCNT_V1";
 /// Name of the hash map of pod identities, written by the agent only: key [`PodKey`], value
@@ -140,6 +142,35 @@ mod pod {
     unsafe impl aya::Pod for super::PodCountersValue {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::PodIdentityValue {}
+    // SAFETY: as above: every type of `lb` is #[repr(C)], Copy, integers and byte arrays, with
+    // explicit padding and its size asserted.
+    unsafe impl aya::Pod for super::lb::FrontendKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::lb::FrontendValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::lb::SlotKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::lb::SlotValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::lb::BackendKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::lb::BackendValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::lb::ServiceIdentityValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::lb::AffinityKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::lb::AffinityValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::lb::FrontendStatsValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::lb::CtKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::lb::CtValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::lb::NodeConfig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::lb::L2AnnounceValue {}
 }
 
 #[cfg(test)]

@@ -1,25 +1,36 @@
-//! skiff's eBPF programs, loaded by the agent (`skiff_agent::bpf`).
+//! skiff's eBPF programs, loaded by the agent (`skiff_agent::bpf`). tc classifiers, attached
+//! with TCX:
 //!
-//! Two tc classifiers for a pod's host-side veth, attached with TCX:
+//! - `skf_pod_ingress` at a pod's host-side veth's ingress (what the pod sends): counts, then
+//!   translates traffic to Services ([`lb`]),
+//! - `skf_pod_egress` at its egress (what the pod receives): counts,
+//! - `skf_uplink_in` at the node's uplink's ingress: answers ARP for the LoadBalancer IPs
+//!   this node announces, translates NodePort, LoadBalancer and external-IP traffic and the
+//!   replies of translated connections,
+//! - `skf_host_svc` at the ingress of `skfsvc1`, where the node routes the service range:
+//!   translates the node's own processes' traffic to Services.
 //!
-//! - `skf_pod_ingress` at the veth's ingress: packets coming out of the pod (the pod sends),
-//! - `skf_pod_egress` at the veth's egress: packets going into the pod (the pod receives).
-//!
-//! Both count packets and bytes per pod in the per-CPU hash map `SKF_PODCNT_V1`, keyed by the
-//! veth's ifindex, for the veths the agent registered in `SKF_PODID_V1`, and always hand the
-//! packet on with `TCX_NEXT`: counting must never change what the network does, and a program
-//! attached after them on the same hook (service load balancing) still runs; with none after
-//! them, TCX passes the packet. They read no packet data, only `skb->ifindex` and `skb->len`.
+//! Counting is per pod in the per-CPU hash map `SKF_PODCNT_V1`, keyed by the veth's ifindex,
+//! for the veths the agent registered in `SKF_PODID_V1`; it never changes what the network does.
+//! Packets the programs do not drop or redirect go on with `TCX_NEXT`, so a program attached
+//! after them on the same hook still runs (with none after them, TCX passes the packet).
 //!
 //! The map layouts and names come from `skiff-ebpf-common`, shared with the agent.
+
 
 #![no_std]
 #![no_main]
 
+mod lb;
+
 use aya_ebpf::bindings::tcx_action_base::TCX_NEXT;
+use aya_ebpf::helpers::r#gen::bpf_redirect;
 use aya_ebpf::macros::{classifier, map};
 use aya_ebpf::maps::{HashMap, PerCpuHashMap};
 use aya_ebpf::programs::TcContext;
+use skiff_ebpf_common::lb::{
+    ERR_POD_COUNTERS_FULL, EV_ARP_REPLIES, HOST_SERVICE_PROG, NODE_INGRESS_PROG,
+};
 use skiff_ebpf_common::{
     MAX_PODS, POD_COUNTERS_MAP, POD_EGRESS_PROG, POD_IDENTITY_MAP, POD_INGRESS_PROG,
     PodCountersValue, PodIdentityValue, PodKey, str_eq,
@@ -31,6 +42,8 @@ const _: () = assert!(str_eq(POD_COUNTERS_MAP, "SKF_PODCNT_V1"));
 const _: () = assert!(str_eq(POD_IDENTITY_MAP, "SKF_PODID_V1"));
 const _: () = assert!(str_eq(POD_INGRESS_PROG, "skf_pod_ingress"));
 const _: () = assert!(str_eq(POD_EGRESS_PROG, "skf_pod_egress"));
+const _: () = assert!(str_eq(NODE_INGRESS_PROG, "skf_uplink_in"));
+const _: () = assert!(str_eq(HOST_SERVICE_PROG, "skf_host_svc"));
 
 /// BPF_NOEXIST: create an entry only if there is none (another CPU may have raced us).
 const BPF_NOEXIST: u64 = 1;
@@ -52,21 +65,87 @@ enum Way {
 
 /// Host veth ingress: traffic the pod sends.
 #[classifier]
-pub fn skf_pod_ingress(ctx: TcContext) -> i32 {
-    action(try_count(&ctx, Way::FromPod))
+pub fn skf_pod_ingress(mut ctx: TcContext) -> i32 {
+    counted(try_count(&ctx, Way::FromPod));
+    lb::translate(&mut ctx, lb::From::Pod)
 }
 
 /// Host veth egress: traffic sent to the pod.
 #[classifier]
 pub fn skf_pod_egress(ctx: TcContext) -> i32 {
-    action(try_count(&ctx, Way::ToPod))
+    counted(try_count(&ctx, Way::ToPod));
+    TCX_NEXT
 }
 
-/// Counting is best effort: whatever happened, the packet goes on to the
-/// next program of the hook (`TCX_NEXT`; `TC_ACT_OK` would end the chain).
+/// The node's uplink ingress: ARP for announced LoadBalancer IPs, then Services.
+#[classifier]
+pub fn skf_uplink_in(mut ctx: TcContext) -> i32 {
+    if let Some(action) = arp::answer(&mut ctx) {
+        return action;
+    }
+    lb::translate(&mut ctx, lb::From::Netdev)
+}
+
+/// The far end of the service veth: Services reached from the node's own processes.
+#[classifier]
+pub fn skf_host_svc(mut ctx: TcContext) -> i32 {
+    lb::translate(&mut ctx, lb::From::Host)
+}
+
+/// Counting never stops a packet; a counter that could not be created is counted as an error.
 #[inline(always)]
-fn action(_result: Result<(), i64>) -> i32 {
-    TCX_NEXT
+fn counted(result: Result<(), i64>) {
+    if result.is_err() {
+        lb::count(ERR_POD_COUNTERS_FULL);
+    }
+}
+
+/// The ARP responder for the LoadBalancer IPs this node announces (the agent's L2 announcer
+/// holds their Leases and writes `SKF_L2ANN_V1`).
+mod arp {
+    use super::*;
+
+    const ETH_P_ARP: u16 = 0x0806;
+    const ARP_REQUEST: u16 = 1;
+    const ARP_REPLY: u16 = 2;
+
+    /// `Some(action)` when the packet was an ARP request for an announced address, turned into
+    /// the reply and sent back out of the uplink; `None` for everything else.
+    #[inline(always)]
+    pub fn answer(ctx: &mut TcContext) -> Option<i32> {
+        if u16::from_be(ctx.load::<u16>(12).ok()?) != ETH_P_ARP {
+            return None;
+        }
+        let config = lb::config()?;
+        // Ethernet/IPv4 requests only: htype 1, ptype 0x0800, hlen 6, plen 4.
+        let header: [u8; 8] = ctx.load(14).ok()?;
+        if header[..6] != [0, 1, 8, 0, 6, 4] || u16::from_be_bytes([header[6], header[7]]) != ARP_REQUEST {
+            return None;
+        }
+        let sender_mac: [u8; 6] = ctx.load(22).ok()?;
+        let sender_ip: [u8; 4] = ctx.load(28).ok()?;
+        let target_ip: [u8; 4] = ctx.load(38).ok()?;
+        // SAFETY: `ctx.skb.skb` is the program's context.
+        let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+        if !lb::announces(&target_ip, ifindex) {
+            return None;
+        }
+        let mac = config.uplink_mac;
+        let stored = ctx.store(0, &sender_mac, 0).is_ok()
+            && ctx.store(6, &mac, 0).is_ok()
+            && ctx.store(20, &ARP_REPLY.to_be_bytes(), 0).is_ok()
+            && ctx.store(22, &mac, 0).is_ok()
+            && ctx.store(28, &target_ip, 0).is_ok()
+            && ctx.store(32, &sender_mac, 0).is_ok()
+            && ctx.store(38, &sender_ip, 0).is_ok();
+        if !stored {
+            lb::count(skiff_ebpf_common::lb::ERR_REWRITE);
+            return None;
+        }
+        lb::count(EV_ARP_REPLIES);
+        // SAFETY: bpf_redirect takes an ifindex and flags; 0 sends it out of that device.
+        Some(unsafe { bpf_redirect(ifindex, 0) } as i32)
+    }
 }
 
 #[inline(always)]
