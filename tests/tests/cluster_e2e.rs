@@ -54,7 +54,7 @@ spec:
       containers:
       - name: web
         image: localhost/skiff/busybox:latest
-        command: ["sh", "-c", "mkdir -p /www && echo \"hello from $(hostname)\" > /www/index.html && echo \"serving $(hostname) on 8080\" && exec httpd -f -p 8080 -h /www"]
+        command: ["sh", "-c", "mkdir -p /www/cgi-bin && echo \"hello from $(hostname)\" > /www/index.html && printf '#!/bin/sh\\necho Content-Type: text/plain\\necho\\necho $REMOTE_ADDR\\n' > /www/cgi-bin/ip && chmod +x /www/cgi-bin/ip && echo \"serving $(hostname) on 8080\" && exec httpd -f -p 8080 -h /www"]
         ports: [{containerPort: 8080, hostPort: 8080}]
         readinessProbe:
           httpGet: {path: /index.html, port: 8080}
@@ -638,21 +638,7 @@ spec:
         },
     );
     // Every node programs the three backends.
-    for node in c.nodes() {
-        c.wait_for(
-            &format!("{node} programs web-lb with 3 backends"),
-            POD_TIMEOUT,
-            || {
-                let out = c.skiffctl(&["bpf", "lb", "list", "--node", &node, "-o", "json"]);
-                let rows: Value = serde_json::from_slice(&out.stdout).ok()?;
-                rows.as_array()?
-                    .iter()
-                    .find(|r| r["frontend"] == format!("{cluster_ip}:80/TCP").as_str())
-                    .filter(|r| r["backends"].as_array().is_some_and(|b| b.len() == 3))
-                    .map(drop)
-            },
-        );
-    }
+    wait_programmed(c, &format!("{cluster_ip}:80/TCP"), 3);
     // From a pod: the ClusterIP answers, and spreads over the replicas on all three nodes.
     let client = &pods[0];
     let mut seen = std::collections::BTreeSet::new();
@@ -749,6 +735,414 @@ spec:
         );
     }
     c.kubectl_ok(&["delete", "service", "-n", NS, "web-lb", "--wait=true"]);
+}
+
+/// A minimal DNS responder (Python on the host, in the outside namespace): every A query gets
+/// `192.0.2.53`. The UDP Service's backend.
+const DNS_RESPONDER: &str = r"
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(('0.0.0.0', 5353))
+while True:
+    q, a = s.recvfrom(512)
+    end = 12
+    while q[end] != 0:
+        end += q[end] + 1
+    end += 5
+    s.sendto(q[:2] + b'\x81\x80' + q[4:6] + b'\x00\x01\x00\x00\x00\x00' + q[12:end]
+             + b'\xc0\x0c\x00\x01\x00\x01\x00\x00\x00\x3c\x00\x04' + bytes([192, 0, 2, 53]), a)
+";
+
+/// The outside namespace's requests: `curl` of `url`, its exit code and how long it took.
+fn curl_timed(netns: &str, url: &str) -> (Option<i32>, String, Duration) {
+    let started = Instant::now();
+    let out = Command::new("ip")
+        .args(["netns", "exec", netns, "curl", "-s", "-m", "5", url])
+        .stdin(Stdio::null())
+        .output()
+        .expect("curl runs");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        started.elapsed(),
+    )
+}
+
+/// The node addresses, by node name.
+fn node_ips(c: &Cluster) -> Vec<(String, String)> {
+    let nodes = c.json(&["get", "nodes"]);
+    nodes["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|n| {
+            let ip = n["status"]["addresses"]
+                .as_array()
+                .and_then(|a| a.iter().find(|a| a["type"] == "InternalIP"))
+                .and_then(|a| a["address"].as_str())
+                .expect("InternalIP");
+            (
+                n["metadata"]["name"].as_str().expect("name").to_owned(),
+                ip.to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// Waits until every node's maps hold the frontend `frontend` (`address:port/PROTO`) with
+/// `backends` backends; returns the Service's spec.
+fn wait_programmed(c: &Cluster, frontend: &str, backends: usize) {
+    for node in c.nodes() {
+        c.wait_for(
+            &format!("{node} programs {frontend} with {backends} backends"),
+            POD_TIMEOUT,
+            || {
+                let out = c.skiffctl(&["bpf", "lb", "list", "--node", &node, "-o", "json"]);
+                let rows: Value = serde_json::from_slice(&out.stdout).ok()?;
+                rows.as_array()?
+                    .iter()
+                    .find(|r| r["frontend"] == frontend)
+                    .filter(|r| {
+                        r["backends"]
+                            .as_array()
+                            .is_some_and(|b| b.len() == backends)
+                    })
+                    .map(drop)
+            },
+        );
+    }
+}
+
+/// A Service's ClusterIP.
+fn cluster_ip(svc: &Value) -> String {
+    svc["spec"]["clusterIP"]
+        .as_str()
+        .expect("clusterIP")
+        .to_owned()
+}
+
+/// Applies a Service and waits for its ClusterIP.
+fn service(c: &Cluster, name: &str, spec: &str) -> Value {
+    c.apply(&format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {NS}}}\nspec: {spec}\n"
+    ));
+    c.wait_for(&format!("service {name}"), POD_TIMEOUT, || {
+        let svc = c.json(&["get", "service", "-n", NS, name]);
+        svc["spec"]["clusterIP"].as_str().map(|_| svc.clone())
+    })
+}
+
+/// What the Kubernetes Service semantics promise beyond answering: no endpoints refuse at once,
+/// UDP, session affinity, the traffic policies (Local keeps the client's address; the health
+/// check port says 200 or 503), and a pod reaching itself through its Service.
+fn services_behave_as_kubernetes_says(c: &Cluster, pods: &[WebPod]) {
+    let node1 = format!("skiff-{}", c.node(1));
+    // No endpoints: refused within a second (ICMP port unreachable), not a timeout.
+    let ip = cluster_ip(&service(
+        c,
+        "nothing",
+        "{selector: {app: nothing}, ports: [{port: 80}]}",
+    ));
+    wait_programmed(c, &format!("{ip}:80/TCP"), 0);
+    let (code, _, took) = curl_timed(&node1, &format!("http://{ip}/"));
+    assert_eq!(
+        code,
+        Some(7),
+        "curl to {ip} without endpoints: connection refused"
+    );
+    assert!(took < Duration::from_secs(1), "refused in {took:?}");
+
+    // UDP: a DNS Service whose backend answers on 5353/UDP.
+    let mut responder = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &c.ext_netns(),
+            "python3",
+            "-c",
+            DNS_RESPONDER,
+        ])
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("python3 runs");
+    let dns_ip = cluster_ip(&service(
+        c,
+        "dns",
+        "{ports: [{name: dns, port: 53, protocol: UDP, targetPort: 5353}]}",
+    ));
+    c.apply(&format!(
+        r#"
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: dns-1, namespace: {NS}, labels: {{kubernetes.io/service-name: dns}}}}
+addressType: IPv4
+ports: [{{name: dns, port: 5353, protocol: UDP}}]
+endpoints: [{{addresses: ["10.90.0.200"], conditions: {{ready: true}}}}]
+"#
+    ));
+    wait_programmed(c, &format!("{dns_ip}:53/UDP"), 1);
+    let out = c.kubectl(&[
+        "exec",
+        "-n",
+        NS,
+        &pods[0].name,
+        "--",
+        "nslookup",
+        "-type=a",
+        "probe.test",
+        &dns_ip,
+    ]);
+    let _ = responder.kill();
+    let _ = responder.wait();
+    assert!(
+        text(&out).contains("192.0.2.53"),
+        "the UDP Service {dns_ip}:53 answers a pod: {}",
+        text(&out)
+    );
+
+    // Session affinity: one client, one backend.
+    let ip = cluster_ip(&service(
+        c,
+        "sticky",
+        "{selector: {app: web}, sessionAffinity: ClientIP, ports: [{port: 80, targetPort: 8080}]}",
+    ));
+    wait_programmed(c, &format!("{ip}:80/TCP"), 3);
+    let answers: std::collections::BTreeSet<String> =
+        (0..8).filter_map(|_| curl_in(&node1, &ip)).collect();
+    assert_eq!(
+        answers.len(),
+        1,
+        "sessionAffinity ClientIP pins the client: {answers:?}"
+    );
+
+    // internalTrafficPolicy Local: a node's own traffic stays on the node.
+    let ip = cluster_ip(&service(
+        c,
+        "near",
+        "{selector: {app: web}, internalTrafficPolicy: Local, ports: [{port: 80, targetPort: 8080}]}",
+    ));
+    wait_programmed(c, &format!("{ip}:80/TCP"), 3);
+    for pod in pods {
+        let netns = format!("skiff-{}", pod.node);
+        for _ in 0..4 {
+            let body = curl_in(&netns, &ip).unwrap_or_default();
+            assert!(
+                body.contains(&format!("hello from {}", pod.name)),
+                "{netns} reaches only its own replica through {ip}: {body}"
+            );
+        }
+    }
+
+    // externalTrafficPolicy Local: the node's own replica answers, and sees the client.
+    let svc = service(
+        c,
+        "local",
+        "{type: LoadBalancer, selector: {app: web}, externalTrafficPolicy: Local, ports: [{port: 80, targetPort: 8080}]}",
+    );
+    let node_port = svc["spec"]["ports"][0]["nodePort"]
+        .as_u64()
+        .expect("nodePort");
+    let health_port = svc["spec"]["healthCheckNodePort"]
+        .as_u64()
+        .expect("healthCheckNodePort");
+    wait_programmed(c, &format!("0.0.0.0:{node_port}/TCP"), 3);
+    for (node, ip) in node_ips(c) {
+        let pod = pods
+            .iter()
+            .find(|p| p.node == node)
+            .expect("a replica per node");
+        let body = curl_in(&c.ext_netns(), &format!("{ip}:{node_port}")).unwrap_or_default();
+        assert!(
+            body.contains(&format!("hello from {}", pod.name)),
+            "{ip}:{node_port}: {body}"
+        );
+        let (_, seen, _) = curl_timed(
+            &c.ext_netns(),
+            &format!("http://{ip}:{node_port}/cgi-bin/ip"),
+        );
+        assert!(
+            seen.trim()
+                .trim_start_matches("[::ffff:")
+                .trim_end_matches(']')
+                == "10.90.0.200",
+            "{} sees the outside client's address: {seen}",
+            pod.name
+        );
+        let (_, health, _) = curl_timed(&c.ext_netns(), &format!("http://{ip}:{health_port}/"));
+        assert!(
+            health.contains("\"localEndpoints\":1"),
+            "{ip}:{health_port}: {health}"
+        );
+    }
+    // One replica only behind it: 200 on its node, 503 on the others.
+    c.kubectl_ok(&["label", "pod", "-n", NS, &pods[0].name, "role=solo"]);
+    let ip = cluster_ip(&service(
+        c,
+        "solo",
+        "{type: LoadBalancer, selector: {app: web, role: solo}, externalTrafficPolicy: Local, ports: [{port: 80, targetPort: 8080}]}",
+    ));
+    let health_port = svc["spec"]["healthCheckNodePort"]
+        .as_u64()
+        .expect("healthCheckNodePort");
+    wait_programmed(c, &format!("{ip}:80/TCP"), 1);
+    for (node, node_ip) in node_ips(c) {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &c.ext_netns(),
+                "curl",
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "-m",
+                "5",
+            ])
+            .arg(format!("http://{node_ip}:{health_port}/"))
+            .output()
+            .expect("curl runs");
+        let code = String::from_utf8_lossy(&out.stdout).into_owned();
+        let expected = if node == pods[0].node { "200" } else { "503" };
+        assert_eq!(code, expected, "health check of {node} for solo");
+    }
+    // Hairpin: the only replica reaches itself through its Service.
+    let out = c.kubectl(&[
+        "exec",
+        "-n",
+        NS,
+        &pods[0].name,
+        "--",
+        "timeout",
+        "5",
+        "wget",
+        "-qO-",
+        &format!("http://{ip}/"),
+    ]);
+    assert!(
+        text(&out).contains(&format!("hello from {}", pods[0].name)),
+        "{} reaches itself through {ip}: {}",
+        pods[0].name,
+        text(&out)
+    );
+    for name in ["nothing", "dns", "sticky", "near", "local", "solo"] {
+        c.kubectl_ok(&["delete", "service", "-n", NS, name, "--wait=true"]);
+    }
+    c.kubectl_ok(&[
+        "delete",
+        "endpointslice",
+        "-n",
+        NS,
+        "dns-1",
+        "--ignore-not-found",
+    ]);
+    c.kubectl_ok(&["label", "pod", "-n", NS, &pods[0].name, "role-"]);
+}
+
+/// A node's agent restarts while clients send a steady stream of requests through its ClusterIP
+/// (from its own namespace) and its NodePort (from outside): none fails. Then the agent that
+/// announces a LoadBalancer IP dies: another node takes the Lease and the IP answers again.
+fn service_traffic_survives_agent_restarts(c: &Cluster) {
+    let svc = service(
+        c,
+        "steady",
+        "{type: LoadBalancer, selector: {app: web}, ports: [{port: 80, targetPort: 8080}]}",
+    );
+    let ip = cluster_ip(&svc);
+    let node_port = svc["spec"]["ports"][0]["nodePort"]
+        .as_u64()
+        .expect("nodePort");
+    wait_programmed(c, &format!("{ip}:80/TCP"), 3);
+    let node = c.node(2);
+    let netns = format!("skiff-{node}");
+    let node_ip = node_ips(c)
+        .into_iter()
+        .find(|(n, _)| *n == node)
+        .expect("node 2")
+        .1;
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (sent, failures) = thread::scope(|s| {
+        let streams: Vec<_> = [
+            (netns.clone(), format!("http://{ip}/")),
+            (c.ext_netns(), format!("http://{node_ip}:{node_port}/")),
+        ]
+        .into_iter()
+        .map(|(netns, url)| {
+            let stop = &stop;
+            s.spawn(move || {
+                let (mut sent, mut failures) = (0, Vec::new());
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let (code, body, _) = curl_timed(&netns, &url);
+                    sent += 1;
+                    if code != Some(0) || !body.contains("hello from") {
+                        failures.push(format!("{url} from {netns}: exit {code:?}"));
+                    }
+                    thread::sleep(Duration::from_millis(50));
+                }
+                (sent, failures)
+            })
+        })
+        .collect();
+        thread::sleep(Duration::from_secs(1));
+        let out = c.skiffctl(&["restart-agent", "--node", &node]);
+        assert!(out.status.success(), "restart-agent: {}", text(&out));
+        thread::sleep(Duration::from_secs(2));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        streams.into_iter().map(|h| h.join().expect("stream")).fold(
+            (0, Vec::new()),
+            |(n, mut f), (sent, failed)| {
+                f.extend(failed);
+                (n + sent, f)
+            },
+        )
+    });
+    assert!(sent >= 20, "a steady stream: {sent} requests");
+    assert!(
+        failures.is_empty(),
+        "no request failed across the restart ({sent} sent): {failures:?}"
+    );
+
+    // The announcing agent dies: the Lease moves and the IP answers.
+    let lb_ip = c.wait_for("steady's LoadBalancer IP", POD_TIMEOUT, || {
+        c.json(&["get", "service", "-n", NS, "steady"])["status"]["loadBalancer"]["ingress"][0]
+                ["ip"]
+                .as_str()
+                .map(str::to_owned)
+    });
+    let lease = || {
+        c.json(&["get", "lease", "-n", "kube-system", "skiff-l2-e2e-steady"])["spec"]["holderIdentity"]
+            .as_str()
+            .map(str::to_owned)
+    };
+    let holder = c.wait_for("a node announces steady", POD_TIMEOUT, lease);
+    let state = c.state();
+    let pid = state["processes"]
+        .as_array()
+        .and_then(|p| {
+            p.iter()
+                .find(|p| p["role"] == "agent" && p["node"] == holder.as_str())
+        })
+        .and_then(|p| p["pid"].as_u64())
+        .expect("the holder's agent pid");
+    run("kill", &["-9", &pid.to_string()]);
+    let next = c.wait_for(
+        "another node takes steady's Lease",
+        Duration::from_secs(30),
+        || lease().filter(|h| *h != holder),
+    );
+    let body = c.wait_for(
+        &format!("{lb_ip} answers after {holder}'s agent died"),
+        Duration::from_secs(30),
+        || curl_in(&c.ext_netns(), &lb_ip).filter(|b| b.contains("hello from")),
+    );
+    assert!(
+        body.contains("hello from"),
+        "{next} announces {lb_ip}: {body}"
+    );
+    let out = c.skiffctl(&["restart-agent", "--node", &holder]);
+    assert!(out.status.success(), "restart-agent: {}", text(&out));
+    c.kubectl_ok(&["delete", "service", "-n", NS, "steady", "--wait=true"]);
 }
 
 /// After traffic, every replica has non-zero counters in both directions;
@@ -1491,6 +1885,14 @@ fn three_node_cluster_runs_real_pods_end_to_end() {
         (
             "Services answer on every node through the eBPF datapath",
             Box::new(|| services_answer_on_every_node(c, &pods)),
+        ),
+        (
+            "Services behave as Kubernetes says",
+            Box::new(|| services_behave_as_kubernetes_says(c, &pods)),
+        ),
+        (
+            "Service traffic survives agent restarts",
+            Box::new(|| service_traffic_survives_agent_restarts(c)),
         ),
         (
             "eBPF counters survive an agent restart",

@@ -5,12 +5,14 @@
 //! - [`table`]: the reconciler onto the maps, through the map writer [`crate::bpf::lb::LbMaps`],
 //! - [`conntrack`]: the collector of idle connections, and the conntrack view,
 //! - [`announce`]: the Lease per LoadBalancer Service that picks the node answering ARP for it,
+//! - [`health`]: the `healthCheckNodePort` servers of `externalTrafficPolicy: Local` Services,
 //! - [`hostpath`]: the uplink and the route that takes the node's own traffic to Services,
 //! - [`run`]: the loop: watches, a queue of changed Services, retries, the status file that
 //!   `skiffctl service list` reads, and Warning Events on Services that cannot be programmed.
 
 pub mod announce;
 pub mod conntrack;
+pub mod health;
 pub mod hostpath;
 pub mod model;
 pub mod table;
@@ -187,6 +189,43 @@ impl Cache {
             .collect()
     }
 
+    /// The health check ports this node serves: `healthCheckNodePort` of each LoadBalancer
+    /// Service with `externalTrafficPolicy: Local`, with its local endpoints.
+    fn health_ports(&self, node: &str) -> HashMap<u16, health::Health> {
+        let mut ports = HashMap::new();
+        for (key, service) in &self.services {
+            let Some(spec) = &service.spec else {
+                continue;
+            };
+            let Some(port) = spec
+                .health_check_node_port
+                .and_then(|p| u16::try_from(p).ok())
+            else {
+                continue;
+            };
+            if spec.type_.as_deref() != Some("LoadBalancer")
+                || spec.external_traffic_policy.as_deref() != Some("Local")
+            {
+                continue;
+            }
+            let local: BTreeSet<Ipv4Addr> = self
+                .desired(key, node)
+                .iter()
+                .flat_map(|p| p.backends.iter().filter(|b| !b.remote).map(|b| b.addr))
+                .collect();
+            let (namespace, name) = skiff_common::watch::split_key(key);
+            ports.insert(
+                port,
+                health::Health {
+                    namespace: namespace.to_owned(),
+                    name: name.to_owned(),
+                    local_endpoints: local.len(),
+                },
+            );
+        }
+        ports
+    }
+
     /// The desired service ports of the Service `key` (none when it is gone).
     fn desired(&self, key: &str, node: &str) -> Vec<model::ServicePort> {
         let Some(service) = self.services.get(key) else {
@@ -288,6 +327,7 @@ pub async fn run(
     };
     let (mut announcer, mut held_changes) =
         announce::Announcer::new(client.clone(), &node, timing, shutdown.clone());
+    let mut health_server = health::HealthServer::new(shutdown.clone());
     let mut held: BTreeSet<String> = BTreeSet::new();
     let mut held_dirty = false;
     let mut tick = tokio::time::interval(Duration::from_millis(100));
@@ -413,6 +453,9 @@ pub async fn run(
                     reported.remove(&key);
                 }
             }
+        }
+        if changed {
+            health_server.update(cache.health_ports(&node));
         }
         if changed || held_dirty {
             announcer.update(&cache.announceable(&node));

@@ -14,7 +14,8 @@ use aya_ebpf::bindings::{
     BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SKIP_NEIGH, TC_ACT_SHOT, bpf_fib_lookup as FibLookup,
 };
 use aya_ebpf::helpers::r#gen::{
-    bpf_fib_lookup, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect_neigh,
+    bpf_csum_diff, bpf_fib_lookup, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect,
+    bpf_redirect_neigh, bpf_skb_change_tail,
 };
 use aya_ebpf::macros::map;
 use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap};
@@ -252,7 +253,7 @@ fn try_translate(
         || (frontend.flags & FE_F_LOCAL_EXTERNAL != 0 && from == From::Netdev);
     if frontend.count == 0 {
         count(EV_NO_BACKEND);
-        return Ok(TC_ACT_SHOT as i32);
+        return port_unreachable(ctx);
     }
     let choices = if local_only {
         frontend.local
@@ -494,6 +495,81 @@ fn replace_port(
     ctx.l4_csum_replace(csum_off, u64::from(old), u64::from(new), l4_flags | 2)
         .map_err(|_| ERR_REWRITE)?;
     ctx.store(off, &new, 0).map_err(|_| ERR_REWRITE)
+}
+
+/// The new headers of an ICMP port unreachable: IPv4, ICMP, and the offending packet's IPv4
+/// header and first 8 bytes of its transport header. 4-byte aligned for `bpf_csum_diff`.
+#[repr(C, align(4))]
+struct Unreachable {
+    ip: [u8; 20],
+    icmp: [u8; 8],
+    quoted: [u8; 28],
+}
+
+const UNREACHABLE_LEN: usize = core::mem::size_of::<Unreachable>();
+const _: () = assert!(UNREACHABLE_LEN == 56);
+
+/// The RFC 1071 checksum of `len` bytes at `data` (a multiple of 4), folded and inverted, in the
+/// byte order of the data.
+#[inline(always)]
+fn checksum(data: *mut u8, len: u32) -> Result<[u8; 2], u32> {
+    // SAFETY: `data` points to `len` readable bytes on this program's stack.
+    let sum = unsafe { bpf_csum_diff(core::ptr::null_mut(), 0, data as *mut u32, len, 0) };
+    if sum < 0 {
+        return Err(ERR_ICMP);
+    }
+    let mut sum = sum as u64 & 0xffff_ffff;
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    Ok((!(sum as u16)).to_ne_bytes())
+}
+
+/// Turns the packet into an ICMP port unreachable from its destination to its source and sends
+/// it back out of the interface it came in on: a connect to a Service without endpoints is
+/// refused at once (Linux maps the ICMP error to ECONNREFUSED) instead of timing out. Packets
+/// with IPv4 options are dropped instead.
+#[inline(always)]
+fn port_unreachable(ctx: &mut TcContext) -> Result<i32, u32> {
+    let vihl: u8 = ctx.load(ETH_HLEN).map_err(|_| ERR_ICMP)?;
+    if vihl != 0x45 {
+        return Err(ERR_ICMP);
+    }
+    let macs: [u8; 12] = ctx.load(0).map_err(|_| ERR_ICMP)?;
+    let mut reply = Unreachable {
+        ip: [0; 20],
+        icmp: [3, 3, 0, 0, 0, 0, 0, 0],
+        quoted: ctx.load(ETH_HLEN).map_err(|_| ERR_ICMP)?,
+    };
+    let total = (20 + 8 + 28u16).to_be_bytes();
+    reply.ip = [
+        0x45, 0, total[0], total[1], 0, 0, 0x40, 0, 64, 1, 0, 0, // ver/ihl … protocol ICMP, csum
+        reply.quoted[16], reply.quoted[17], reply.quoted[18], reply.quoted[19], // from the Service
+        reply.quoted[12], reply.quoted[13], reply.quoted[14], reply.quoted[15], // to the client
+    ];
+    let base = &mut reply as *mut Unreachable as *mut u8;
+    let ip_sum = checksum(base, 20)?;
+    reply.ip[10] = ip_sum[0];
+    reply.ip[11] = ip_sum[1];
+    let base = &mut reply as *mut Unreachable as *mut u8;
+    // The ICMP checksum covers the ICMP header and the quoted bytes that follow it.
+    // SAFETY: `icmp` and `quoted` are contiguous (repr(C), byte arrays), 36 bytes from offset 20.
+    let icmp_sum = checksum(unsafe { base.add(20) }, 36)?;
+    reply.icmp[2] = icmp_sum[0];
+    reply.icmp[3] = icmp_sum[1];
+    // SAFETY: the program's context; resizing invalidates no pointer this code holds.
+    let resized = unsafe { bpf_skb_change_tail(ctx.skb.skb, (ETH_HLEN + UNREACHABLE_LEN) as u32, 0) };
+    if resized != 0 {
+        return Err(ERR_ICMP);
+    }
+    let mut swapped = [0u8; 12];
+    swapped[..6].copy_from_slice(&macs[6..]);
+    swapped[6..].copy_from_slice(&macs[..6]);
+    ctx.store(0, &swapped, 0).map_err(|_| ERR_ICMP)?;
+    ctx.store(ETH_HLEN, &reply, 0).map_err(|_| ERR_ICMP)?;
+    // SAFETY: `ctx.skb.skb` is the program's context.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // SAFETY: bpf_redirect takes an ifindex and flags; 0 sends it out of that device.
+    Ok(unsafe { bpf_redirect(ifindex, 0) } as i32)
 }
 
 /// Sends a translated packet to the device the node's routing table names for its new
