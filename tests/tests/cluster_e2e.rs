@@ -9,7 +9,13 @@
 //! across an agent restart, a killed container restarted, a failing
 //! readiness probe making a pod NotReady, a two-container pod sharing
 //! localhost and an emptyDir, `kubectl logs`/`exec`/`port-forward`, and a
-//! deleted pod releasing its IP, host veth and network namespace. Each scenario runs
+//! deleted pod releasing its IP, host veth and network namespace. Services
+//! through the eBPF datapath (issue 15): ClusterIP from pods and nodes,
+//! NodePort and LoadBalancer IP from outside, no endpoints refused at once,
+//! UDP, session affinity, both traffic policies with the health check port,
+//! hairpin, no service rule in iptables or nftables, an agent restart under
+//! a steady stream, LoadBalancer failover when the announcing agent dies,
+//! a detached pod attached again, and scaling down. Each scenario runs
 //! even when an earlier one failed (all failures are reported at the end);
 //! a guard runs `skiffctl down` however the test ends.
 //!
@@ -976,11 +982,12 @@ endpoints: [{{addresses: ["10.90.0.200"], conditions: {{ready: true}}}}]
     }
     // One replica only behind it: 200 on its node, 503 on the others.
     c.kubectl_ok(&["label", "pod", "-n", NS, &pods[0].name, "role=solo"]);
-    let ip = cluster_ip(&service(
+    let svc = service(
         c,
         "solo",
         "{type: LoadBalancer, selector: {app: web, role: solo}, externalTrafficPolicy: Local, ports: [{port: 80, targetPort: 8080}]}",
-    ));
+    );
+    let ip = cluster_ip(&svc);
     let health_port = svc["spec"]["healthCheckNodePort"]
         .as_u64()
         .expect("healthCheckNodePort");
@@ -1143,6 +1150,66 @@ fn service_traffic_survives_agent_restarts(c: &Cluster) {
     let out = c.skiffctl(&["restart-agent", "--node", &holder]);
     assert!(out.status.success(), "restart-agent: {}", text(&out));
     c.kubectl_ok(&["delete", "service", "-n", NS, "steady", "--wait=true"]);
+}
+
+/// The datapath of a pod is desired state: a link removed behind the agent's back (its pin
+/// deleted, which detaches the program) is attached again within seconds.
+fn a_detached_pod_is_attached_again(c: &Cluster, pods: &[WebPod]) {
+    let pod = &pods[0];
+    let row = c
+        .bpf_pods(&pod.node)
+        .into_iter()
+        .find(|r| r["pod"] == pod.name.as_str())
+        .expect("the pod has counters");
+    let ifname = row["hostInterface"]
+        .as_str()
+        .expect("hostInterface")
+        .to_owned();
+    let pin = PathBuf::from(format!(
+        "/sys/fs/bpf/skiff/{}/links/{ifname}-ingress",
+        pod.node
+    ));
+    assert!(pin.exists(), "{} is pinned", pin.display());
+    std::fs::remove_file(&pin).expect("remove the link pin");
+    c.wait_for(
+        &format!("the agent attaches {ifname} again"),
+        Duration::from_secs(20),
+        || pin.exists().then_some(()),
+    );
+}
+
+/// Scaling the Deployment to one replica leaves one backend on every node, and the deleted
+/// replicas get no new connection.
+fn scaling_down_leaves_one_backend(c: &Cluster) {
+    let ip = cluster_ip(&service(
+        c,
+        "shrink",
+        "{selector: {app: web}, ports: [{port: 80, targetPort: 8080}]}",
+    ));
+    wait_programmed(c, &format!("{ip}:80/TCP"), 3);
+    c.kubectl_ok(&["scale", "deployment", "-n", NS, "web", "--replicas=1"]);
+    wait_programmed(c, &format!("{ip}:80/TCP"), 1);
+    let left = c.wait_for("one web replica left", POD_TIMEOUT, || {
+        let pods = c.json(&["get", "pods", "-n", NS, "-l", "app=web"]);
+        let live: Vec<String> = pods["items"]
+            .as_array()?
+            .iter()
+            .filter(|p| p["metadata"]["deletionTimestamp"].is_null())
+            .filter_map(|p| p["metadata"]["name"].as_str().map(str::to_owned))
+            .collect();
+        (live.len() == 1).then(|| live[0].clone())
+    });
+    for i in 1..=3 {
+        let netns = format!("skiff-{}", c.node(i));
+        for _ in 0..3 {
+            let body = curl_in(&netns, &ip).unwrap_or_default();
+            assert!(
+                body.contains(&format!("hello from {left}")),
+                "{netns} reaches only {left} through {ip}: {body}"
+            );
+        }
+    }
+    c.kubectl_ok(&["delete", "service", "-n", NS, "shrink", "--wait=true"]);
 }
 
 /// After traffic, every replica has non-zero counters in both directions;
@@ -1919,8 +1986,16 @@ fn three_node_cluster_runs_real_pods_end_to_end() {
             Box::new(|| port_forward_reaches_the_pod(c, &pods)),
         ),
         (
+            "a detached pod is attached again",
+            Box::new(|| a_detached_pod_is_attached_again(c, &pods)),
+        ),
+        (
             "deleted pod releases IP, veth and netns",
             Box::new(|| deleted_pod_releases_ip_veth_and_netns(c)),
+        ),
+        (
+            "scaling down leaves one backend",
+            Box::new(|| scaling_down_leaves_one_backend(c)),
         ),
     ];
     let mut failed = Vec::new();

@@ -2,8 +2,13 @@
 //! [`PodNetworkHook`]: attached to a pod's host-side veth after CNI ADD,
 //! detached before CNI DEL, pruned of veths that are gone once the node's
 //! pods are known, and rendered for `/metrics`.
+//!
+//! Attachment is desired state: the hook remembers every pod it was asked to
+//! attach until it is detached, and [`PodNetworkHook::reconcile`] attaches
+//! again whatever failed or went missing (the kubelet calls it periodically).
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 
 use super::PodNetworkHook;
 use crate::bpf::lb::LbMaps;
@@ -16,6 +21,8 @@ use crate::bpf::{
 #[derive(Debug)]
 pub struct BpfHook {
     datapath: Arc<Datapath>,
+    /// The pods to keep attached, by host-side veth.
+    desired: Mutex<BTreeMap<String, PodIdentity>>,
 }
 
 impl BpfHook {
@@ -29,6 +36,7 @@ impl BpfHook {
                 PROGRAM_OBJECT,
                 limits,
             )?),
+            desired: Mutex::default(),
         })
     }
 
@@ -36,15 +44,39 @@ impl BpfHook {
     pub fn datapath(&self) -> &Arc<Datapath> {
         &self.datapath
     }
+
+    fn desired(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, PodIdentity>> {
+        self.desired.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 impl PodNetworkHook for BpfHook {
     fn attach(&self, host_ifname: &str, pod: &PodIdentity) -> Result<(), BpfError> {
+        self.desired().insert(host_ifname.to_owned(), pod.clone());
         self.datapath.attach_pod(host_ifname, pod)
     }
 
     fn detach(&self, host_ifname: &str) -> Result<(), BpfError> {
+        // Held across the detach, so that a reconcile pass cannot attach in between.
+        let mut desired = self.desired();
+        desired.remove(host_ifname);
         self.datapath.detach_pod(host_ifname)
+    }
+
+    fn reconcile(&self) -> Vec<(String, BpfError)> {
+        let names: Vec<String> = self.desired().keys().cloned().collect();
+        names
+            .into_iter()
+            .filter_map(|ifname| {
+                // Held across the attach; a pod detached meanwhile is not attached again.
+                let desired = self.desired();
+                let pod = desired.get(&ifname)?;
+                self.datapath
+                    .attach_pod(&ifname, pod)
+                    .err()
+                    .map(|e| (ifname, e))
+            })
+            .collect()
     }
 
     fn prune(&self) -> Result<Vec<String>, BpfError> {

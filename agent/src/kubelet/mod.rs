@@ -124,7 +124,16 @@ pub trait PodNetworkHook: Send + Sync {
     fn metrics(&self) -> Result<String, BpfError> {
         Ok(String::new())
     }
+    /// Brings every attached pod's datapath back to what was asked (a failed attach is tried
+    /// again, a link that went missing is attached again); returns the pods still failing, by
+    /// host-side veth.
+    fn reconcile(&self) -> Vec<(String, BpfError)> {
+        Vec::new()
+    }
 }
+
+/// How often the pods' datapath attachments are reconciled.
+pub const DATAPATH_RECONCILE_PERIOD: Duration = Duration::from_secs(2);
 
 /// Errors that stop the node before it starts.
 #[derive(Debug, thiserror::Error)]
@@ -271,6 +280,9 @@ pub async fn run(
             shutdown.clone(),
         ));
     }
+    if let Some(hook) = kubelet.hook.clone() {
+        tasks.spawn(reconcile_datapath(hook, shutdown.clone()));
+    }
     tasks.spawn(kubelet.clone().node_loop());
     tasks.spawn(kubelet.clone().watch_pods());
     if let Some((listener, tls)) = listener {
@@ -285,6 +297,35 @@ pub async fn run(
     shutdown.cancelled().await;
     while tasks.join_next().await.is_some() {}
     Ok(())
+}
+
+/// Reconciles the pods' datapath attachments every [`DATAPATH_RECONCILE_PERIOD`] until
+/// `shutdown`, logging each failure when it changes and each recovery.
+async fn reconcile_datapath(hook: Arc<dyn PodNetworkHook>, shutdown: CancellationToken) {
+    let mut failing: HashMap<String, String> = HashMap::new();
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(DATAPATH_RECONCILE_PERIOD) => {}
+        }
+        let hook = hook.clone();
+        let Ok(errors) = tokio::task::spawn_blocking(move || hook.reconcile()).await else {
+            continue;
+        };
+        let now: HashMap<String, String> = errors
+            .into_iter()
+            .map(|(ifname, e)| (ifname, skiff_common::error::chain(&e).to_string()))
+            .collect();
+        for (ifname, error) in &now {
+            if failing.get(ifname) != Some(error) {
+                tracing::warn!(%ifname, %error, "cannot attach the datapath to a pod; retrying");
+            }
+        }
+        for ifname in failing.keys().filter(|i| !now.contains_key(*i)) {
+            tracing::info!(%ifname, "the pod's datapath is attached");
+        }
+        failing = now;
+    }
 }
 
 /// Service load balancing until `shutdown`; a failure to start is logged and tried again every
