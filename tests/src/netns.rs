@@ -104,6 +104,17 @@ impl TestNetns {
     }
 }
 
+/// Moves the calling thread into the network namespace bound at `path` (a pod's, an `ip netns`
+/// one): every socket it opens from now on is in there.
+pub fn enter_path(path: &Path) -> std::io::Result<()> {
+    let file = fs::File::open(path)?;
+    rustix::thread::move_into_link_name_space(
+        file.as_fd(),
+        Some(rustix::thread::LinkNameSpaceType::Network),
+    )
+    .map_err(std::io::Error::from)
+}
+
 impl Drop for TestNetns {
     fn drop(&mut self) {
         let _ = Command::new("ip")

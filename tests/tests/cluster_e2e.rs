@@ -1147,6 +1147,39 @@ fn service_traffic_survives_agent_restarts(c: &Cluster) {
         body.contains("hello from"),
         "{next} announces {lb_ip}: {body}"
     );
+    // The new holder sent gratuitous ARP: the outside client's neighbour entry names its MAC.
+    let mac = run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &format!("skiff-{next}"),
+            "cat",
+            "/sys/class/net/eth0/address",
+        ],
+    )
+    .trim()
+    .to_owned();
+    c.wait_for(
+        &format!("{} learns {lb_ip} at {next}'s {mac}", c.ext_netns()),
+        Duration::from_secs(10),
+        || {
+            run(
+                "ip",
+                &[
+                    "netns",
+                    "exec",
+                    &c.ext_netns(),
+                    "ip",
+                    "neigh",
+                    "show",
+                    &lb_ip,
+                ],
+            )
+            .contains(&mac)
+            .then_some(())
+        },
+    );
     let out = c.skiffctl(&["restart-agent", "--node", &holder]);
     assert!(out.status.success(), "restart-agent: {}", text(&out));
     c.kubectl_ok(&["delete", "service", "-n", NS, "steady", "--wait=true"]);

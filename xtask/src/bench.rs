@@ -111,6 +111,9 @@ pub enum Target {
     Scheduler,
     /// `skiffctl up` with real agents: CNI ADD/DEL, create-to-Running, agent memory.
     Pods,
+    /// Connections through Services: skiff's eBPF datapath against kube-proxy's iptables and
+    /// nftables rules and direct pod IPs; programming latency; agent memory.
+    Services,
 }
 
 impl Target {
@@ -120,6 +123,7 @@ impl Target {
             Target::Apiserver => "apiserver",
             Target::Scheduler => "scheduler",
             Target::Pods => "pods",
+            Target::Services => "services",
         }
     }
 }
@@ -136,6 +140,7 @@ pub fn bench(ws: &Path, args: &BenchArgs) -> Result<()> {
         Target::Apiserver => apiserver(ws, args),
         Target::Scheduler => crate::bench_scheduler::scheduler(ws, args),
         Target::Pods => crate::bench_pods::pods(ws, args),
+        Target::Services => crate::bench_services::services(ws, args),
     }
 }
 
@@ -1655,6 +1660,29 @@ pub(crate) fn write_section(ws: &Path, target: Target, body: &str) -> Result<()>
     let new = update_section(&old, target.name(), body);
     fs::write(&path, new).with_context(|| format!("could not write {}", path.display()))?;
     say(format!("updated {}", path.display()));
+    Ok(())
+}
+
+/// Prints a bench's markdown, writes it to BENCHMARKS.md unless `--no-write`, and says how long
+/// the bench took and what `cleaned` up.
+pub(crate) fn publish(
+    ws: &Path,
+    args: &BenchArgs,
+    target: Target,
+    markdown: &str,
+    started: Instant,
+    cleaned: &str,
+) -> Result<()> {
+    println!("{markdown}");
+    if args.no_write {
+        say("--no-write: BENCHMARKS.md left as it is");
+    } else {
+        write_section(ws, target, markdown)?;
+    }
+    say(format!(
+        "bench finished in {:.0}s; {cleaned}",
+        started.elapsed().as_secs_f64()
+    ));
     Ok(())
 }
 

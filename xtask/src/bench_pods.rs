@@ -46,7 +46,7 @@ use tokio::sync::Notify;
 
 use crate::bench::{
     BenchArgs, Client, Interrupts, Machine, Sampler, Samples, Target, client_tls, machine_busy,
-    mib, micros, verdict, vm_rss_kib, write_section,
+    mib, micros, verdict, vm_rss_kib,
 };
 use crate::{cargo, run, say, target_dir};
 
@@ -77,12 +77,42 @@ const CTR_RUNS: usize = 10;
 /// Runs `cargo xtask bench pods`.
 pub fn pods(ws: &Path, args: &BenchArgs) -> Result<()> {
     let started = Instant::now();
+    let (bin, image) = release_cluster_binaries(ws, "pods")?;
+
+    say(format!(
+        "CNI: {CNI_ITERATIONS} ADDs then DELs of {}",
+        bin.join("skiff-cni").display()
+    ));
+    let cni = cni_bench(&bin.join("skiff-cni"))?;
+    println!(
+        "CNI ADD p50 {} p99 {}; DEL p50 {} p99 {}",
+        micros(cni.add.percentile(50.0)),
+        micros(cni.add.percentile(99.0)),
+        micros(cni.del.percentile(50.0)),
+        micros(cni.del.percentile(99.0))
+    );
+
+    let cluster = LocalCluster::up(&bin.join("skiffctl"), &image)?;
+    let outcome = cluster_bench(&cluster);
+    let logs = cluster.agent_log_tails();
+    drop(cluster);
+    let pods = outcome.with_context(|| format!("the cluster bench failed; agent logs:\n{logs}"))?;
+
+    let report = Report { cni, pods };
+    let machine = Machine::describe(ws);
+    let md = report.markdown(&machine);
+    crate::bench::publish(ws, args, Target::Pods, &md, started, "the cluster is down")
+}
+
+/// Checks for root, builds `skiff-control`, `skiff-agent` (with `skiffctl`) and `skiff-cni` in
+/// release and writes the busybox image: the release binaries' directory and the image archive.
+pub(crate) fn release_cluster_binaries(ws: &Path, bench: &str) -> Result<(PathBuf, PathBuf)> {
     ensure!(
         Command::new("id")
             .arg("-u")
             .output()
             .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0"),
-        "bench pods needs root (network namespaces, containerd, eBPF)"
+        "bench {bench} needs root (network namespaces, containerd, eBPF)"
     );
     say("cargo build --release -p skiff-control -p skiff-agent -p skiff-cni --bins");
     run(cargo().current_dir(ws).args([
@@ -112,40 +142,7 @@ pub fn pods(ws: &Path, args: &BenchArgs) -> Result<()> {
             busybox: PathBuf::from(skiff_image::DEFAULT_BUSYBOX),
         },
     )?;
-
-    say(format!(
-        "CNI: {CNI_ITERATIONS} ADDs then DELs of {}",
-        bin.join("skiff-cni").display()
-    ));
-    let cni = cni_bench(&bin.join("skiff-cni"))?;
-    println!(
-        "CNI ADD p50 {} p99 {}; DEL p50 {} p99 {}",
-        micros(cni.add.percentile(50.0)),
-        micros(cni.add.percentile(99.0)),
-        micros(cni.del.percentile(50.0)),
-        micros(cni.del.percentile(99.0))
-    );
-
-    let cluster = LocalCluster::up(&bin.join("skiffctl"), &image)?;
-    let outcome = cluster_bench(&cluster);
-    let logs = cluster.agent_log_tails();
-    drop(cluster);
-    let pods = outcome.with_context(|| format!("the cluster bench failed; agent logs:\n{logs}"))?;
-
-    let report = Report { cni, pods };
-    let machine = Machine::describe(ws);
-    let md = report.markdown(&machine);
-    println!("{md}");
-    if args.no_write {
-        say("--no-write: BENCHMARKS.md left as it is");
-    } else {
-        write_section(ws, Target::Pods, &md)?;
-    }
-    say(format!(
-        "bench finished in {:.0}s; the cluster is down",
-        started.elapsed().as_secs_f64()
-    ));
-    Ok(())
+    Ok((bin, image))
 }
 
 // ---- CNI -----------------------------------------------------------------------------------
@@ -261,44 +258,61 @@ fn cni_bench(plugin: &Path) -> Result<CniFigures> {
 // ---- the local cluster ---------------------------------------------------------------------
 
 /// A `skiffctl up` cluster; `skiffctl down` when dropped.
-struct LocalCluster {
-    skiffctl: PathBuf,
+pub(crate) struct LocalCluster {
+    pub(crate) skiffctl: PathBuf,
     dir: tempfile::TempDir,
-    port: u16,
+    pub(crate) port: u16,
+    /// The cluster name (`bench<pid>`).
+    pub(crate) name: String,
+    nodes: usize,
 }
 
 impl LocalCluster {
     fn up(skiffctl: &Path, image: &Path) -> Result<LocalCluster> {
+        LocalCluster::up_with(skiffctl, image, NODES, &[])
+    }
+
+    /// `skiffctl up --nodes <nodes> <extra>` with the release binaries.
+    pub(crate) fn up_with(
+        skiffctl: &Path,
+        image: &Path,
+        nodes: usize,
+        extra: &[&str],
+    ) -> Result<LocalCluster> {
         let dir = tempfile::Builder::new()
-            .prefix("skiff-bench-pods-")
+            .prefix("skiff-bench-")
             .tempdir()
             .context("could not create a temporary directory")?;
         let cluster = LocalCluster {
             skiffctl: skiffctl.to_path_buf(),
             dir,
             port: free_port(),
+            name: format!("bench{}", std::process::id()),
+            nodes,
         };
-        let name = format!("bench{}", std::process::id());
         say(format!(
-            "skiffctl up --nodes {NODES} --name {name} (release binaries)"
+            "skiffctl up --nodes {nodes} --name {} {} (release binaries)",
+            cluster.name,
+            extra.join(" ")
         ));
         run(Command::new(skiffctl)
-            .args(["up", "--nodes", &NODES.to_string(), "--name", &name])
+            .args(["up", "--nodes", &nodes.to_string(), "--name", &cluster.name])
             .arg("--state-dir")
             .arg(cluster.state_dir())
             .arg("--api-port")
             .arg(cluster.port.to_string())
             .arg("--image")
             .arg(image)
-            .args(["--timeout", "180s"]))?;
+            .args(["--timeout", "180s"])
+            .args(extra))?;
         Ok(cluster)
     }
 
-    fn state_dir(&self) -> PathBuf {
+    pub(crate) fn state_dir(&self) -> PathBuf {
         self.dir.path().join("state")
     }
 
-    fn state(&self) -> Result<Value> {
+    pub(crate) fn state(&self) -> Result<Value> {
         let path = self.state_dir().join("state.json");
         let text = fs::read_to_string(&path)
             .with_context(|| format!("could not read {}", path.display()))?;
@@ -306,7 +320,7 @@ impl LocalCluster {
     }
 
     /// (node, pid) of every agent.
-    fn agents(&self) -> Result<Vec<(String, u32)>> {
+    pub(crate) fn agents(&self) -> Result<Vec<(String, u32)>> {
         let state = self.state()?;
         let agents: Vec<(String, u32)> = state["processes"]
             .as_array()
@@ -320,7 +334,11 @@ impl LocalCluster {
                 ))
             })
             .collect();
-        ensure!(agents.len() == NODES, "{} agents recorded", agents.len());
+        ensure!(
+            agents.len() == self.nodes,
+            "{} agents recorded",
+            agents.len()
+        );
         Ok(agents)
     }
 
@@ -334,14 +352,14 @@ impl LocalCluster {
             .filter_map(|n| n["containerd_address"].as_str().map(str::to_string))
             .collect();
         ensure!(
-            addresses.len() == NODES,
+            addresses.len() == self.nodes,
             "{} containerd addresses recorded",
             addresses.len()
         );
         Ok(addresses)
     }
 
-    fn agent_log_tails(&self) -> String {
+    pub(crate) fn agent_log_tails(&self) -> String {
         let mut all = String::new();
         if let Ok(entries) = fs::read_dir(self.state_dir().join("logs")) {
             for entry in entries.flatten() {
@@ -531,10 +549,15 @@ struct CtrBurst {
 }
 
 fn pod_body(name: &str) -> String {
+    pod_body_in(NAMESPACE, name)
+}
+
+/// A `sleep` pod of the busybox image, `namespace/name`.
+pub(crate) fn pod_body_in(namespace: &str, name: &str) -> String {
     json!({
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": {"name": name, "namespace": NAMESPACE},
+        "metadata": {"name": name, "namespace": namespace},
         "spec": {
             "terminationGracePeriodSeconds": 0,
             "containers": [{

@@ -22,6 +22,7 @@ use skiff_tests::free_port;
 mod bench;
 mod bench_pods;
 mod bench_scheduler;
+mod bench_services;
 mod image;
 mod protobuf;
 

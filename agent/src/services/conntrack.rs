@@ -48,8 +48,17 @@ pub fn timeout(proto: u8, flags: u8, other_flags: u8) -> Duration {
     }
 }
 
-/// Removes the connections idle beyond their timeout at `now_ns`; returns how many entries went.
-pub fn collect(maps: &mut impl LbMaps, now_ns: u64) -> Result<usize, BpfError> {
+/// What one collection did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Collected {
+    /// Entries removed.
+    pub removed: usize,
+    /// Entries left.
+    pub remaining: usize,
+}
+
+/// Removes the connections idle beyond their timeout at `now_ns`.
+pub fn collect(maps: &mut impl LbMaps, now_ns: u64) -> Result<Collected, BpfError> {
     let entries = maps.conntrack()?;
     let all: std::collections::HashMap<CtKey, CtValue> = entries.iter().copied().collect();
     let mut doomed = BTreeSet::new();
@@ -76,7 +85,10 @@ pub fn collect(maps: &mut impl LbMaps, now_ns: u64) -> Result<usize, BpfError> {
             None => {}
         }
     }
-    Ok(removed)
+    Ok(Collected {
+        removed,
+        remaining: entries.len().saturating_sub(removed),
+    })
 }
 
 /// One conntrack entry as `skiffctl bpf ct list` shows it.
@@ -219,7 +231,13 @@ mod tests {
         );
         pair(&mut maps, 1003, PROTO_UDP, (0, 0), now - 59 * s);
         pair(&mut maps, 1004, PROTO_UDP, (0, 0), now - 61 * s);
-        assert_eq!(collect(&mut maps, now).expect("collect"), 6);
+        assert_eq!(
+            collect(&mut maps, now).expect("collect"),
+            Collected {
+                removed: 6,
+                remaining: 4
+            }
+        );
         let left: Vec<u16> = maps
             .conntrack
             .iter()

@@ -18,7 +18,10 @@ use ipnetwork::Ipv4Network;
 use rtnetlink::packet_route::address::AddressAttribute;
 use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkMessage};
 use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
-use skiff_ebpf_common::lb::{HOST_SERVICE_GATEWAY, HOST_SERVICE_IFNAME, HOST_SERVICE_PEER_IFNAME};
+use skiff_ebpf_common::lb::{
+    GARP_TRIGGER_IP, GARP_TRIGGER_PORT, HOST_SERVICE_GATEWAY, HOST_SERVICE_IFNAME,
+    HOST_SERVICE_PEER_IFNAME,
+};
 
 /// What can go wrong here.
 #[derive(Debug, thiserror::Error)]
@@ -198,21 +201,64 @@ pub async fn ensure(service_cidr: Ipv4Network, node_ip: Ipv4Addr) -> Result<Stri
         .map_err(nl(format!(
             "add the neighbour {gateway} on {HOST_SERVICE_IFNAME}"
         )))?;
-    let route = RouteMessageBuilder::<Ipv4Addr>::new()
-        .destination_prefix(service_cidr.network(), service_cidr.prefix())
+    route_through(
+        &handle,
+        service_cidr,
+        gateway,
+        near.header.index,
+        Some(node_ip),
+    )
+    .await?;
+    // The agent's gratuitous-ARP triggers take the same way.
+    let trigger = Ipv4Network::new(Ipv4Addr::from(GARP_TRIGGER_IP), 32).expect("a /32");
+    route_through(&handle, trigger, gateway, near.header.index, None).await?;
+    Ok(HOST_SERVICE_PEER_IFNAME.to_owned())
+}
+
+/// Routes `dst` via `gateway` on the interface `index` (on-link), with `source` as the preferred
+/// source address; replaces a route there already.
+async fn route_through(
+    handle: &Handle,
+    dst: Ipv4Network,
+    gateway: Ipv4Addr,
+    index: u32,
+    source: Option<Ipv4Addr>,
+) -> Result<(), HostPathError> {
+    let mut route = RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(dst.network(), dst.prefix())
         .gateway(gateway)
-        .output_interface(near.header.index)
-        .pref_source(node_ip)
-        .onlink()
-        .build();
+        .output_interface(index)
+        .onlink();
+    if let Some(source) = source {
+        route = route.pref_source(source);
+    }
     handle
         .route()
-        .add(route)
+        .add(route.build())
         .replace()
         .execute()
         .await
-        .map_err(nl(format!(
-            "route {service_cidr} through {HOST_SERVICE_IFNAME}"
-        )))?;
-    Ok(HOST_SERVICE_PEER_IFNAME.to_owned())
+        .map_err(nl(format!("route {dst} through {HOST_SERVICE_IFNAME}")))
+}
+
+/// Has `skf_host_svc` send a gratuitous ARP for `ip` out of the uplink, `times` times a second
+/// apart (the first at once), as MetalLB does after taking an address over: neighbours that
+/// ignored one (Linux's `locktime`) take a later one.
+pub async fn gratuitous_arp(ip: Ipv4Addr, times: usize) {
+    let socket = match tokio::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).await {
+        Ok(socket) => socket,
+        Err(error) => {
+            tracing::warn!(%ip, %error, "cannot send gratuitous ARP");
+            return;
+        }
+    };
+    let target = (Ipv4Addr::from(GARP_TRIGGER_IP), GARP_TRIGGER_PORT);
+    for round in 0..times {
+        if round > 0 {
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        }
+        if let Err(error) = socket.send_to(&ip.octets(), target).await {
+            tracing::warn!(%ip, %error, "cannot send gratuitous ARP");
+        }
+    }
 }

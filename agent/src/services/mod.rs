@@ -43,6 +43,10 @@ use table::LbTable;
 pub const STATUS_FILE: &str = "services.json";
 /// How often the conntrack collector runs.
 pub const CT_GC_INTERVAL: Duration = Duration::from_secs(30);
+/// How often it runs while the table is more than a quarter full.
+pub const CT_GC_BUSY_INTERVAL: Duration = Duration::from_secs(2);
+/// The status file is rewritten at most this often.
+pub const STATUS_PERIOD: Duration = Duration::from_secs(1);
 /// The first pause before a failed Service is tried again (doubling up to a minute).
 const RETRY_FIRST: Duration = Duration::from_millis(200);
 const RETRY_MAX: Duration = Duration::from_secs(60);
@@ -243,13 +247,13 @@ impl Cache {
 }
 
 /// Writes `SKF_L2ANN_V1` so that it holds exactly the IPs of the Services this node holds the
-/// Lease of.
+/// Lease of; returns them.
 fn sync_announced(
     maps: &mut impl LbMaps,
     cache: &Cache,
     held: &BTreeSet<String>,
     ifindex: u32,
-) -> Result<(), BpfError> {
+) -> Result<BTreeSet<[u8; 4]>, BpfError> {
     let wanted: BTreeSet<[u8; 4]> = held
         .iter()
         .filter_map(|key| cache.services.get(key))
@@ -263,11 +267,14 @@ fn sync_announced(
         }
     }
     let value = skiff_ebpf_common::lb::L2AnnounceValue { ifindex, _pad: 0 };
-    for addr in wanted {
-        maps.put_announced(addr, &value)?;
+    for addr in &wanted {
+        maps.put_announced(*addr, &value)?;
     }
-    Ok(())
+    Ok(wanted)
 }
+
+/// Gratuitous ARPs sent for an IP this node starts announcing.
+const GARP_TIMES: usize = 5;
 
 /// Sets up the node's side and runs the loop until `shutdown`.
 pub async fn run(
@@ -330,8 +337,11 @@ pub async fn run(
     let mut health_server = health::HealthServer::new(shutdown.clone());
     let mut held: BTreeSet<String> = BTreeSet::new();
     let mut held_dirty = false;
+    let mut announced: BTreeSet<[u8; 4]> = BTreeSet::new();
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     let mut next_gc = Instant::now() + CT_GC_INTERVAL;
+    let started = Instant::now();
+    let (mut status_dirty, mut next_status) = (false, Instant::now());
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
@@ -460,7 +470,15 @@ pub async fn run(
         if changed || held_dirty {
             announcer.update(&cache.announceable(&node));
             match sync_announced(table.maps_mut(), &cache, &held, uplink.index) {
-                Ok(()) => held_dirty = false,
+                Ok(now_announced) => {
+                    held_dirty = false;
+                    for ip in now_announced.difference(&announced) {
+                        let ip = Ipv4Addr::from(*ip);
+                        tracing::info!(%ip, uplink = %uplink.name, "announcing");
+                        tokio::spawn(hostpath::gratuitous_arp(ip, GARP_TIMES));
+                    }
+                    announced = now_announced;
+                }
                 Err(error) => {
                     tracing::warn!(error = %skiff_common::error::chain(&error), "cannot write the announced IPs; retrying")
                 }
@@ -470,7 +488,14 @@ pub async fn run(
             // The first complete lists: what the maps hold beyond them is gone.
             let keep: BTreeSet<ServicePortKey> = ports_of.values().flatten().cloned().collect();
             match table.retain(&keep, now) {
-                Ok(()) => retained = true,
+                Ok(()) => {
+                    retained = true;
+                    tracing::info!(
+                        service_ports = keep.len(),
+                        after_ms = started.elapsed().as_millis() as u64,
+                        "services synced"
+                    );
+                }
                 Err(error) => {
                     tracing::warn!(error = %skiff_common::error::chain(&error), "cannot remove stale services; retrying")
                 }
@@ -482,15 +507,28 @@ pub async fn run(
         if now >= next_gc {
             next_gc = now + CT_GC_INTERVAL;
             match conntrack::collect(table.maps_mut(), conntrack::monotonic_ns()) {
-                Ok(removed) if removed > 0 => tracing::debug!(removed, "conntrack entries expired"),
-                Ok(_) => {}
+                Ok(collected) => {
+                    if collected.removed > 0 {
+                        tracing::debug!(
+                            removed = collected.removed,
+                            left = collected.remaining,
+                            "conntrack entries expired"
+                        );
+                    }
+                    if collected.remaining > args.limits.ct as usize / 4 {
+                        next_gc = now + CT_GC_BUSY_INTERVAL;
+                    }
+                }
                 Err(error) => {
                     tracing::warn!(error = %skiff_common::error::chain(&error), "conntrack collection failed")
                 }
             }
         }
-        if changed {
+        status_dirty |= changed;
+        if status_dirty && now >= next_status {
             write_status(&status_path, status.values());
+            status_dirty = false;
+            next_status = now + STATUS_PERIOD;
         }
     }
 }

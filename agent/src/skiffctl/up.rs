@@ -69,6 +69,9 @@ pub struct UpArgs {
     /// Run hollow agents (no containers) instead of real ones.
     #[arg(long, hide = true)]
     pub hollow: bool,
+    /// Entries of each agent's conntrack map (`skiff-agent --bpf-ct-max`; default the agent's).
+    #[arg(long)]
+    pub bpf_ct_max: Option<u32>,
 }
 
 /// Refuse ranges that overlap: the fabric (nodes, the control plane and
@@ -828,6 +831,9 @@ impl Up<'_> {
                 "--service-cidr".into(),
                 self.args.service_cidr.to_string(),
             ]);
+            if let Some(ct) = self.args.bpf_ct_max {
+                command.extend(["--bpf-ct-max".into(), ct.to_string()]);
+            }
         }
         self.spawn("agent", Some(&record.name), Some(&record.netns), command)
     }

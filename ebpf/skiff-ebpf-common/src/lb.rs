@@ -376,6 +376,12 @@ pub const HAIRPIN_IP: [u8; 4] = [169, 254, 42, 1];
 /// The fake next hop of the service route in the node's namespace (a permanent neighbour on
 /// `skfsvc0`).
 pub const HOST_SERVICE_GATEWAY: [u8; 4] = [169, 254, 42, 2];
+/// Where the agent sends a gratuitous-ARP trigger: a UDP datagram to this address and
+/// [`GARP_TRIGGER_PORT`], routed into the service veth, whose 4-byte payload is a LoadBalancer IP
+/// this node announces; `skf_host_svc` turns it into a gratuitous ARP request out of the uplink.
+pub const GARP_TRIGGER_IP: [u8; 4] = [169, 254, 42, 3];
+/// See [`GARP_TRIGGER_IP`].
+pub const GARP_TRIGGER_PORT: u16 = 9;
 /// The node-side end of the service veth pair: the route to the service range goes through it.
 pub const HOST_SERVICE_IFNAME: &str = "skfsvc0";
 /// The far end, where [`HOST_SERVICE_PROG`] translates.
@@ -443,7 +449,7 @@ pub const EV_NO_BACKEND: u32 = 7;
 pub const EV_NO_LOCAL_BACKEND: u32 = 8;
 /// An ICMP port unreachable could not be built (the packet was dropped instead).
 pub const ERR_ICMP: u32 = 9;
-/// ARP requests answered for announced LoadBalancer IPs.
+/// ARP requests answered for announced LoadBalancer IPs, and gratuitous ARPs sent for them.
 pub const EV_ARP_REPLIES: u32 = 10;
 /// New translated connections.
 pub const EV_CT_CREATED: u32 = 11;

@@ -245,6 +245,7 @@ fn try_translate(
         found = FRONTENDS.get_ptr(&frontend_key);
     }
     let Some(frontend) = found else {
+        forget_stale_reply(packet);
         return Ok(TCX_NEXT);
     };
     // SAFETY: a pointer from a successful lookup; copied at once (see SlotValue::rev).
@@ -326,6 +327,33 @@ fn try_translate(
     count(EV_CT_CREATED);
     count_frontend(ctx, frontend.id);
     rewrite(ctx, config, packet, &value)
+}
+
+/// A new TCP connection that is not to a Service (a SYN without ACK that matched nothing) may
+/// reuse the tuple of a translated connection that closed moments ago: a reply entry left for
+/// that tuple would turn its replies into the Service's. It is removed, with its other direction.
+#[inline(always)]
+fn forget_stale_reply(packet: &Packet) {
+    if packet.key.proto != PROTO_TCP || packet.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
+        return;
+    }
+    let key = &packet.key;
+    let reply = CtKey {
+        saddr: key.daddr,
+        daddr: key.saddr,
+        sport: key.dport,
+        dport: key.sport,
+        proto: key.proto,
+        _pad: [0; 3],
+    };
+    if let Some(entry) = CT.get_ptr(&reply) {
+        // SAFETY: a pointer from a successful lookup; copied at once.
+        let entry = unsafe { *entry };
+        if entry.kind == CT_REVERSE {
+            let _ = CT.remove(&reply.other_direction(&entry));
+            let _ = CT.remove(&reply);
+        }
+    }
 }
 
 /// The backend for a new connection: the client's affinity when it still holds, else a random

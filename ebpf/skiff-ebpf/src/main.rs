@@ -86,9 +86,13 @@ pub fn skf_uplink_in(mut ctx: TcContext) -> i32 {
     lb::translate(&mut ctx, lb::From::Netdev)
 }
 
-/// The far end of the service veth: Services reached from the node's own processes.
+/// The far end of the service veth: gratuitous-ARP triggers from the agent, and Services
+/// reached from the node's own processes.
 #[classifier]
 pub fn skf_host_svc(mut ctx: TcContext) -> i32 {
+    if let Some(action) = arp::gratuitous(&mut ctx) {
+        return action;
+    }
     lb::translate(&mut ctx, lb::From::Host)
 }
 
@@ -145,6 +149,50 @@ mod arp {
         lb::count(EV_ARP_REPLIES);
         // SAFETY: bpf_redirect takes an ifindex and flags; 0 sends it out of that device.
         Some(unsafe { bpf_redirect(ifindex, 0) } as i32)
+    }
+
+    /// `Some(action)` when the packet is the agent's gratuitous-ARP trigger (a UDP datagram to
+    /// `GARP_TRIGGER_IP:GARP_TRIGGER_PORT` carrying an announced LoadBalancer IP): it becomes a
+    /// broadcast ARP request for that IP from the uplink's MAC address, sent out of the uplink.
+    /// A trigger for an IP this node does not announce is dropped.
+    #[inline(always)]
+    pub fn gratuitous(ctx: &mut TcContext) -> Option<i32> {
+        use skiff_ebpf_common::lb::{GARP_TRIGGER_IP, GARP_TRIGGER_PORT};
+        if u16::from_be(ctx.load::<u16>(12).ok()?) != 0x0800 {
+            return None;
+        }
+        // IPv4 without options, UDP, to the trigger address and port.
+        let header: [u8; 24] = ctx.load(14).ok()?;
+        if header[0] != 0x45
+            || header[9] != 17
+            || header[16..20] != GARP_TRIGGER_IP
+            || header[22..24] != GARP_TRIGGER_PORT.to_be_bytes()
+        {
+            return None;
+        }
+        let ip: [u8; 4] = ctx.load(14 + 20 + 8).ok()?;
+        let config = lb::config()?;
+        if !lb::announces(&ip, config.uplink_ifindex) {
+            return Some(aya_ebpf::bindings::TC_ACT_SHOT as i32);
+        }
+        let mac = config.uplink_mac;
+        let mut frame = [0u8; 42];
+        frame[..6].copy_from_slice(&[0xff; 6]);
+        frame[6..12].copy_from_slice(&mac);
+        frame[12..14].copy_from_slice(&ETH_P_ARP.to_be_bytes());
+        frame[14..22].copy_from_slice(&[0, 1, 8, 0, 6, 4, 0, ARP_REQUEST as u8]);
+        frame[22..28].copy_from_slice(&mac);
+        frame[28..32].copy_from_slice(&ip);
+        frame[38..42].copy_from_slice(&ip);
+        // SAFETY: the program's context; no pointer into the packet is held.
+        let resized = unsafe { aya_ebpf::helpers::r#gen::bpf_skb_change_tail(ctx.skb.skb, 42, 0) };
+        if resized != 0 || ctx.store(0, &frame, 0).is_err() {
+            lb::count(skiff_ebpf_common::lb::ERR_REWRITE);
+            return Some(aya_ebpf::bindings::TC_ACT_SHOT as i32);
+        }
+        lb::count(EV_ARP_REPLIES);
+        // SAFETY: bpf_redirect takes an ifindex and flags; 0 sends it out of that device.
+        Some(unsafe { bpf_redirect(config.uplink_ifindex, 0) } as i32)
     }
 }
 
