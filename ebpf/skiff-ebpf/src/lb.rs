@@ -216,7 +216,15 @@ fn try_translate(
                     _pad: [0; 2],
                 })
                 .is_some();
-        if alive {
+        // A new connection on the tuple of one that closed (the client reused its port): a SYN
+        // on the forward entry, or a SYN-ACK on the reply entry (another NAT's connection, e.g. a
+        // hostPort's, whose replies carry the tuple).
+        let syn = packet.tcp_flags & (TCP_SYN | TCP_ACK);
+        let reused = key_is_tcp(packet)
+            && ((value.kind == CT_FORWARD && syn == TCP_SYN)
+                || (value.kind == CT_REVERSE && syn == TCP_SYN | TCP_ACK))
+            && closed(&packet.key, &value);
+        if alive && !reused {
             // SAFETY: as above; plain stores of fields, racing only with themselves.
             unsafe {
                 (*entry).last_seen_ns = now;
@@ -227,10 +235,20 @@ fn try_translate(
             }
             return rewrite(ctx, config, packet, &value);
         }
-        // The backend is gone: forget the connection and balance it again.
+        // The backend is gone, or the connection is over: forget it (and balance this one
+        // again, when it is to a Service).
         let other = packet.key.other_direction(&value);
-        let _ = CT.remove(&other);
+        if CT
+            .get_ptr(&other)
+            // SAFETY: a pointer from a successful lookup, read once.
+            .is_some_and(|o| other.other_direction(unsafe { &*o }) == packet.key)
+        {
+            let _ = CT.remove(&other);
+        }
         let _ = CT.remove(&packet.key);
+        if value.kind == CT_REVERSE {
+            return Ok(TCX_NEXT);
+        }
     }
     let key = packet.key;
     let mut frontend_key = FrontendKey {
@@ -298,8 +316,34 @@ fn try_translate(
         ..value
     };
     reverse.tcp_flags = 0;
-    if snat {
-        // A free source port on the node's address towards this backend: a few random tries.
+    // The reply entry. Its tuple may be taken: by a closed connection (replaced), or by a live
+    // one of the same client port to another Service with the same backend (a clash, as
+    // netfilter calls it: this connection gets another source port, as netfilter would give
+    // it); a NodePort's remote backend always gets the node's address and a port of its own.
+    let mut remap = snat;
+    if !snat {
+        let reverse_key = key.other_direction(&value);
+        match CT.insert(&reverse_key, &reverse, BPF_NOEXIST) {
+            Ok(()) => {}
+            Err(EEXIST) => {
+                let live = CT.get_ptr(&reverse_key).is_some_and(|r| {
+                    // SAFETY: a pointer from a successful lookup, copied at once.
+                    let r = unsafe { *r };
+                    !closed(&reverse_key, &r)
+                });
+                if live {
+                    remap = true;
+                    value.flags |= CT_F_SNAT;
+                } else {
+                    CT.insert(&reverse_key, &reverse, BPF_ANY)
+                        .map_err(|_| ERR_CT_FULL)?;
+                }
+            }
+            Err(_) => return Err(ERR_CT_FULL),
+        }
+    }
+    if remap {
+        // A free source port towards this backend: a few random tries.
         let mut tries = 0;
         loop {
             // SAFETY: bpf_get_prandom_u32 has no preconditions.
@@ -315,10 +359,6 @@ fn try_translate(
                 Err(_) => return Err(ERR_CT_FULL),
             }
         }
-    } else {
-        let reverse_key = key.other_direction(&value);
-        CT.insert(&reverse_key, &reverse, BPF_ANY)
-            .map_err(|_| ERR_CT_FULL)?;
     }
     if CT.insert(&key, &value, BPF_ANY).is_err() {
         let _ = CT.remove(&key.other_direction(&value));
@@ -327,6 +367,22 @@ fn try_translate(
     count(EV_CT_CREATED);
     count_frontend(ctx, frontend.id);
     rewrite(ctx, config, packet, &value)
+}
+
+#[inline(always)]
+fn key_is_tcp(packet: &Packet) -> bool {
+    packet.key.proto == PROTO_TCP
+}
+
+/// Whether the connection of the entry `value` at `key` saw a FIN or a RST in either direction.
+#[inline(always)]
+fn closed(key: &CtKey, value: &CtValue) -> bool {
+    let mut flags = value.tcp_flags;
+    if let Some(other) = CT.get_ptr(&key.other_direction(value)) {
+        // SAFETY: a pointer from a successful lookup, read once.
+        flags |= unsafe { (*other).tcp_flags };
+    }
+    flags & (TCP_FIN | TCP_RST) != 0
 }
 
 /// A new TCP connection that is not to a Service (a SYN without ACK that matched nothing) may
