@@ -947,7 +947,7 @@ struct Report {
 }
 
 /// CPUs of this machine.
-fn cpus() -> usize {
+pub(crate) fn cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 

@@ -78,9 +78,12 @@ const API_CONNECTIONS: usize = 8;
 const IPTABLES_RESTORE: &str = "iptables-legacy-restore";
 /// See [`IPTABLES_RESTORE`].
 const IPTABLES: &str = "iptables-legacy";
-/// Pause before each load, so that what the previous step started (API writes, the agent's
-/// sync) has settled.
-const SETTLE: Duration = Duration::from_secs(2);
+/// Before each load the machine must be this close to idle (busy CPU time per second of wall
+/// time, all CPUs), so that what the previous step started (the control plane digesting
+/// thousands of new Services, a rule load) is not measured with it.
+const IDLE_BUSY: Duration = Duration::from_millis(150);
+/// How long the bench waits for that at most.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(180);
 /// The conntrack map size given to the agent.
 const CT_MAX: &str = "1048576";
 
@@ -204,6 +207,8 @@ struct LoadFigures {
     errors: usize,
     wall: Duration,
     latency: Samples,
+    /// CPU time the whole machine was busy meanwhile.
+    busy: Duration,
 }
 
 impl LoadFigures {
@@ -212,11 +217,33 @@ impl LoadFigures {
     }
 }
 
+/// Waits until a second passes with the machine busy less than [`IDLE_BUSY`]; after
+/// [`IDLE_TIMEOUT`] it says so and goes on (the row's "machine busy" shows the rest).
+fn wait_idle() -> Result<()> {
+    let start = Instant::now();
+    loop {
+        let before = crate::bench::machine_busy()?;
+        thread::sleep(Duration::from_secs(1));
+        let busy = crate::bench::machine_busy()?.saturating_sub(before);
+        if busy < IDLE_BUSY {
+            return Ok(());
+        }
+        if start.elapsed() > IDLE_TIMEOUT {
+            say(format!(
+                "the machine is still busy ({busy:?} of CPU per second) after {IDLE_TIMEOUT:?}; measuring anyway"
+            ));
+            return Ok(());
+        }
+    }
+}
+
 /// Runs [`CLIENT_THREADS`] threads in the network namespace `netns` for [`LOAD`], each making one
-/// connection after the other to a target picked at random.
+/// connection after the other to a target picked at random (once the machine is idle).
 fn load(netns: &Path, targets: &[SocketAddrV4]) -> Result<LoadFigures> {
     ensure!(!targets.is_empty(), "no targets");
+    wait_idle()?;
     let targets = Arc::new(targets.to_vec());
+    let busy_before = crate::bench::machine_busy()?;
     let start = Instant::now();
     let deadline = start + LOAD;
     let threads: Vec<_> = (0..CLIENT_THREADS)
@@ -247,11 +274,13 @@ fn load(netns: &Path, targets: &[SocketAddrV4]) -> Result<LoadFigures> {
         all.extend(latencies);
         errors += failed;
     }
+    let wall = start.elapsed();
     Ok(LoadFigures {
         connections: all.len(),
         errors,
-        wall: start.elapsed(),
+        wall,
         latency: Samples::new(all),
+        busy: crate::bench::machine_busy()?.saturating_sub(busy_before),
     })
 }
 
@@ -677,7 +706,7 @@ fn measure(cluster: &LocalCluster) -> Result<Report> {
         wait_programmed(&status, services + 1, Duration::from_secs(120))?;
         let targets: Vec<SocketAddrV4> =
             vips.values().map(|ip| SocketAddrV4::new(*ip, 80)).collect();
-        thread::sleep(SETTLE);
+        wait_idle()?;
         say(format!("eBPF: {services} Services"));
         let ebpf = load(&client, &targets)?;
         report_load("eBPF", services, &ebpf);
@@ -733,6 +762,7 @@ fn measure(cluster: &LocalCluster) -> Result<Report> {
         .context("no agent")?;
     let rss_kib = vm_rss_kib(agent_pid)?;
 
+    wait_idle()?;
     say(format!("{CHANGES} EndpointSlice changes"));
     let changes = runtime.block_on(change_latency(&tls, addr, &client, &backends, &status))?;
     println!(
@@ -741,6 +771,7 @@ fn measure(cluster: &LocalCluster) -> Result<Report> {
         micros(changes.percentile(99.0))
     );
 
+    wait_idle()?;
     say("cold start: the agent killed, the node's pins removed, the agent started again");
     let ports = programmed(&status);
     run(Command::new("kill").args(["-9", &agent_pid.to_string()]))?;
@@ -780,11 +811,12 @@ fn measure(cluster: &LocalCluster) -> Result<Report> {
 
 fn report_load(mode: &str, services: usize, figures: &LoadFigures) {
     println!(
-        "{mode:>8} {services:>6} services: {:>7.0} conn/s, p50 {}, p99 {}, {} errors",
+        "{mode:>8} {services:>6} services: {:>7.0} conn/s, p50 {}, p99 {}, {} errors, {:.2} s of CPU",
         figures.per_second(),
         micros(figures.latency.percentile(50.0)),
         micros(figures.latency.percentile(99.0)),
-        figures.errors
+        figures.errors,
+        figures.busy.as_secs_f64()
     );
 }
 
@@ -992,7 +1024,8 @@ impl Report {
              --nodes 1`; {BACKENDS} backend pods, each with the bench's TCP server on :{BACKEND_PORT} \
              in its network namespace, and a client pod whose network namespace runs \
              {CLIENT_THREADS} load threads: one connection after the other to a target picked at \
-             random, timed from `connect` to the end of the response, for {} s per row. Every \
+             random, timed from `connect` to the end of the response, for {} s per row, each row \
+             started once the machine is idle (less than {} ms of CPU busy in a second). Every \
              Service has the {BACKENDS} backends as endpoints. iptables and nftables are kube-proxy's \
              rule layouts loaded into the node's namespace (skiff's programs still run there and \
              miss); iptables through the legacy backend (`{IPTABLES_RESTORE}`: Debian 12's \
@@ -1006,6 +1039,7 @@ impl Report {
             machine.memory,
             machine.kernel,
             LOAD.as_secs(),
+            IDLE_BUSY.as_millis(),
         );
         let _ = writeln!(md, "### Goals\n");
         let _ = writeln!(md, "| goal | measured | status |\n|---|---|---|");
@@ -1015,7 +1049,7 @@ impl Report {
         let _ = writeln!(md, "\n### Connections through a ClusterIP\n");
         let _ = writeln!(
             md,
-            "| services | datapath | connections/s | p50 | p99 | errors | rules loaded in |\n|---:|---|---:|---:|---:|---:|---:|"
+            "| services | datapath | connections/s | p50 | p99 | errors | machine busy | CPU µs per connection | rules loaded in |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|"
         );
         for level in &self.levels {
             for (mode, figures, loaded) in [
@@ -1026,12 +1060,17 @@ impl Report {
             ] {
                 let _ = writeln!(
                     md,
-                    "| {} | {mode} | {:.0} | {} | {} | {} | {} |",
+                    "| {} | {mode} | {:.0} | {} | {} | {} | {:.0}% | {:.0} | {} |",
                     level.services,
                     figures.per_second(),
                     micros(figures.latency.percentile(50.0)),
                     micros(figures.latency.percentile(99.0)),
                     figures.errors,
+                    figures.busy.as_secs_f64()
+                        / figures.wall.as_secs_f64().max(1e-9)
+                        / crate::bench_pods::cpus() as f64
+                        * 100.0,
+                    figures.busy.as_secs_f64() * 1e6 / figures.connections.max(1) as f64,
                     loaded.map_or("—".to_owned(), |d| format!("{:.2} s", d.as_secs_f64())),
                 );
             }
