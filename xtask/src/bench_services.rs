@@ -10,7 +10,9 @@
 //! picked at random, is timed from `connect` to the end of the response, then closed. Everything
 //! stays inside the cluster's network namespaces.
 //!
-//! For each level of 10, 1,000 and 10,000 Services (10 endpoints each, the ten backends):
+//! skiff's rows and control-path figures come first, before any kube-proxy table exists in the
+//! node's namespace; then, for each level, the baselines. For each level of 10, 1,000 and 10,000
+//! Services (10 endpoints each, the ten backends):
 //!
 //! - **eBPF**: selector-less Services and their EndpointSlices created through the API; the
 //!   load waits until the agent's status file shows them all programmed, then targets their
@@ -44,7 +46,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use http::{Method, StatusCode};
 use serde_json::{Value, json};
 
@@ -575,6 +577,8 @@ struct Report {
     levels: Vec<Level>,
     rss_kib: u64,
     changes: Samples,
+    /// Changes whose new backend no connection reached within 10 s.
+    missed_changes: usize,
     cold_sync: Duration,
     cold_sync_agent_ms: Option<u64>,
     ports: usize,
@@ -693,9 +697,12 @@ fn measure(cluster: &LocalCluster) -> Result<Report> {
         .with_context(|| format!("backend {target} does not answer"))?;
     }
 
+    // skiff first: its rows and control-path figures are taken before any of kube-proxy's
+    // tables exist in the node's namespace (a loaded nat table turns netfilter's conntrack on
+    // there, and it then tracks every connection, translated ones too; see BENCHMARKS.md).
     let mut vips: BTreeMap<usize, Ipv4Addr> = BTreeMap::new();
-    let mut levels = Vec::new();
-    for (n, &services) in LEVELS.iter().enumerate() {
+    let mut ebpf_rows = Vec::new();
+    for &services in &LEVELS {
         say(format!(
             "{services} Services of {BACKENDS} endpoints through the API"
         ));
@@ -706,11 +713,60 @@ fn measure(cluster: &LocalCluster) -> Result<Report> {
         wait_programmed(&status, services + 1, Duration::from_secs(120))?;
         let targets: Vec<SocketAddrV4> =
             vips.values().map(|ip| SocketAddrV4::new(*ip, 80)).collect();
-        wait_idle()?;
         say(format!("eBPF: {services} Services"));
         let ebpf = load(&client, &targets)?;
         report_load("eBPF", services, &ebpf);
+        ebpf_rows.push(ebpf);
+    }
 
+    let agent_pid = cluster
+        .agents()?
+        .first()
+        .map(|(_, pid)| *pid)
+        .context("no agent")?;
+    let rss_kib = vm_rss_kib(agent_pid)?;
+
+    wait_idle()?;
+    say(format!("{CHANGES} EndpointSlice changes"));
+    let (changes, missed_changes) =
+        runtime.block_on(change_latency(&tls, addr, &client, &backends, &status))?;
+    println!(
+        "EndpointSlice change to datapath: p50 {} p99 {}",
+        micros(changes.percentile(50.0)),
+        micros(changes.percentile(99.0))
+    );
+
+    wait_idle()?;
+    say("cold start: the agent killed, the node's pins removed, the agent started again");
+    let ports = programmed(&status);
+    run(Command::new("kill").args(["-9", &agent_pid.to_string()]))?;
+    let pins = PathBuf::from("/sys/fs/bpf/skiff").join(&node);
+    run(Command::new("rm").arg("-rf").arg(&pins))?;
+    let _ = fs::remove_file(&status);
+    let start = Instant::now();
+    run(Command::new(&cluster.skiffctl)
+        .args(["restart-agent", "--node", &node, "--state-dir"])
+        .arg(cluster.state_dir()))?;
+    wait_programmed(&status, ports, Duration::from_secs(120))?;
+    let cold_sync = start.elapsed();
+    let log = fs::read_to_string(
+        cluster
+            .state_dir()
+            .join("logs")
+            .join(format!("agent-{node}.log")),
+    )
+    .unwrap_or_default();
+    let cold_sync_agent_ms = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("services synced"))
+        .and_then(|l| l.split("after_ms=").nth(1))
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok());
+
+    // The baselines, level by level.
+    let mut levels = Vec::new();
+    for ((n, &services), ebpf) in LEVELS.iter().enumerate().zip(ebpf_rows) {
         say(format!("iptables: {services} services"));
         let rules = iptables_rules(services, &backends, n == 0);
         let iptables_load = run_in(&node_netns, IPTABLES_RESTORE, &["--noflush"], &rules)?;
@@ -754,55 +810,12 @@ fn measure(cluster: &LocalCluster) -> Result<Report> {
             direct,
         });
     }
-
-    let agent_pid = cluster
-        .agents()?
-        .first()
-        .map(|(_, pid)| *pid)
-        .context("no agent")?;
-    let rss_kib = vm_rss_kib(agent_pid)?;
-
-    wait_idle()?;
-    say(format!("{CHANGES} EndpointSlice changes"));
-    let changes = runtime.block_on(change_latency(&tls, addr, &client, &backends, &status))?;
-    println!(
-        "EndpointSlice change to datapath: p50 {} p99 {}",
-        micros(changes.percentile(50.0)),
-        micros(changes.percentile(99.0))
-    );
-
-    wait_idle()?;
-    say("cold start: the agent killed, the node's pins removed, the agent started again");
-    let ports = programmed(&status);
-    run(Command::new("kill").args(["-9", &agent_pid.to_string()]))?;
-    let pins = PathBuf::from("/sys/fs/bpf/skiff").join(&node);
-    run(Command::new("rm").arg("-rf").arg(&pins))?;
-    let _ = fs::remove_file(&status);
-    let start = Instant::now();
-    run(Command::new(&cluster.skiffctl)
-        .args(["restart-agent", "--node", &node, "--state-dir"])
-        .arg(cluster.state_dir()))?;
-    wait_programmed(&status, ports, Duration::from_secs(120))?;
-    let cold_sync = start.elapsed();
-    let log = fs::read_to_string(
-        cluster
-            .state_dir()
-            .join("logs")
-            .join(format!("agent-{node}.log")),
-    )
-    .unwrap_or_default();
-    let cold_sync_agent_ms = log
-        .lines()
-        .rev()
-        .find(|l| l.contains("services synced"))
-        .and_then(|l| l.split("after_ms=").nth(1))
-        .and_then(|s| s.split_whitespace().next())
-        .and_then(|s| s.parse().ok());
     stop.store(true, Ordering::Relaxed);
     Ok(Report {
         levels,
         rss_kib,
         changes,
+        missed_changes,
         cold_sync,
         cold_sync_agent_ms,
         ports,
@@ -828,7 +841,7 @@ async fn change_latency(
     client: &Path,
     backends: &[Ipv4Addr],
     status: &Path,
-) -> Result<Samples> {
+) -> Result<(Samples, usize)> {
     let mut api = Client::tls(tls, addr).await?;
     let (code, body) = api
         .send(
@@ -890,7 +903,15 @@ async fn change_latency(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let mut latencies = Vec::with_capacity(CHANGES);
+    let mut missed = 0;
     for change in 1..=CHANGES {
+        if missed >= MAX_MISSED {
+            say(format!(
+                "{missed} changes missed: stopping after {} changes",
+                change - 1
+            ));
+            break;
+        }
         let want = (change % 2) as u8;
         let start = Instant::now();
         api.expect(
@@ -914,16 +935,22 @@ async fn change_latency(
                 break;
             }
             if Instant::now() > deadline {
-                stop.store(true, Ordering::Relaxed);
-                bail!("change {change}: backend {want} not reached in 10 s");
+                say(format!(
+                    "change {change}: backend {want} not reached in 10 s"
+                ));
+                missed += 1;
+                break;
             }
             tokio::time::sleep(Duration::from_micros(200)).await;
         }
     }
     stop.store(true, Ordering::Relaxed);
     let _ = poller.join();
-    Ok(Samples::new(latencies))
+    Ok((Samples::new(latencies), missed))
 }
+
+/// Changes not seen within 10 s after which the change bench stops.
+const MAX_MISSED: usize = 5;
 
 // ---- the report ------------------------------------------------------------------------------
 
@@ -1004,8 +1031,14 @@ impl Report {
             ),
             (
                 "EndpointSlice change to the datapath p99 < 10 ms".into(),
-                micros(self.changes.percentile(99.0)),
-                self.changes.percentile(99.0) < GOAL_CHANGE_P99.as_micros() as i64,
+                format!(
+                    "{} over {} changes ({} not seen within 10 s)",
+                    micros(self.changes.percentile(99.0)),
+                    self.changes.len() + self.missed_changes,
+                    self.missed_changes
+                ),
+                self.missed_changes == 0
+                    && self.changes.percentile(99.0) < GOAL_CHANGE_P99.as_micros() as i64,
             ),
             (
                 "agent RSS < 100 MiB with 10,000 Services".into(),
@@ -1078,7 +1111,9 @@ impl Report {
         let _ = writeln!(md, "\n### Control path\n");
         let _ = writeln!(
             md,
-            "| measure | value |\n|---|---|\n| EndpointSlice PUT → first connection to the new backend ({CHANGES} changes) | p50 {}, p99 {}, max {} |\n| cold start to {} service ports programmed | {:.2} s from `skiffctl restart-agent`{} |\n| agent VmRSS with {} Services | {} |",
+            "| measure | value |\n|---|---|\n| EndpointSlice PUT → first connection to the new backend ({} changes, {} not seen within 10 s) | p50 {}, p99 {}, max {} |\n| cold start to {} service ports programmed | {:.2} s from `skiffctl restart-agent`{} |\n| agent VmRSS with {} Services | {} |",
+            self.changes.len() + self.missed_changes,
+            self.missed_changes,
             micros(self.changes.percentile(50.0)),
             micros(self.changes.percentile(99.0)),
             micros(self.changes.max()),
