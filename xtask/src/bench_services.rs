@@ -141,6 +141,9 @@ fn start_server(netns: PathBuf, i: usize, stop: Arc<AtomicBool>) -> Result<()> {
                     return;
                 }
                 let Ok(mut stream) = stream else { continue };
+                // A client that vanished (reset on the way when a backend changes) must not hold
+                // the thread.
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
                 // The request, then the answer, then wait for the client to close first (so
                 // that TIME_WAIT stays on the client, as with a real HTTP/1.0 client).
                 let _ = stream.read(&mut buf);
