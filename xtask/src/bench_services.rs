@@ -1066,8 +1066,10 @@ impl Report {
              rule layouts loaded into the node's namespace (skiff's programs still run there and \
              miss); iptables through the legacy backend (`{IPTABLES_RESTORE}`: Debian 12's \
              nf_tables-backed `iptables-restore` 1.8.9 was still loading the 10,000-service rule \
-             set, 110,000 chains, after 10 minutes at 100% of a CPU); the node's netfilter \
-             conntrack is on in every row.\n",
+             set, 110,000 chains, after 10 minutes at 100% of a CPU). skiff's rows and the \
+             control path are measured first, before kube-proxy's tables exist (the cluster runs no \
+             hostPort, so netfilter's conntrack is off in the node's namespace then); the baselines' \
+             nat tables turn it on for theirs.\n",
             machine.date,
             machine.commit,
             machine.cores,
