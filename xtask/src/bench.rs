@@ -1383,6 +1383,15 @@ impl Machine {
 }
 
 /// Met/missed, for the goals table.
+/// The goals as a markdown table: goal, measured, status.
+pub(crate) fn goals_table(goals: &[(String, String, bool)]) -> String {
+    let mut md = String::from("| goal | measured | status |\n|---|---|---|\n");
+    for (goal, measured, met) in goals {
+        let _ = writeln!(md, "| {goal} | {measured} | {} |", verdict(*met));
+    }
+    md
+}
+
 pub(crate) fn verdict(met: bool) -> &'static str {
     if met { "met" } else { "**missed**" }
 }
@@ -1517,10 +1526,7 @@ impl Report {
             self.seconds,
         );
         let _ = writeln!(md, "### Goals\n");
-        let _ = writeln!(md, "| goal | measured | status |\n|---|---|---|");
-        for (goal, measured, met) in self.goals() {
-            let _ = writeln!(md, "| {goal} | {measured} | {} |", verdict(met));
-        }
+        md.push_str(&crate::bench::goals_table(&self.goals()));
         let _ = writeln!(md);
         let _ = writeln!(
             md,

@@ -46,7 +46,7 @@ use tokio::sync::Notify;
 
 use crate::bench::{
     BenchArgs, Client, Interrupts, Machine, Sampler, Samples, Target, client_tls, machine_busy,
-    mib, micros, verdict, vm_rss_kib,
+    mib, micros, vm_rss_kib,
 };
 use crate::{cargo, run, say, target_dir};
 
@@ -1046,10 +1046,7 @@ impl Report {
             machine.kernel,
         );
         let _ = writeln!(md, "### Goals\n");
-        let _ = writeln!(md, "| goal | measured | status |\n|---|---|---|");
-        for (goal, measured, met) in self.goals() {
-            let _ = writeln!(md, "| {goal} | {measured} | {} |", verdict(met));
-        }
+        md.push_str(&crate::bench::goals_table(&self.goals()));
         let _ = writeln!(md, "\n### CNI plugin\n");
         let _ = writeln!(
             md,

@@ -48,7 +48,7 @@ use tokio::sync::oneshot;
 
 use crate::bench::{
     BenchArgs, Client, Interrupts, Machine, STOP_GRACE, Sampler, Samples, Server, Target,
-    child_named, cpu_time, machine_busy, mib, micros, verdict, wait_ready, write_section,
+    child_named, cpu_time, machine_busy, mib, micros, wait_ready, write_section,
 };
 use crate::{cargo, run, say, target_dir};
 
@@ -1330,10 +1330,7 @@ impl Report {
             self.nodes_ready_after.as_secs_f64(),
         );
         let _ = writeln!(md, "### Goals\n");
-        let _ = writeln!(md, "| goal | measured | status |\n|---|---|---|");
-        for (goal, measured, met) in self.goals() {
-            let _ = writeln!(md, "| {goal} | {measured} | {} |", verdict(met));
-        }
+        md.push_str(&crate::bench::goals_table(&self.goals()));
         let _ = writeln!(
             md,
             "\n### Load: {} pods from {} Deployments at once\n\n\

@@ -51,7 +51,7 @@ use http::{Method, StatusCode};
 use serde_json::{Value, json};
 
 use crate::bench::{
-    BenchArgs, Client, Machine, Samples, Target, client_tls, mib, micros, verdict, vm_rss_kib,
+    BenchArgs, Client, Machine, Samples, Target, client_tls, mib, micros, vm_rss_kib,
 };
 use crate::bench_pods::{LocalCluster, pod_body_in};
 use crate::{run, say};
@@ -732,7 +732,7 @@ fn measure(cluster: &LocalCluster) -> Result<Report> {
     wait_idle()?;
     say(format!("{CHANGES} EndpointSlice changes"));
     let (changes, missed_changes) =
-        runtime.block_on(change_latency(&tls, addr, &client, &backends, &status))?;
+        runtime.block_on(change_latency(&tls, addr, &client, &backends))?;
     println!(
         "EndpointSlice change to datapath: p50 {} p99 {}",
         micros(changes.percentile(50.0)),
@@ -843,7 +843,6 @@ async fn change_latency(
     addr: SocketAddr,
     client: &Path,
     backends: &[Ipv4Addr],
-    status: &Path,
 ) -> Result<(Samples, usize)> {
     let mut api = Client::tls(tls, addr).await?;
     let (code, body) = api
@@ -871,8 +870,6 @@ async fn change_latency(
         StatusCode::CREATED,
     )
     .await?;
-    let before = programmed(status);
-    let _ = before;
     // The poller: connections one after the other; the time each backend was first seen since
     // the last reset.
     let seen: Arc<Mutex<(u8, Option<Instant>)>> = Arc::new(Mutex::new((u8::MAX, None)));
@@ -1080,10 +1077,7 @@ impl Report {
             IDLE_BUSY.as_millis(),
         );
         let _ = writeln!(md, "### Goals\n");
-        let _ = writeln!(md, "| goal | measured | status |\n|---|---|---|");
-        for (goal, measured, met) in self.goals() {
-            let _ = writeln!(md, "| {goal} | {measured} | {} |", verdict(met));
-        }
+        md.push_str(&crate::bench::goals_table(&self.goals()));
         let _ = writeln!(md, "\n### Connections through a ClusterIP\n");
         let _ = writeln!(
             md,

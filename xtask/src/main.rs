@@ -763,19 +763,14 @@ fn demo(ws: &Path, keep: bool) -> Result<()> {
     say(format!(
         "ClusterIP from a pod: {first} fetches http://{cluster_ip}/ three times"
     ));
-    for _ in 0..3 {
+    // A fetch from inside a pod (busybox `wget -T` crashes; `timeout` bounds it).
+    let fetch_in_pod = |pod: &str, url: &str| {
         k(&[
-            "exec",
-            "-n",
-            "demo",
-            first,
-            "--",
-            "timeout",
-            "5",
-            "wget",
-            "-qO-",
-            &format!("http://{cluster_ip}/"),
-        ])?;
+            "exec", "-n", "demo", pod, "--", "timeout", "5", "wget", "-qO-", url,
+        ])
+    };
+    for _ in 0..3 {
+        fetch_in_pod(first, &format!("http://{cluster_ip}/"))?;
     }
     say("NodePort 30080 on every node, from outside");
     for i in 11..=13 {
@@ -845,18 +840,7 @@ fn demo(ws: &Path, keep: bool) -> Result<()> {
     say(format!(
         "pod to pod: {first} on {first_node} fetches {second}'s page on {second_node}"
     ));
-    k(&[
-        "exec",
-        "-n",
-        "demo",
-        first,
-        "--",
-        "timeout",
-        "5",
-        "wget",
-        "-qO-",
-        &format!("http://{second_ip}:8080/"),
-    ])?;
+    fetch_in_pod(first, &format!("http://{second_ip}:8080/"))?;
     port_forward_step(&cluster, &kubectl, second, curl)?;
     step(
         &cluster,

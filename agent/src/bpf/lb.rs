@@ -121,7 +121,6 @@ pub struct AyaLbMaps {
     slots: Table<SlotKey, SlotValue>,
     backends: Table<BackendKey, BackendValue>,
     services: Table<u32, ServiceIdentityValue>,
-    affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     stats: PerCpuHashMap<MapData, u32, FrontendStatsValue>,
     conntrack: Table<CtKey, CtValue>,
     config: Array<MapData, NodeConfig>,
@@ -138,25 +137,17 @@ impl AyaLbMaps {
             .map_err(map_error(NODE_CONFIG_MAP, "check its layout"))?;
         let errors = PerCpuArray::try_from(Map::PerCpuArray(open_pin(maps_dir, ERRORS_MAP)?))
             .map_err(map_error(ERRORS_MAP, "check its layout"))?;
-        let affinity = HashMap::try_from(Map::LruHashMap(open_pin(maps_dir, LB_AFFINITY_MAP)?))
-            .map_err(map_error(LB_AFFINITY_MAP, "check its layout"))?;
         Ok(AyaLbMaps {
             frontends: Table::open(maps_dir, LB_FRONTEND_MAP, false)?,
             slots: Table::open(maps_dir, LB_SLOT_MAP, false)?,
             backends: Table::open(maps_dir, LB_BACKEND_MAP, false)?,
             services: Table::open(maps_dir, LB_SERVICE_MAP, false)?,
-            affinity,
             stats,
             conntrack: Table::open(maps_dir, CT_MAP, false)?,
             config,
             announced: Table::open(maps_dir, L2_ANNOUNCE_MAP, false)?,
             errors,
         })
-    }
-
-    /// How many clients have a session-affinity entry.
-    pub fn affinity_entries(&self) -> usize {
-        self.affinity.keys().filter(Result::is_ok).count()
     }
 }
 

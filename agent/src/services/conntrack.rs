@@ -8,12 +8,12 @@
 //! other direction, once both are idle, and is read again just before deletion.
 
 use std::collections::BTreeSet;
-use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use serde::Serialize;
 use skiff_ebpf_common::lb::*;
 
+use super::table::endpoint;
 use crate::bpf::BpfError;
 use crate::bpf::lb::LbMaps;
 
@@ -148,18 +148,14 @@ pub fn list(maps: &impl LbMaps, now_ns: u64) -> Result<Vec<CtRow>, BpfError> {
                 },
                 protocol: super::table::proto_name(key.proto),
                 tuple: format!(
-                    "{}:{} -> {}:{}",
-                    Ipv4Addr::from(key.saddr),
-                    u16::from_be_bytes(key.sport),
-                    Ipv4Addr::from(key.daddr),
-                    u16::from_be_bytes(key.dport)
+                    "{} -> {}",
+                    endpoint(key.saddr, key.sport),
+                    endpoint(key.daddr, key.dport)
                 ),
                 nat: format!(
-                    "{}:{} -> {}:{}",
-                    Ipv4Addr::from(value.nat_saddr),
-                    u16::from_be_bytes(value.nat_sport),
-                    Ipv4Addr::from(value.nat_daddr),
-                    u16::from_be_bytes(value.nat_dport)
+                    "{} -> {}",
+                    endpoint(value.nat_saddr, value.nat_sport),
+                    endpoint(value.nat_daddr, value.nat_dport)
                 ),
                 frontend: value.frontend,
                 age_seconds: now_ns.saturating_sub(value.created_ns) / 1_000_000_000,

@@ -34,7 +34,7 @@ use skiff_common::watch::{Change, key_of};
 use skiff_ebpf_common::lb::{CFG_F_ENABLED, NodeConfig};
 use tokio_util::sync::CancellationToken;
 
-use crate::bpf::lb::{AyaLbMaps, LbMaps};
+use crate::bpf::lb::LbMaps;
 use crate::bpf::{BpfError, Datapath, Hook};
 use model::{ServicePortKey, lb_ips};
 use table::LbTable;
@@ -405,14 +405,7 @@ pub async fn run(
                 entry.frontends = port
                     .frontends
                     .iter()
-                    .map(|f| {
-                        format!(
-                            "{}:{}/{}",
-                            Ipv4Addr::from(f.key.addr),
-                            u16::from_be_bytes(f.key.port),
-                            table::proto_name(f.key.proto)
-                        )
-                    })
+                    .map(|f| table::frontend_text(&f.key))
                     .collect();
                 match result {
                     Ok(rev) => {
@@ -598,14 +591,4 @@ pub fn read_status(run_root: &std::path::Path) -> Vec<PortStatus> {
     }
     all.sort_by(|a, b| (&a.service, &a.node).cmp(&(&b.service, &b.node)));
     all
-}
-
-/// The pinned maps of a node, for the views (no agent needed).
-pub fn open_maps(maps_dir: &std::path::Path) -> Result<AyaLbMaps, BpfError> {
-    AyaLbMaps::open(maps_dir)
-}
-
-/// The frontends of a node's pinned maps.
-pub fn list_frontends(maps: &impl LbMaps) -> Result<Vec<table::FrontendRow>, BpfError> {
-    table::list(maps)
 }

@@ -294,14 +294,12 @@ fn protocol_of(protocol: Option<&str>) -> Option<u8> {
 
 /// A Service's LoadBalancer ingress IPs (IPv4).
 pub fn lb_ips(service: &Service) -> Vec<Ipv4Addr> {
-    service
-        .status
-        .as_ref()
-        .and_then(|s| s.load_balancer.as_ref())
-        .and_then(|lb| lb.ingress.as_ref())
+    skiff_common::service::ingress_ips(service)
         .into_iter()
-        .flatten()
-        .filter_map(|i| i.ip.as_deref().and_then(ipv4))
+        .filter_map(|ip| match ip {
+            std::net::IpAddr::V4(ip) => Some(ip),
+            std::net::IpAddr::V6(_) => None,
+        })
         .collect()
 }
 

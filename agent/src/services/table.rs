@@ -540,6 +540,16 @@ pub struct FrontendRow {
     pub bytes: u64,
 }
 
+/// `address:port` from network-order bytes.
+pub fn endpoint(addr: [u8; 4], port: [u8; 2]) -> String {
+    format!("{}:{}", Ipv4Addr::from(addr), u16::from_be_bytes(port))
+}
+
+/// A frontend as `address:port/PROTOCOL`.
+pub fn frontend_text(key: &FrontendKey) -> String {
+    format!("{}/{}", endpoint(key.addr, key.port), proto_name(key.proto))
+}
+
 /// `KIND_*` as the Service type that makes it.
 pub fn kind_name(kind: u8) -> &'static str {
     match kind {
@@ -593,12 +603,7 @@ pub fn list(maps: &impl LbMaps) -> Result<Vec<FrontendRow>, BpfError> {
             backends.sort_by_key(|(ordinal, _)| *ordinal);
             let stats = stats.get(&value.id).copied().unwrap_or_default();
             FrontendRow {
-                frontend: format!(
-                    "{}:{}/{}",
-                    Ipv4Addr::from(key.addr),
-                    u16::from_be_bytes(key.port),
-                    proto_name(key.proto)
-                ),
+                frontend: frontend_text(&key),
                 kind: kind_name(value.kind),
                 service: names
                     .get(&value.service)
@@ -615,11 +620,7 @@ pub fn list(maps: &impl LbMaps) -> Result<Vec<FrontendRow>, BpfError> {
                     .into_iter()
                     .take(usize::from(value.count))
                     .map(|(_, slot)| BackendRow {
-                        address: format!(
-                            "{}:{}",
-                            Ipv4Addr::from(slot.addr),
-                            u16::from_be_bytes(slot.port)
-                        ),
+                        address: endpoint(slot.addr, slot.port),
                         state: if slot.flags & BE_F_TERMINATING != 0 {
                             "terminating"
                         } else {

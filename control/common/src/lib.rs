@@ -16,7 +16,8 @@
 //!   [`validation`] (names and labels), [`qos`] (a pod's QoS class),
 //!   [`node`] (what agents and controllers agree on about Nodes),
 //!   [`registry`] (the one table of served kinds: the API server routes by
-//!   it, the namespace and garbage collectors walk it);
+//!   it, the namespace and garbage collectors walk it), [`service`] (what
+//!   LoadBalancer IPAM and the agents read off a Service);
 //! - `serviceaccount` (feature `serviceaccount`): token keys, signing and
 //!   verification, for the API server and the token controller.
 
@@ -31,6 +32,7 @@ pub mod node;
 pub mod qos;
 pub mod quantity;
 pub mod registry;
+pub mod service;
 #[cfg(feature = "serviceaccount")]
 pub mod serviceaccount;
 pub mod trimmed;

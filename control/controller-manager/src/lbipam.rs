@@ -59,18 +59,7 @@ fn has_other_class(service: &Service) -> bool {
         .is_some_and(|c| !c.is_empty())
 }
 
-/// The ingress IPs in a Service's status.
-pub fn ingress_ips(service: &Service) -> Vec<IpAddr> {
-    service
-        .status
-        .as_ref()
-        .and_then(|s| s.load_balancer.as_ref())
-        .and_then(|lb| lb.ingress.as_ref())
-        .into_iter()
-        .flatten()
-        .filter_map(|i| i.ip.as_deref()?.parse().ok())
-        .collect()
-}
+pub use skiff_common::service::ingress_ips;
 
 /// Which pool addresses are held, by Service uid: from the statuses of
 /// LoadBalancer Services (the oldest holder wins a duplicate), then the
