@@ -128,6 +128,12 @@ pub struct AyaLbMaps {
     errors: PerCpuArray<MapData, u64>,
 }
 
+impl std::fmt::Debug for AyaLbMaps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AyaLbMaps").finish_non_exhaustive()
+    }
+}
+
 impl AyaLbMaps {
     /// Opens the maps pinned in `maps_dir`.
     pub fn open(maps_dir: &Path) -> Result<AyaLbMaps, BpfError> {

@@ -23,6 +23,8 @@ pub struct BpfHook {
     datapath: Arc<Datapath>,
     /// The pods to keep attached, by host-side veth.
     desired: Mutex<BTreeMap<String, PodIdentity>>,
+    /// The load-balancing maps, opened at the first `/metrics` scrape and kept.
+    lb: Mutex<Option<crate::bpf::lb::AyaLbMaps>>,
 }
 
 impl BpfHook {
@@ -37,6 +39,7 @@ impl BpfHook {
                 limits,
             )?),
             desired: Mutex::default(),
+            lb: Mutex::default(),
         })
     }
 
@@ -86,8 +89,12 @@ impl PodNetworkHook for BpfHook {
     fn metrics(&self) -> Result<String, BpfError> {
         let counters = self.datapath.pod_counters()?;
         let mut text = encode_prometheus(&counters);
-        let maps = self.datapath.lb_maps()?;
-        let frontends = crate::services::table::list(&maps)?;
+        let mut lb = self.lb.lock().unwrap_or_else(|e| e.into_inner());
+        if lb.is_none() {
+            *lb = Some(self.datapath.lb_maps()?);
+        }
+        let maps = lb.as_ref().expect("opened just above");
+        let frontends = crate::services::table::list(maps)?;
         let conntrack = maps.conntrack()?.len();
         text.push_str(&encode_lb_prometheus(
             &frontends,
