@@ -41,7 +41,7 @@ use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -174,11 +174,15 @@ impl Rng {
     }
 }
 
-/// One request on a new connection: (latency in µs, backend index) or the error.
-fn request(target: SocketAddrV4) -> std::io::Result<(i64, u8)> {
+/// The load's connect and read timeout.
+const LOAD_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// One request on a new connection, connect and each read bounded by `timeout`: (latency in µs,
+/// backend index) or the error.
+fn request(target: SocketAddrV4, timeout: Duration) -> std::io::Result<(i64, u8)> {
     let start = Instant::now();
-    let mut stream = TcpStream::connect_timeout(&SocketAddr::V4(target), Duration::from_secs(2))?;
-    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let mut stream = TcpStream::connect_timeout(&SocketAddr::V4(target), timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
     stream.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
     let mut answer = Vec::with_capacity(64);
     let mut buf = [0u8; 128];
@@ -261,7 +265,7 @@ fn load(netns: &Path, targets: &[SocketAddrV4]) -> Result<LoadFigures> {
                 let (mut latencies, mut errors) = (Vec::new(), 0);
                 while Instant::now() < deadline {
                     let target = targets[(rng.next() % targets.len() as u64) as usize];
-                    match request(target) {
+                    match request(target, LOAD_TIMEOUT) {
                         Ok((us, _)) => latencies.push(us),
                         Err(_) => errors += 1,
                     }
@@ -693,7 +697,7 @@ fn measure(cluster: &LocalCluster) -> Result<Report> {
         let target = *target;
         thread::spawn(move || {
             skiff_tests::netns::enter_path(&netns)?;
-            request(target)
+            request(target, LOAD_TIMEOUT)
         })
         .join()
         .map_err(|_| anyhow::anyhow!("probe panicked"))?
@@ -870,32 +874,34 @@ async fn change_latency(
         StatusCode::CREATED,
     )
     .await?;
-    // The poller: connections one after the other; the time each backend was first seen since
-    // the last reset.
-    let seen: Arc<Mutex<(u8, Option<Instant>)>> = Arc::new(Mutex::new((u8::MAX, None)));
+    // The pollers: each makes connections one after the other, short timeouts (a connection
+    // caught by a switch does not hold the measurement up); `seen[b]` is when backend `b` was
+    // first seen since the main loop cleared it.
+    let seen: Arc<Mutex<[Option<Instant>; 2]>> = Arc::new(Mutex::new([None, None]));
     let stop = Arc::new(AtomicBool::new(false));
-    let polls = Arc::new(AtomicU64::new(0));
-    let poller = {
-        let (seen, stop, polls) = (seen.clone(), stop.clone(), polls.clone());
-        let client = client.to_path_buf();
-        thread::spawn(move || -> std::io::Result<()> {
-            skiff_tests::netns::enter_path(&client)?;
-            let target = SocketAddrV4::new(vip, 80);
-            while !stop.load(Ordering::Relaxed) {
-                if let Ok((_, backend)) = request(target) {
-                    let mut s = seen.lock().unwrap_or_else(|e| e.into_inner());
-                    if s.0 != backend {
-                        *s = (backend, Some(Instant::now()));
+    let pollers: Vec<_> = (0..PROBE_THREADS)
+        .map(|_| {
+            let (seen, stop) = (seen.clone(), stop.clone());
+            let client = client.to_path_buf();
+            thread::spawn(move || -> std::io::Result<()> {
+                skiff_tests::netns::enter_path(&client)?;
+                let target = SocketAddrV4::new(vip, 80);
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok((_, backend)) = request(target, PROBE_TIMEOUT) {
+                        let now = Instant::now();
+                        let mut s = seen.lock().unwrap_or_else(|e| e.into_inner());
+                        if let Some(slot) = s.get_mut(usize::from(backend)) {
+                            slot.get_or_insert(now);
+                        }
                     }
                 }
-                polls.fetch_add(1, Ordering::Relaxed);
-            }
-            Ok(())
+                Ok(())
+            })
         })
-    };
+        .collect();
     // Wait for the first backend.
     let deadline = Instant::now() + Duration::from_secs(30);
-    while seen.lock().unwrap_or_else(|e| e.into_inner()).0 != 0 {
+    while seen.lock().unwrap_or_else(|e| e.into_inner())[0].is_none() {
         ensure!(
             Instant::now() < deadline,
             "probe never answered from backend 0"
@@ -912,25 +918,20 @@ async fn change_latency(
             ));
             break;
         }
-        let want = (change % 2) as u8;
+        let want = change % 2;
+        // Backend `want` has been out of the Service since the change before last.
+        seen.lock().unwrap_or_else(|e| e.into_inner())[want] = None;
         let start = Instant::now();
         api.expect(
             Method::PUT,
             &format!("{slices}/probe-1"),
-            Some(slice_body(
-                "probe",
-                &backends[usize::from(want)..usize::from(want) + 1],
-            )),
+            Some(slice_body("probe", &backends[want..want + 1])),
             StatusCode::OK,
         )
         .await?;
         let deadline = start + Duration::from_secs(10);
         loop {
-            let (backend, at) = *seen.lock().unwrap_or_else(|e| e.into_inner());
-            if backend == want
-                && let Some(at) = at
-                && at >= start
-            {
+            if let Some(at) = seen.lock().unwrap_or_else(|e| e.into_inner())[want] {
                 latencies.push(i64::try_from((at - start).as_micros()).unwrap_or(i64::MAX));
                 break;
             }
@@ -945,10 +946,16 @@ async fn change_latency(
         }
     }
     stop.store(true, Ordering::Relaxed);
-    let _ = poller.join();
+    for poller in pollers {
+        let _ = poller.join();
+    }
     Ok((Samples::new(latencies), missed))
 }
 
+/// The change probe's threads, each polling the Service's ClusterIP.
+const PROBE_THREADS: usize = 4;
+/// The change probe's connect and read timeout.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(100);
 /// Changes not seen within 10 s after which the change bench stops.
 const MAX_MISSED: usize = 5;
 

@@ -4,14 +4,14 @@
 //! veth ingress ([`From::Pod`]), the node's uplink ingress ([`From::Netdev`]) and the service
 //! veth's far end ([`From::Host`], the node's own processes). It returns the tc action:
 //! `TCX_NEXT` to hand the (possibly rewritten) packet on to the kernel, `TC_ACT_SHOT` to drop it,
-//! `TC_ACT_REDIRECT` when it was redirected (a translated packet whose new source is the node's
-//! own address goes straight to its egress device: the kernel would take it for a spoofed one).
+//! `TC_ACT_REDIRECT` when it was redirected (a translated packet goes straight to its egress
+//! device, past netfilter; see `redirect_out`).
 //!
 //! Every failure is counted in `SKF_ERRORS_V1`; none is silent.
 
 use aya_ebpf::bindings::tcx_action_base::TCX_NEXT;
 use aya_ebpf::bindings::{
-    BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SKIP_NEIGH, TC_ACT_SHOT, bpf_fib_lookup as FibLookup,
+    BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_FIB_LKUP_RET_NOT_FWDED, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SKIP_NEIGH, TC_ACT_SHOT, bpf_fib_lookup as FibLookup,
 };
 use aya_ebpf::helpers::r#gen::{
     bpf_csum_diff, bpf_fib_lookup, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect,
@@ -119,6 +119,7 @@ pub enum From {
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
+const IP_TTL_OFF: usize = ETH_HLEN + 8;
 const IP_PROTO_OFF: usize = ETH_HLEN + 9;
 const IP_CSUM_OFF: usize = ETH_HLEN + 10;
 const IP_SRC_OFF: usize = ETH_HLEN + 12;
@@ -505,8 +506,8 @@ fn count_frontend(ctx: &TcContext, id: u32) {
     }
 }
 
-/// Rewrites the packet's addresses and ports to the entry's, fixing the checksums; a packet whose
-/// new source is the node's address is sent to its egress device directly.
+/// Rewrites the packet's addresses and ports to the entry's, fixing the checksums, and sends it to
+/// its egress device directly (see [`redirect_out`]).
 #[inline(always)]
 fn rewrite(
     ctx: &mut TcContext,
@@ -540,13 +541,7 @@ fn rewrite(
             value.nat_dport,
         )?;
     }
-    if value.nat_saddr == config.node_ip {
-        // A reply of a NodePort connection, or a packet of the node's own processes: the kernel
-        // takes a packet with a local source arriving on an interface for a spoofed one, so it
-        // is routed here.
-        return redirect_out(ctx, value);
-    }
-    Ok(TCX_NEXT)
+    redirect_out(ctx, value, value.nat_saddr == config.node_ip)
 }
 
 #[inline(always)]
@@ -656,10 +651,19 @@ fn port_unreachable(ctx: &mut TcContext) -> Result<i32, u32> {
     Ok(unsafe { bpf_redirect(ifindex, 0) } as i32)
 }
 
-/// Sends a translated packet to the device the node's routing table names for its new
-/// destination, the neighbour resolved by the kernel.
+/// Sends a translated packet straight to the device the node's routing table names for its new
+/// destination (the neighbour resolved by the kernel), past the kernel's forwarding path and so
+/// past netfilter, its TTL decremented as forwarding would. Netfilter's conntrack sees neither
+/// direction of a translated connection: were the packets handed on, it would see one half of
+/// each (the forward packets after translation, the replies before their reverse translation)
+/// and keep every connection as a half-open one until its table filled.
+///
+/// A packet for the node itself (the reply to one of its processes) goes up the stack. `must` is
+/// set when the new source is the node's own address (a NodePort's remote backend, the node's
+/// processes): the kernel would drop such a packet arriving on an interface as spoofed, so a
+/// failed lookup is an error; otherwise it is counted and the packet handed on.
 #[inline(always)]
-fn redirect_out(ctx: &TcContext, value: &CtValue) -> Result<i32, u32> {
+fn redirect_out(ctx: &mut TcContext, value: &CtValue, must: bool) -> Result<i32, u32> {
     // SAFETY: an all-zero bpf_fib_lookup is a valid value (integers and unions of integers).
     let mut params: FibLookup = unsafe { core::mem::zeroed() };
     params.family = 2; // AF_INET
@@ -677,9 +681,29 @@ fn redirect_out(ctx: &TcContext, value: &CtValue) -> Result<i32, u32> {
             BPF_FIB_LOOKUP_SKIP_NEIGH,
         )
     };
-    if ret != i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
-        return Err(ERR_FIB);
+    if ret == i64::from(BPF_FIB_LKUP_RET_NOT_FWDED) && !must {
+        return Ok(TCX_NEXT);
     }
+    if ret != i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
+        if must {
+            return Err(ERR_FIB);
+        }
+        count(ERR_FIB);
+        return Ok(TCX_NEXT);
+    }
+    let ttl: u8 = ctx.load(IP_TTL_OFF).map_err(|_| ERR_REWRITE)?;
+    if ttl <= 1 {
+        // The stack's forwarding drops it with an ICMP time exceeded.
+        return Ok(TCX_NEXT);
+    }
+    // TTL and protocol are one 16-bit word of the header checksum.
+    let proto: u8 = ctx.load(IP_PROTO_OFF).map_err(|_| ERR_REWRITE)?;
+    let old = u16::from_be_bytes([ttl, proto]).to_be();
+    let new = u16::from_be_bytes([ttl - 1, proto]).to_be();
+    ctx.l3_csum_replace(IP_CSUM_OFF, u64::from(old), u64::from(new), 2)
+        .map_err(|_| ERR_REWRITE)?;
+    ctx.store(IP_TTL_OFF, &(ttl - 1), 0)
+        .map_err(|_| ERR_REWRITE)?;
     // SAFETY: a helper call with a null parameter block: the kernel resolves the next hop.
     let action = unsafe { bpf_redirect_neigh(params.ifindex, core::ptr::null_mut(), 0, 0) };
     Ok(action as i32)
