@@ -194,6 +194,67 @@ fn create_namespace_and_configmap_imperatively() {
     assert_eq!(cm["data"]["a"], "b", "configmap data in {cm:#}");
 }
 
+/// kubectl lists in chunks (`limit` and `continue`): every object once, over several pages read
+/// at one revision; a token that is not the server's is refused.
+#[test]
+fn lists_come_in_pages() {
+    let server = server();
+    server.kubectl_ok(&["create", "namespace", "k-pages"]);
+    for i in 0..5 {
+        server.kubectl_ok(&[
+            "create",
+            "configmap",
+            &format!("c{i}"),
+            "-n",
+            "k-pages",
+            "--from-literal=a=b",
+        ]);
+    }
+    let out = server.kubectl(&[
+        "get",
+        "configmaps",
+        "-n",
+        "k-pages",
+        "--chunk-size=2",
+        "-o",
+        "name",
+        "-v=6",
+    ]);
+    assert!(out.status.success(), "kubectl get: {}", stderr(&out));
+    let listed = stdout(&out);
+    let names: Vec<&str> = listed.lines().filter(|l| l.contains("/c")).collect();
+    assert_eq!(
+        names,
+        (0..5)
+            .map(|i| format!("configmap/c{i}"))
+            .collect::<Vec<_>>(),
+        "every configmap once, in order:\n{listed}"
+    );
+    let log = stderr(&out);
+    let pages = log
+        .lines()
+        .filter(|l| l.contains("limit=2") && l.contains("200 OK"))
+        .count();
+    let continued = log.lines().filter(|l| l.contains("continue=")).count();
+    assert!(
+        pages >= 3 && continued >= 2,
+        "three pages of two, the later ones continued:\n{log}"
+    );
+    let refused = kubectl_fails(
+        &server,
+        &[
+            "get",
+            "--raw",
+            "/api/v1/namespaces/k-pages/configmaps?limit=2&continue=bm90LW91cnM=",
+        ],
+        None,
+    );
+    assert!(
+        refused.contains("continue key is not valid"),
+        "a foreign token is refused: {refused}"
+    );
+}
+
 #[test]
 fn pod_qos_class_compares_quantities_by_value() {
     let server = server();
