@@ -15,6 +15,7 @@ pub mod conntrack;
 pub mod health;
 pub mod hostpath;
 pub mod model;
+pub mod objects;
 pub mod table;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -24,8 +25,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ipnetwork::Ipv4Network;
-use k8s_openapi::api::core::v1::{Event, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::core::v1::Event;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
 use kube::api::{Api, PostParams};
 use serde::{Deserialize, Serialize};
@@ -37,6 +37,7 @@ use tokio_util::sync::CancellationToken;
 use crate::bpf::lb::LbMaps;
 use crate::bpf::{BpfError, Datapath, Hook};
 use model::{ServicePortKey, lb_ips};
+use objects::{LbService, LbSlice};
 use table::LbTable;
 
 /// The status file's name in the agent's run directory.
@@ -112,15 +113,15 @@ pub struct PortStatus {
 /// What the loop knows of the cluster.
 #[derive(Default)]
 struct Cache {
-    services: HashMap<String, Arc<Service>>,
+    services: HashMap<String, Arc<LbService>>,
     /// Slices by their Service's key, then by their own key.
-    slices: HashMap<String, BTreeMap<String, Arc<EndpointSlice>>>,
+    slices: HashMap<String, BTreeMap<String, Arc<LbSlice>>>,
     /// Each slice's Service (a relabelled slice moves).
     slice_owner: HashMap<String, String>,
 }
 
 impl Cache {
-    fn apply_service(&mut self, change: Change<Arc<Service>>, dirty: &mut BTreeSet<String>) {
+    fn apply_service(&mut self, change: Change<Arc<LbService>>, dirty: &mut BTreeSet<String>) {
         match change {
             Change::Applied(s) => {
                 let key = key_of(&s.metadata);
@@ -140,7 +141,7 @@ impl Cache {
         }
     }
 
-    fn put_slice(&mut self, slice: Arc<EndpointSlice>, dirty: &mut BTreeSet<String>) {
+    fn put_slice(&mut self, slice: Arc<LbSlice>, dirty: &mut BTreeSet<String>) {
         let key = key_of(&slice.metadata);
         self.drop_slice(&key, dirty);
         if let Some(owner) = model::slice_service(&slice) {
@@ -159,7 +160,7 @@ impl Cache {
         }
     }
 
-    fn apply_slice(&mut self, change: Change<Arc<EndpointSlice>>, dirty: &mut BTreeSet<String>) {
+    fn apply_slice(&mut self, change: Change<Arc<LbSlice>>, dirty: &mut BTreeSet<String>) {
         match change {
             Change::Applied(slice) => self.put_slice(slice, dirty),
             Change::Deleted(slice) => self.drop_slice(&key_of(&slice.metadata), dirty),
@@ -314,15 +315,14 @@ pub async fn run(
         .map_err(bpf)?;
     tracing::info!(uplink = %uplink.name, service_cidr = %args.service_cidr, "service load balancing on");
 
-    let services: Arc<SharedWatch<Service>> = SharedWatch::new(client.clone(), shutdown.clone());
-    let slices: Arc<SharedWatch<EndpointSlice>> =
-        SharedWatch::new(client.clone(), shutdown.clone());
+    let services: Arc<SharedWatch<LbService>> = SharedWatch::new(client.clone(), shutdown.clone());
+    let slices: Arc<SharedWatch<LbSlice>> = SharedWatch::new(client.clone(), shutdown.clone());
     let mut service_changes = services.subscribe();
     let mut slice_changes = slices.subscribe();
     let mut cache = Cache::default();
     let mut dirty: BTreeSet<String> = BTreeSet::new();
     let mut retries: HashMap<String, (Instant, Duration)> = HashMap::new();
-    let mut status: BTreeMap<ServicePortKey, PortStatus> = BTreeMap::new();
+    let mut status: BTreeMap<ServicePortKey, Arc<PortStatus>> = BTreeMap::new();
     let mut ports_of: HashMap<String, BTreeSet<ServicePortKey>> = HashMap::new();
     let mut reported: HashMap<String, String> = HashMap::new();
     let mut synced = (false, false);
@@ -339,9 +339,14 @@ pub async fn run(
     let mut held_dirty = false;
     let mut announced: BTreeSet<[u8; 4]> = BTreeSet::new();
     let mut tick = tokio::time::interval(Duration::from_millis(100));
-    let mut next_gc = Instant::now() + CT_GC_INTERVAL;
     let started = Instant::now();
     let (mut status_dirty, mut next_status) = (false, Instant::now());
+    let mut writing: Option<tokio::task::JoinHandle<()>> = None;
+    tokio::spawn(collect_conntrack(
+        datapath.lb_maps().map_err(bpf)?,
+        args.limits.ct,
+        shutdown.clone(),
+    ));
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
@@ -393,15 +398,16 @@ pub async fn run(
             let mut failure = None;
             for port in &desired {
                 let result = table.reconcile(&port.key, Some(port), now);
-                let entry = status
-                    .entry(port.key.clone())
-                    .or_insert_with(|| PortStatus {
+                // A copy only while the status file's writer still holds this row.
+                let entry = Arc::make_mut(status.entry(port.key.clone()).or_insert_with(|| {
+                    Arc::new(PortStatus {
                         service: port.key.to_string(),
                         node: node.clone(),
                         revision: None,
                         error: None,
                         frontends: Vec::new(),
-                    });
+                    })
+                }));
                 entry.frontends = port
                     .frontends
                     .iter()
@@ -497,39 +503,69 @@ pub async fn run(
         if let Err(error) = table.collect(now) {
             tracing::warn!(error = %skiff_common::error::chain(&error), "cannot delete retired slots; retrying");
         }
-        if now >= next_gc {
-            next_gc = now + CT_GC_INTERVAL;
-            match conntrack::collect(table.maps_mut(), conntrack::monotonic_ns()) {
-                Ok(collected) => {
-                    if collected.removed > 0 {
-                        tracing::debug!(
-                            removed = collected.removed,
-                            left = collected.remaining,
-                            "conntrack entries expired"
-                        );
-                    }
-                    if collected.remaining > args.limits.ct as usize / 4 {
-                        next_gc = now + CT_GC_BUSY_INTERVAL;
-                    }
-                }
-                Err(error) => {
-                    tracing::warn!(error = %skiff_common::error::chain(&error), "conntrack collection failed")
-                }
-            }
-        }
         status_dirty |= changed;
-        if status_dirty && now >= next_status {
-            write_status(&status_path, status.values());
+        // The file is written on a blocking thread, one write at a time: at 10,000 service
+        // ports it is megabytes of JSON, which the loop does not wait for.
+        if status_dirty && now >= next_status && writing.as_ref().is_none_or(|w| w.is_finished()) {
+            let rows: Vec<Arc<PortStatus>> = status.values().cloned().collect();
+            let path = status_path.clone();
+            writing = Some(tokio::task::spawn_blocking(move || {
+                write_status(&path, &rows)
+            }));
             status_dirty = false;
             next_status = now + STATUS_PERIOD;
         }
     }
 }
 
-fn write_status<'a>(path: &PathBuf, status: impl Iterator<Item = &'a PortStatus>) {
-    let rows: Vec<&PortStatus> = status.collect();
+/// Expires conntrack entries until `shutdown`: every [`CT_GC_INTERVAL`], every
+/// [`CT_GC_BUSY_INTERVAL`] while the table (of `ct_max` entries) is more than a quarter full. Its
+/// own task, over its own handles of the maps, on a blocking thread: a walk of a full table must
+/// not hold up the programming of Services.
+async fn collect_conntrack(
+    maps: crate::bpf::lb::AyaLbMaps,
+    ct_max: u32,
+    shutdown: CancellationToken,
+) {
+    let maps = Arc::new(std::sync::Mutex::new(maps));
+    let mut pause = CT_GC_INTERVAL;
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(pause) => {}
+        }
+        let maps = maps.clone();
+        let collected = tokio::task::spawn_blocking(move || {
+            let mut maps = maps.lock().unwrap_or_else(|e| e.into_inner());
+            conntrack::collect(&mut *maps, conntrack::monotonic_ns())
+        })
+        .await;
+        pause = CT_GC_INTERVAL;
+        match collected {
+            Ok(Ok(collected)) => {
+                if collected.removed > 0 {
+                    tracing::debug!(
+                        removed = collected.removed,
+                        left = collected.remaining,
+                        "conntrack entries expired"
+                    );
+                }
+                if collected.remaining > ct_max as usize / 4 {
+                    pause = CT_GC_BUSY_INTERVAL;
+                }
+            }
+            Ok(Err(error)) => {
+                tracing::warn!(error = %skiff_common::error::chain(&error), "conntrack collection failed")
+            }
+            Err(error) => tracing::warn!(%error, "conntrack collection panicked"),
+        }
+    }
+}
+
+fn write_status(path: &PathBuf, rows: &[Arc<PortStatus>]) {
     let tmp = path.with_extension("json.tmp");
-    let written = serde_json::to_vec_pretty(&rows)
+    let rows: Vec<&PortStatus> = rows.iter().map(Arc::as_ref).collect();
+    let written = serde_json::to_vec(&rows)
         .map_err(std::io::Error::other)
         .and_then(|bytes| std::fs::write(&tmp, bytes))
         .and_then(|()| std::fs::rename(&tmp, path));
@@ -539,7 +575,7 @@ fn write_status<'a>(path: &PathBuf, status: impl Iterator<Item = &'a PortStatus>
 }
 
 /// Records a Warning Event on `service` (in the background; best effort).
-fn warn_event(client: &kube::Client, service: &Service, node: &str, message: &str) {
+fn warn_event(client: &kube::Client, service: &LbService, node: &str, message: &str) {
     let namespace = service
         .metadata
         .namespace

@@ -12,14 +12,14 @@
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 
-use k8s_openapi::api::core::v1::{Service, ServicePort as K8sServicePort};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use super::objects::{LbService, LbSlice};
+use k8s_openapi::api::core::v1::ServicePort as K8sServicePort;
 use skiff_ebpf_common::lb::{
     FE_F_LOCAL_EXTERNAL, FE_F_LOCAL_INTERNAL, FrontendKey, KIND_CLUSTER_IP, KIND_EXTERNAL_IP,
     KIND_LOAD_BALANCER, KIND_NODE_PORT, PROTO_TCP, PROTO_UDP,
 };
 
-/// The label naming the Service of an EndpointSlice.
+/// The label naming the Service of an LbSlice.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// `sessionAffinityConfig.clientIP.timeoutSeconds` when the Service sets none (3 hours).
 pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
@@ -101,12 +101,12 @@ fn ipv4(s: &str) -> Option<Ipv4Addr> {
     s.parse().ok()
 }
 
-/// The service ports `service` should have on node `node`, given every EndpointSlice of the
+/// The service ports `service` should have on node `node`, given every LbSlice of the
 /// cluster that names it (others are ignored). A Service without a ClusterIP that is not
 /// headless, an ExternalName Service and SCTP ports give nothing.
 pub fn desired<'a>(
-    service: &Service,
-    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+    service: &LbService,
+    slices: impl IntoIterator<Item = &'a LbSlice>,
     node: &str,
 ) -> Vec<ServicePort> {
     let namespace = service.metadata.namespace.clone().unwrap_or_default();
@@ -150,7 +150,7 @@ pub fn desired<'a>(
     } else {
         0
     };
-    let slices: Vec<&EndpointSlice> = slices
+    let slices: Vec<&LbSlice> = slices
         .into_iter()
         .filter(|s| {
             s.metadata.namespace.as_deref() == Some(namespace.as_str())
@@ -240,7 +240,7 @@ pub fn desired<'a>(
 }
 
 /// The backends of the port named `port_name` (protocol `proto`) in `slices`.
-fn backends(slices: &[&EndpointSlice], port_name: &str, proto: u8, node: &str) -> Vec<Backend> {
+fn backends(slices: &[&LbSlice], port_name: &str, proto: u8, node: &str) -> Vec<Backend> {
     let mut ready = BTreeSet::new();
     let mut terminating = BTreeSet::new();
     for slice in slices {
@@ -261,7 +261,7 @@ fn backends(slices: &[&EndpointSlice], port_name: &str, proto: u8, node: &str) -
             let is_serving = conditions.and_then(|c| c.serving).unwrap_or(is_ready);
             let is_terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
             let remote = endpoint.node_name.as_deref() != Some(node);
-            for addr in endpoint.addresses.iter().filter_map(|a| ipv4(a)) {
+            if let Some(addr) = endpoint.address {
                 if is_ready && !is_terminating {
                     ready.insert(Backend {
                         remote,
@@ -293,8 +293,8 @@ fn protocol_of(protocol: Option<&str>) -> Option<u8> {
 }
 
 /// A Service's LoadBalancer ingress IPs (IPv4).
-pub fn lb_ips(service: &Service) -> Vec<Ipv4Addr> {
-    skiff_common::service::ingress_ips(service)
+pub fn lb_ips(service: &LbService) -> Vec<Ipv4Addr> {
+    skiff_common::service::status_ingress_ips(service.status.as_ref())
         .into_iter()
         .filter_map(|ip| match ip {
             std::net::IpAddr::V4(ip) => Some(ip),
@@ -303,8 +303,8 @@ pub fn lb_ips(service: &Service) -> Vec<Ipv4Addr> {
         .collect()
 }
 
-/// The Service an EndpointSlice belongs to, as `namespace/name`.
-pub fn slice_service(slice: &EndpointSlice) -> Option<String> {
+/// The Service an LbSlice belongs to, as `namespace/name`.
+pub fn slice_service(slice: &LbSlice) -> Option<String> {
     let name = slice.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
     Some(format!(
         "{}/{name}",
@@ -317,11 +317,11 @@ pub(crate) mod tests {
     use super::*;
     use serde_json::json;
 
-    pub(crate) fn service(value: serde_json::Value) -> Service {
+    pub(crate) fn service(value: serde_json::Value) -> LbService {
         serde_json::from_value(value).expect("a Service")
     }
 
-    pub(crate) fn slice(value: serde_json::Value) -> EndpointSlice {
+    pub(crate) fn slice(value: serde_json::Value) -> LbSlice {
         serde_json::from_value(value).expect("an EndpointSlice")
     }
 
@@ -338,7 +338,7 @@ pub(crate) mod tests {
         }
     }
 
-    fn web() -> Service {
+    fn web() -> LbService {
         service(json!({
             "metadata": {"namespace": "default", "name": "web"},
             "spec": {
@@ -356,7 +356,7 @@ pub(crate) mod tests {
         }))
     }
 
-    fn web_slice() -> EndpointSlice {
+    fn web_slice() -> LbSlice {
         slice(json!({
             "metadata": {"namespace": "default", "name": "web-abc",
                          "labels": {"kubernetes.io/service-name": "web"}},

@@ -59,9 +59,9 @@ struct Retired {
 pub struct LbTable<M> {
     maps: M,
     ports: HashMap<ServicePortKey, Programmed>,
-    service_ids: BTreeSet<u32>,
+    service_ids: IdPool,
     frontend_ids: BTreeMap<FrontendKey, u32>,
-    used_frontend_ids: BTreeSet<u32>,
+    used_frontend_ids: IdPool,
     retired: VecDeque<Retired>,
     /// Frontends found at restore whose service port is unknown: removed by [`Self::retain`].
     orphans: Vec<FrontendKey>,
@@ -95,16 +95,51 @@ pub fn decode_identity(value: &ServiceIdentityValue) -> Option<ServicePortKey> {
     })
 }
 
-/// The smallest id ≥ 1 not in `used`.
-fn free_id(used: &BTreeSet<u32>) -> u32 {
-    let mut id = 1;
-    for &taken in used.range(1..) {
-        if taken != id {
-            break;
+/// Ids from 1 up, each handed out at most once at a time, the smallest free one first, in
+/// O(log n): every id below `next` is either in use or in `free`.
+#[derive(Debug)]
+struct IdPool {
+    next: u32,
+    free: BTreeSet<u32>,
+}
+
+impl Default for IdPool {
+    fn default() -> Self {
+        IdPool {
+            next: 1,
+            free: BTreeSet::new(),
         }
-        id += 1;
     }
-    id
+}
+
+impl IdPool {
+    /// The smallest id not in use, now in use.
+    fn take(&mut self) -> u32 {
+        match self.free.pop_first() {
+            Some(id) => id,
+            None => {
+                self.next += 1;
+                self.next - 1
+            }
+        }
+    }
+
+    /// Marks `id` in use (an id found in the maps at restore).
+    fn claim(&mut self, id: u32) {
+        if id >= self.next {
+            self.free.extend(self.next..id);
+            self.next = id + 1;
+        } else {
+            self.free.remove(&id);
+        }
+    }
+
+    /// Gives `id` back.
+    fn release(&mut self, id: u32) {
+        if id != 0 && id < self.next {
+            self.free.insert(id);
+        }
+    }
 }
 
 impl<M: LbMaps> LbTable<M> {
@@ -113,9 +148,9 @@ impl<M: LbMaps> LbTable<M> {
         let mut table = LbTable {
             maps,
             ports: HashMap::new(),
-            service_ids: BTreeSet::new(),
+            service_ids: IdPool::default(),
             frontend_ids: BTreeMap::new(),
-            used_frontend_ids: BTreeSet::new(),
+            used_frontend_ids: IdPool::default(),
             retired: VecDeque::new(),
             orphans: Vec::new(),
         };
@@ -124,7 +159,7 @@ impl<M: LbMaps> LbTable<M> {
             match decode_identity(&value) {
                 Some(key) => {
                     keys.insert(id, key.clone());
-                    table.service_ids.insert(id);
+                    table.service_ids.claim(id);
                     table.ports.insert(
                         key,
                         Programmed {
@@ -138,7 +173,7 @@ impl<M: LbMaps> LbTable<M> {
         }
         for (key, value) in table.maps.frontends()? {
             table.frontend_ids.insert(key, value.id);
-            table.used_frontend_ids.insert(value.id);
+            table.used_frontend_ids.claim(value.id);
             match keys.get(&value.service) {
                 Some(port) => {
                     let programmed = table.ports.get_mut(port).expect("inserted above");
@@ -238,9 +273,11 @@ impl<M: LbMaps> LbTable<M> {
                     Some(p) => p,
                     None => {
                         let value = identity(key)?;
-                        let id = free_id(&self.service_ids);
-                        self.maps.put_service(id, &value)?;
-                        self.service_ids.insert(id);
+                        let id = self.service_ids.take();
+                        if let Err(e) = self.maps.put_service(id, &value) {
+                            self.service_ids.release(id);
+                            return Err(e);
+                        }
                         Programmed {
                             id,
                             ..Programmed::default()
@@ -332,8 +369,7 @@ impl<M: LbMaps> LbTable<M> {
             let fe_id = match self.frontend_ids.get(&frontend.key) {
                 Some(&fe_id) => fe_id,
                 None => {
-                    let fe_id = free_id(&self.used_frontend_ids);
-                    self.used_frontend_ids.insert(fe_id);
+                    let fe_id = self.used_frontend_ids.take();
                     self.frontend_ids.insert(frontend.key, fe_id);
                     fe_id
                 }
@@ -385,7 +421,7 @@ impl<M: LbMaps> LbTable<M> {
 
     fn forget_frontend_id(&mut self, key: &FrontendKey) {
         if let Some(fe_id) = self.frontend_ids.remove(key) {
-            self.used_frontend_ids.remove(&fe_id);
+            self.used_frontend_ids.release(fe_id);
         }
     }
 
@@ -448,7 +484,7 @@ impl<M: LbMaps> LbTable<M> {
             return Err(e);
         }
         self.maps.remove_service(programmed.id)?;
-        self.service_ids.remove(&programmed.id);
+        self.service_ids.release(programmed.id);
         Ok(())
     }
 
@@ -682,7 +718,20 @@ mod tests {
     use crate::services::model::tests::{service, slice};
     use serde_json::json;
 
-    fn svc(type_: &str, extra: serde_json::Value) -> k8s_openapi::api::core::v1::Service {
+    #[test]
+    fn ids_are_the_smallest_free_ones() {
+        let mut pool = IdPool::default();
+        assert_eq!([pool.take(), pool.take()], [1, 2]);
+        // Restored ids leave their gaps free.
+        pool.claim(5);
+        pool.claim(3);
+        assert_eq!([pool.take(), pool.take(), pool.take()], [4, 6, 7]);
+        pool.release(2);
+        pool.release(6);
+        assert_eq!([pool.take(), pool.take(), pool.take()], [2, 6, 8]);
+    }
+
+    fn svc(type_: &str, extra: serde_json::Value) -> crate::services::objects::LbService {
         let mut spec = json!({
             "type": type_, "clusterIP": "10.96.0.20",
             "ports": [{"name": "http", "port": 80, "nodePort": 30080}]
@@ -693,7 +742,7 @@ mod tests {
         service(json!({"metadata": {"namespace": "default", "name": "web"}, "spec": spec}))
     }
 
-    fn eps(endpoints: &[(&str, &str, bool)]) -> k8s_openapi::api::discovery::v1::EndpointSlice {
+    fn eps(endpoints: &[(&str, &str, bool)]) -> crate::services::objects::LbSlice {
         let endpoints: Vec<_> = endpoints
             .iter()
             .map(|(ip, node, ready)| {
@@ -712,8 +761,8 @@ mod tests {
 
     fn sync(
         table: &mut LbTable<FakeLbMaps>,
-        service: &k8s_openapi::api::core::v1::Service,
-        slices: &[k8s_openapi::api::discovery::v1::EndpointSlice],
+        service: &crate::services::objects::LbService,
+        slices: &[crate::services::objects::LbSlice],
         now: Instant,
     ) {
         for port in desired(service, slices, "n1") {

@@ -2,14 +2,17 @@
 
 use std::net::IpAddr;
 
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Service, ServiceStatus};
 
 /// The ingress IPs in a Service's `status.loadBalancer` (entries without an IP, or with one
 /// that does not parse, are skipped).
 pub fn ingress_ips(service: &Service) -> Vec<IpAddr> {
-    service
-        .status
-        .as_ref()
+    status_ingress_ips(service.status.as_ref())
+}
+
+/// [`ingress_ips`] from the Service's status alone (for types that hold only part of a Service).
+pub fn status_ingress_ips(status: Option<&ServiceStatus>) -> Vec<IpAddr> {
+    status
         .and_then(|s| s.load_balancer.as_ref())
         .and_then(|lb| lb.ingress.as_ref())
         .into_iter()
