@@ -114,8 +114,9 @@ pub struct PortStatus {
 #[derive(Default)]
 struct Cache {
     services: HashMap<String, Arc<LbService>>,
-    /// Slices by their Service's key, then by their own key.
-    slices: HashMap<String, BTreeMap<String, Arc<LbSlice>>>,
+    /// Slices by their Service's key, with their own keys (a Service has one or a few: a list
+    /// is a tenth of the memory of a map).
+    slices: HashMap<String, Vec<(String, Arc<LbSlice>)>>,
     /// Each slice's Service (a relabelled slice moves).
     slice_owner: HashMap<String, String>,
 }
@@ -147,14 +148,17 @@ impl Cache {
         if let Some(owner) = model::slice_service(&slice) {
             dirty.insert(owner.clone());
             self.slice_owner.insert(key.clone(), owner.clone());
-            self.slices.entry(owner).or_default().insert(key, slice);
+            self.slices.entry(owner).or_default().push((key, slice));
         }
     }
 
     fn drop_slice(&mut self, key: &str, dirty: &mut BTreeSet<String>) {
         if let Some(old) = self.slice_owner.remove(key) {
-            if let Some(m) = self.slices.get_mut(&old) {
-                m.remove(key);
+            if let Some(list) = self.slices.get_mut(&old) {
+                list.retain(|(k, _)| k != key);
+                if list.is_empty() {
+                    self.slices.remove(&old);
+                }
             }
             dirty.insert(old);
         }
@@ -241,7 +245,7 @@ impl Cache {
             service,
             slices
                 .into_iter()
-                .flat_map(|m| m.values().map(|s| s.as_ref())),
+                .flat_map(|list| list.iter().map(|(_, s)| s.as_ref())),
             node,
         )
     }
