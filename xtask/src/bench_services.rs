@@ -119,7 +119,12 @@ fn response(i: usize) -> Vec<u8> {
     format!("HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nb{i}").into_bytes()
 }
 
-/// Starts two server threads for backend `i` in the network namespace at `netns`.
+/// Threads accepting connections on each backend.
+const SERVER_THREADS: usize = 4;
+/// How long a backend's server waits for a request, then for the client to close.
+const SERVER_TIMEOUT: Duration = Duration::from_millis(300);
+
+/// Starts [`SERVER_THREADS`] server threads for backend `i` in the network namespace at `netns`.
 fn start_server(netns: PathBuf, i: usize, stop: Arc<AtomicBool>) -> Result<()> {
     let (tx, rx) = std::sync::mpsc::channel();
     thread::spawn(move || {
@@ -141,9 +146,10 @@ fn start_server(netns: PathBuf, i: usize, stop: Arc<AtomicBool>) -> Result<()> {
                     return;
                 }
                 let Ok(mut stream) = stream else { continue };
-                // A client that vanished (reset on the way when a backend changes) must not hold
-                // the thread.
-                let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+                // A client that vanished must not hold the thread: when a change takes the
+                // backend out of the Service, the client's FIN goes to the new backend (the
+                // connection moves, as the datapath moves connections whose backend left).
+                let _ = stream.set_read_timeout(Some(SERVER_TIMEOUT));
                 // The request, then the answer, then wait for the client to close first (so
                 // that TIME_WAIT stays on the client, as with a real HTTP/1.0 client).
                 let _ = stream.read(&mut buf);
@@ -151,9 +157,11 @@ fn start_server(netns: PathBuf, i: usize, stop: Arc<AtomicBool>) -> Result<()> {
                 while matches!(stream.read(&mut buf), Ok(n) if n > 0) {}
             }
         };
-        if let Ok(second) = listener.try_clone() {
-            let stop = stop.clone();
-            thread::spawn(move || serve(second, stop));
+        for _ in 1..SERVER_THREADS {
+            if let Ok(more) = listener.try_clone() {
+                let stop = stop.clone();
+                thread::spawn(move || serve(more, stop));
+            }
         }
         serve(listener, stop);
     });

@@ -327,7 +327,8 @@ pub async fn run(
     let mut dirty: BTreeSet<String> = BTreeSet::new();
     let mut retries: HashMap<String, (Instant, Duration)> = HashMap::new();
     let mut status: BTreeMap<ServicePortKey, Arc<PortStatus>> = BTreeMap::new();
-    let mut ports_of: HashMap<String, BTreeSet<ServicePortKey>> = HashMap::new();
+    // A Service's ports (a list: a set's node holds room for eleven).
+    let mut ports_of: HashMap<String, Vec<ServicePortKey>> = HashMap::new();
     let mut reported: HashMap<String, String> = HashMap::new();
     let mut synced = (false, false);
     let mut retained = false;
@@ -445,7 +446,7 @@ pub async fn run(
             if wanted.is_empty() {
                 ports_of.remove(&key);
             } else {
-                ports_of.insert(key.clone(), wanted);
+                ports_of.insert(key.clone(), wanted.into_iter().collect());
             }
             match failure {
                 Some(message) => {

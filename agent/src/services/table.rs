@@ -38,12 +38,81 @@ struct Programmed {
     rev: u32,
     slots: Vec<SlotValue>,
     /// Every revision with slots written, and how many.
-    slot_revs: BTreeMap<u32, u32>,
+    slot_revs: VecMap<u32, u32>,
     /// The highest revision ever used: a new one is always above it (a retired revision's
     /// slots must never be rewritten before they are deleted).
     last_rev: u32,
-    frontends: BTreeMap<FrontendKey, FrontendValue>,
-    backends: BTreeMap<BackendKey, BackendValue>,
+    frontends: VecMap<FrontendKey, FrontendValue>,
+    backends: VecMap<BackendKey, BackendValue>,
+}
+
+/// A small map as a sorted list: a service port has one to a few frontends and revisions and
+/// its endpoints' backends, and a `BTreeMap`'s node holds room for eleven entries (at 10,000
+/// Services the three maps were a tenth of the agent's memory).
+#[derive(Clone, Debug)]
+struct VecMap<K, V>(Vec<(K, V)>);
+
+impl<K, V> Default for VecMap<K, V> {
+    fn default() -> Self {
+        VecMap(Vec::new())
+    }
+}
+
+impl<K: Ord, V> VecMap<K, V> {
+    fn find(&self, key: &K) -> Result<usize, usize> {
+        self.0.binary_search_by(|(k, _)| k.cmp(key))
+    }
+    fn get(&self, key: &K) -> Option<&V> {
+        self.find(key).ok().map(|i| &self.0[i].1)
+    }
+    fn contains_key(&self, key: &K) -> bool {
+        self.find(key).is_ok()
+    }
+    fn insert(&mut self, key: K, value: V) {
+        match self.find(&key) {
+            Ok(i) => self.0[i].1 = value,
+            Err(i) => self.0.insert(i, (key, value)),
+        }
+    }
+    fn remove(&mut self, key: &K) -> Option<V> {
+        self.find(key).ok().map(|i| self.0.remove(i).1)
+    }
+    fn entry_or_default(&mut self, key: K) -> &mut V
+    where
+        V: Default,
+    {
+        let i = match self.find(&key) {
+            Ok(i) => i,
+            Err(i) => {
+                self.0.insert(i, (key, V::default()));
+                i
+            }
+        };
+        &mut self.0[i].1
+    }
+    fn retain(&mut self, mut keep: impl FnMut(&K, &mut V) -> bool) {
+        self.0.retain_mut(|(k, v)| keep(k, v));
+    }
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+    fn keys(&self) -> impl Iterator<Item = &K> {
+        self.0.iter().map(|(k, _)| k)
+    }
+    fn values(&self) -> impl Iterator<Item = &V> {
+        self.0.iter().map(|(_, v)| v)
+    }
+    fn iter(&self) -> impl Iterator<Item = (&K, &V)> {
+        self.0.iter().map(|(k, v)| (k, v))
+    }
+}
+
+impl<'a, K, V> IntoIterator for &'a VecMap<K, V> {
+    type Item = (&'a K, &'a V);
+    type IntoIter = std::iter::Map<std::slice::Iter<'a, (K, V)>, fn(&'a (K, V)) -> (&'a K, &'a V)>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter().map(|(k, v)| (k, v))
+    }
 }
 
 /// Slots to delete once their time has come.
@@ -192,7 +261,7 @@ impl<M: LbMaps> LbTable<M> {
         for (key, value) in slots {
             match by_service.get_mut(&key.service) {
                 Some(programmed) => {
-                    let count = programmed.slot_revs.entry(key.rev).or_default();
+                    let count = programmed.slot_revs.entry_or_default(key.rev);
                     *count = (*count).max(key.ordinal + 1);
                     programmed.last_rev = programmed.last_rev.max(key.rev);
                     if key.rev == programmed.rev && key.ordinal as usize == programmed.slots.len() {
