@@ -28,25 +28,21 @@ impl Request<'_> {
 
     pub(super) async fn list(&self) -> Result<Response, ApiError> {
         let (labels, fields) = self.selectors()?;
-        if table::wants_table(accept(&self.headers)).is_none() {
+        let Some(api_version) = table::wants_table(accept(&self.headers)) else {
             return self.list_json(&labels, &fields).await;
-        }
+        };
+        // A server-side Table (what `kubectl get` prints) is built from the decoded objects.
         let (items, revision) = self.list_matching(&labels, &fields).await?;
-        let info = self.info();
-        if let Some(api_version) = table::wants_table(accept(&self.headers)) {
-            let include = IncludeObject::parse(self.query.get("includeObject").map(String::as_str));
-            let mut table =
-                table::table(info, &items, include, api_version, jiff::Timestamp::now());
-            table["metadata"] = json!({"resourceVersion": revision.to_string()});
-            return Ok(json_response(StatusCode::OK, &table));
-        }
-        let list = json!({
-            "kind": info.list_kind(),
-            "apiVersion": info.api_version(),
-            "metadata": {"resourceVersion": revision.to_string()},
-            "items": items,
-        });
-        Ok(json_response(StatusCode::OK, &list))
+        let include = IncludeObject::parse(self.query.get("includeObject").map(String::as_str));
+        let mut table = table::table(
+            self.info(),
+            &items,
+            include,
+            api_version,
+            jiff::Timestamp::now(),
+        );
+        table["metadata"] = json!({"resourceVersion": revision.to_string()});
+        Ok(json_response(StatusCode::OK, &table))
     }
 
     /// A list as JSON, put together from the objects' stored text: no object is decoded but for
