@@ -336,6 +336,13 @@ fn baseline_vip(prefix: [u8; 2], i: usize) -> Ipv4Addr {
     Ipv4Addr::new(prefix[0], prefix[1], (i / 250) as u8, (i % 250 + 1) as u8)
 }
 
+/// Port 80 of the first `services` baseline VIPs under `prefix`.
+fn baseline_targets(prefix: [u8; 2], services: usize) -> Vec<SocketAddrV4> {
+    (0..services)
+        .map(|i| SocketAddrV4::new(baseline_vip(prefix, i), 80))
+        .collect()
+}
+
 /// kube-proxy's iptables-mode `nat` table for `services` services over `backends`, as one
 /// `iptables-restore --noflush` input (`first`: also the jumps from the built-in chains).
 fn iptables_rules(services: usize, backends: &[Ipv4Addr], first: bool) -> String {
@@ -785,9 +792,7 @@ fn measure(cluster: &LocalCluster) -> Result<Report> {
         say(format!("iptables: {services} services"));
         let rules = iptables_rules(services, &backends, n == 0);
         let iptables_load = run_in(&node_netns, IPTABLES_RESTORE, &["--noflush"], &rules)?;
-        let targets: Vec<SocketAddrV4> = (0..services)
-            .map(|i| SocketAddrV4::new(baseline_vip([10, 200], i), 80))
-            .collect();
+        let targets = baseline_targets([10, 200], services);
         let iptables = load(&client, &targets)?;
         report_load("iptables", services, &iptables);
         run_in(
@@ -800,9 +805,7 @@ fn measure(cluster: &LocalCluster) -> Result<Report> {
         say(format!("nftables: {services} services"));
         let rules = nftables_rules(services, &backends);
         let nftables_load = run_in(&node_netns, "nft", &["-f", "-"], &rules)?;
-        let targets: Vec<SocketAddrV4> = (0..services)
-            .map(|i| SocketAddrV4::new(baseline_vip([10, 201], i), 80))
-            .collect();
+        let targets = baseline_targets([10, 201], services);
         let nftables = load(&client, &targets)?;
         report_load("nftables", services, &nftables);
         run_in(

@@ -528,26 +528,35 @@ pub async fn run(
 /// own task, over its own handles of the maps, on a blocking thread: a walk of a full table must
 /// not hold up the programming of Services.
 async fn collect_conntrack(
-    maps: crate::bpf::lb::AyaLbMaps,
+    mut maps: crate::bpf::lb::AyaLbMaps,
     ct_max: u32,
     shutdown: CancellationToken,
 ) {
-    let maps = Arc::new(std::sync::Mutex::new(maps));
     let mut pause = CT_GC_INTERVAL;
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(pause) => {}
         }
-        let maps = maps.clone();
-        let collected = tokio::task::spawn_blocking(move || {
-            let mut maps = maps.lock().unwrap_or_else(|e| e.into_inner());
-            conntrack::collect(&mut *maps, conntrack::monotonic_ns())
+        // The maps go to the blocking thread and come back with the result.
+        let pass = tokio::task::spawn_blocking(move || {
+            let collected = conntrack::collect(&mut maps, conntrack::monotonic_ns());
+            (maps, collected)
         })
         .await;
+        let collected = match pass {
+            Ok((returned, collected)) => {
+                maps = returned;
+                collected
+            }
+            Err(error) => {
+                tracing::error!(%error, "conntrack collection panicked; no more collection");
+                return;
+            }
+        };
         pause = CT_GC_INTERVAL;
         match collected {
-            Ok(Ok(collected)) => {
+            Ok(collected) => {
                 if collected.removed > 0 {
                     tracing::debug!(
                         removed = collected.removed,
@@ -559,10 +568,9 @@ async fn collect_conntrack(
                     pause = CT_GC_BUSY_INTERVAL;
                 }
             }
-            Ok(Err(error)) => {
+            Err(error) => {
                 tracing::warn!(error = %skiff_common::error::chain(&error), "conntrack collection failed")
             }
-            Err(error) => tracing::warn!(%error, "conntrack collection panicked"),
         }
     }
 }

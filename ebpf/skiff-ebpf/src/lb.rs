@@ -541,7 +541,7 @@ fn rewrite(
             value.nat_dport,
         )?;
     }
-    redirect_out(ctx, value, value.nat_saddr == config.node_ip)
+    redirect_out(ctx, value, key.proto, value.nat_saddr == config.node_ip)
 }
 
 #[inline(always)]
@@ -663,7 +663,12 @@ fn port_unreachable(ctx: &mut TcContext) -> Result<i32, u32> {
 /// processes): the kernel would drop such a packet arriving on an interface as spoofed, so a
 /// failed lookup is an error; otherwise it is counted and the packet handed on.
 #[inline(always)]
-fn redirect_out(ctx: &mut TcContext, value: &CtValue, must: bool) -> Result<i32, u32> {
+fn redirect_out(
+    ctx: &mut TcContext,
+    value: &CtValue,
+    proto: u8,
+    must: bool,
+) -> Result<i32, u32> {
     // SAFETY: an all-zero bpf_fib_lookup is a valid value (integers and unions of integers).
     let mut params: FibLookup = unsafe { core::mem::zeroed() };
     params.family = 2; // AF_INET
@@ -697,7 +702,6 @@ fn redirect_out(ctx: &mut TcContext, value: &CtValue, must: bool) -> Result<i32,
         return Ok(TCX_NEXT);
     }
     // TTL and protocol are one 16-bit word of the header checksum.
-    let proto: u8 = ctx.load(IP_PROTO_OFF).map_err(|_| ERR_REWRITE)?;
     let old = u16::from_be_bytes([ttl, proto]).to_be();
     let new = u16::from_be_bytes([ttl - 1, proto]).to_be();
     ctx.l3_csum_replace(IP_CSUM_OFF, u64::from(old), u64::from(new), 2)
