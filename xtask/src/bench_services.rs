@@ -28,8 +28,10 @@
 //!
 //! Then, with 10,000 Services programmed: the agent's VmRSS; the latency from an EndpointSlice
 //! change (a PUT through the API) to the first connection that reaches the new backend, over
-//! 1,000 changes (four paced probe threads with 100 ms timeouts); and a cold start: the agent killed, the node's pins removed, the agent started
-//! again, timed until its status file shows every service port programmed.
+//! 1,000 changes (four paced probe threads with 100 ms timeouts, against a server of their own
+//! on port 9001 of the first two backends, a task per connection); and a cold start: the agent
+//! killed, the node's pins removed, the agent started again, timed until its status file shows
+//! every service port programmed.
 //!
 //! The cluster is removed on exit, on error and on Ctrl-C (the servers' threads end with the
 //! process). The figures go to the `services` section of BENCHMARKS.md.
@@ -62,6 +64,8 @@ const LEVELS: [usize; 3] = [10, 1_000, 10_000];
 const BACKENDS: usize = 10;
 /// The port the bench's servers listen on in the backend pods.
 const BACKEND_PORT: u16 = 9000;
+/// The port of the change probe's server (on the first two backends).
+const PROBE_PORT: u16 = 9001;
 /// How long each load runs.
 const LOAD: Duration = Duration::from_secs(4);
 /// Client threads of the load (the machine has two cores).
@@ -168,6 +172,39 @@ fn start_server(netns: PathBuf, i: usize, stop: Arc<AtomicBool>) -> Result<()> {
     rx.recv()
         .context("the server thread ended")?
         .with_context(|| format!("backend {i}: cannot listen on :{BACKEND_PORT}"))
+}
+
+/// Starts the change probe's server for backend `i` on [`PROBE_PORT`] in the network namespace at
+/// `netns`, on the current tokio runtime: a task per connection, so that connections a change
+/// leaves waiting (their client's next packets moved to the other backend) hold no thread, and
+/// the backend answers the probe the moment the datapath sends it a connection. (The load's
+/// threaded servers cost less CPU per connection, but a few such connections, each waiting out
+/// its timeout, hold all their threads: the probe then measured the timeouts, not the change.)
+async fn start_probe_server(netns: PathBuf, i: usize) -> Result<tokio::task::AbortHandle> {
+    let listener = thread::spawn(move || {
+        skiff_tests::netns::enter_path(&netns)?;
+        let listener = TcpListener::bind((Ipv4Addr::UNSPECIFIED, PROBE_PORT))?;
+        listener.set_nonblocking(true)?;
+        Ok::<_, std::io::Error>(listener)
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the probe server's thread panicked"))?
+    .with_context(|| format!("backend {i}: cannot listen on :{PROBE_PORT}"))?;
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    let answer: Arc<[u8]> = response(i).into();
+    let task = tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let answer = answer.clone();
+            tokio::spawn(tokio::time::timeout(SERVER_TIMEOUT, async move {
+                let mut buf = [0u8; 512];
+                let _ = stream.read(&mut buf).await;
+                let _ = stream.write_all(&answer).await;
+                while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {}
+            }));
+        }
+    });
+    Ok(task.abort_handle())
 }
 
 /// A small xorshift generator (the load needs no more).
@@ -489,7 +526,7 @@ fn service_body(i: usize) -> String {
     .to_string()
 }
 
-fn slice_body(service: &str, backends: &[Ipv4Addr]) -> String {
+fn slice_body(service: &str, backends: &[Ipv4Addr], port: u16) -> String {
     let endpoints: Vec<Value> = backends
         .iter()
         .map(|ip| json!({"addresses": [ip.to_string()], "conditions": {"ready": true}}))
@@ -499,7 +536,7 @@ fn slice_body(service: &str, backends: &[Ipv4Addr]) -> String {
         "metadata": {"name": format!("{service}-1"), "namespace": NAMESPACE,
                      "labels": {"kubernetes.io/service-name": service}},
         "addressType": "IPv4",
-        "ports": [{"name": "http", "port": BACKEND_PORT, "protocol": "TCP"}],
+        "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
         "endpoints": endpoints,
     })
     .to_string()
@@ -539,7 +576,7 @@ async fn create_services(
                 api.expect(
                     Method::POST,
                     &format!("/apis/discovery.k8s.io/v1/namespaces/{NAMESPACE}/endpointslices"),
-                    Some(slice_body(&format!("svc-{i}"), &backends)),
+                    Some(slice_body(&format!("svc-{i}"), &backends, BACKEND_PORT)),
                     StatusCode::CREATED,
                 )
                 .await?;
@@ -696,6 +733,9 @@ fn measure(cluster: &LocalCluster) -> Result<Report> {
     let netns_of = |name: &str| run_dir.join("netns").join(&pods[name].0);
     let backends: Vec<Ipv4Addr> = (0..BACKENDS).map(|i| pods[&format!("b{i}")].1).collect();
     let client = netns_of("client");
+    let probe_backends: Vec<(PathBuf, Ipv4Addr)> = (0..2)
+        .map(|i| (netns_of(&format!("b{i}")), backends[i]))
+        .collect();
     let stop = Arc::new(AtomicBool::new(false));
     for i in 0..BACKENDS {
         start_server(netns_of(&format!("b{i}")), i, stop.clone())?;
@@ -751,7 +791,7 @@ fn measure(cluster: &LocalCluster) -> Result<Report> {
     wait_idle()?;
     say(format!("{CHANGES} EndpointSlice changes"));
     let (changes, missed_changes) =
-        runtime.block_on(change_latency(&tls, addr, &client, &backends))?;
+        runtime.block_on(change_latency(&tls, addr, &client, &probe_backends))?;
     println!(
         "EndpointSlice change to datapath: p50 {} p99 {}",
         micros(changes.percentile(50.0)),
@@ -857,6 +897,30 @@ async fn change_latency(
     tls: &Arc<rustls::ClientConfig>,
     addr: SocketAddr,
     client: &Path,
+    backends: &[(PathBuf, Ipv4Addr)],
+) -> Result<(Samples, usize)> {
+    let mut servers = Vec::new();
+    for (i, (netns, _)) in backends.iter().enumerate().take(2) {
+        servers.push(start_probe_server(netns.clone(), i).await?);
+    }
+    let outcome = probe_changes(
+        tls,
+        addr,
+        client,
+        &backends.iter().map(|b| b.1).collect::<Vec<_>>(),
+    )
+    .await;
+    for server in servers {
+        server.abort();
+    }
+    outcome
+}
+
+/// [`change_latency`] once the probe's servers listen.
+async fn probe_changes(
+    tls: &Arc<rustls::ClientConfig>,
+    addr: SocketAddr,
+    client: &Path,
     backends: &[Ipv4Addr],
 ) -> Result<(Samples, usize)> {
     let mut api = Client::tls(tls, addr).await?;
@@ -867,7 +931,7 @@ async fn change_latency(
             Some(
                 json!({"apiVersion": "v1", "kind": "Service",
                        "metadata": {"name": "probe", "namespace": NAMESPACE},
-                       "spec": {"ports": [{"name": "http", "port": 80, "targetPort": BACKEND_PORT}]}})
+                       "spec": {"ports": [{"name": "http", "port": 80, "targetPort": PROBE_PORT}]}})
                 .to_string(),
             ),
         )
@@ -881,7 +945,7 @@ async fn change_latency(
     api.expect(
         Method::POST,
         &slices,
-        Some(slice_body("probe", &backends[..1])),
+        Some(slice_body("probe", &backends[..1], PROBE_PORT)),
         StatusCode::CREATED,
     )
     .await?;
@@ -938,7 +1002,7 @@ async fn change_latency(
         api.expect(
             Method::PUT,
             &format!("{slices}/probe-1"),
-            Some(slice_body("probe", &backends[want..want + 1])),
+            Some(slice_body("probe", &backends[want..want + 1], PROBE_PORT)),
             StatusCode::OK,
         )
         .await?;
@@ -1089,7 +1153,9 @@ impl Report {
              set, 110,000 chains, after 10 minutes at 100% of a CPU). skiff's rows and the \
              control path are measured first, before kube-proxy's tables exist (the cluster runs no \
              hostPort, so netfilter's conntrack is off in the node's namespace then); the baselines' \
-             nat tables turn it on for theirs.\n",
+             nat tables turn it on for theirs. The change probe: {PROBE_THREADS} threads in the \
+             client pod, each connecting to the probe Service every {} ms with {} ms timeouts; its \
+             two backends answer on :{PROBE_PORT} from a task per connection.\n",
             machine.date,
             machine.commit,
             machine.cores,
@@ -1098,6 +1164,8 @@ impl Report {
             machine.kernel,
             LOAD.as_secs(),
             IDLE_BUSY.as_millis(),
+            PROBE_PAUSE.as_millis(),
+            PROBE_TIMEOUT.as_millis(),
         );
         let _ = writeln!(md, "### Goals\n");
         md.push_str(&crate::bench::goals_table(&self.goals()));
