@@ -28,6 +28,9 @@ pub enum Command {
     Scheduler(skiff_scheduler::SchedulerArgs),
     /// The controller manager: ReplicaSets, Deployments, endpoints, nodes…
     ControllerManager(skiff_controller_manager::ControllerManagerArgs),
+    /// The cluster DNS: Services, endpoints and pods by name, other names
+    /// forwarded.
+    Dns(skiff_dns::DnsArgs),
     /// The API server, the controller manager and the scheduler in one
     /// process (the two talk to the API server over loopback HTTPS).
     All(AllArgs),

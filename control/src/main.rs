@@ -20,6 +20,7 @@ fn main() -> anyhow::Result<()> {
             Command::ControllerManager(args) => {
                 skiff_controller_manager::run_daemon(args, shutdown).await?
             }
+            Command::Dns(args) => skiff_dns::run_daemon(args, shutdown).await?,
             Command::All(args) => skiff_control::all::run_all(args, shutdown).await?,
         }
         Ok(())

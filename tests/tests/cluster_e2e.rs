@@ -109,6 +109,9 @@ impl Cluster {
             cluster.kubeconfig.to_str().expect("utf-8 path"),
             "--timeout",
             "180s",
+            // The resolver outside the cluster the DNS scenario starts (dnsmasq, in `skiff-ext`).
+            "--dns-upstream",
+            "10.90.0.200",
         ]);
         assert!(
             out.status.success(),
@@ -1985,6 +1988,343 @@ spec:
 }
 
 /// `skiffctl down` removes the cluster: no namespace of it is left.
+/// dnsmasq in the outside namespace, serving `outside.example.test` (192.0.2.77) from a hosts
+/// file and NXDOMAIN for every other name: the cluster DNS's upstream. Killed when dropped.
+struct Dnsmasq {
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Dnsmasq {
+    fn start(netns: &str) -> Dnsmasq {
+        let dir = tempfile::tempdir().expect("a directory for dnsmasq");
+        let hosts = dir.path().join("hosts");
+        std::fs::write(&hosts, "192.0.2.77 outside.example.test\n").expect("the hosts file");
+        let child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                netns,
+                "dnsmasq",
+                "--keep-in-foreground",
+                "--no-resolv",
+            ])
+            .args(["--no-hosts", "--local=/#/", "--listen-address=10.90.0.200"])
+            .args(["--bind-interfaces", "--log-facility=-", "--log-queries"])
+            .arg(format!("--addn-hosts={}", hosts.display()))
+            .arg(format!("--pid-file={}", dir.path().join("pid").display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("dnsmasq starts (cargo xtask setup installs dnsmasq-base)");
+        Dnsmasq { child, _dir: dir }
+    }
+}
+
+impl Drop for Dnsmasq {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `busybox nslookup name server` from the outside namespace (the cluster DNS answers the
+/// cluster's names to anyone who reaches it).
+fn nslookup_outside(c: &Cluster, name: &str, server: &str) -> String {
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &c.ext_netns(),
+            "busybox",
+            "nslookup",
+            name,
+            server,
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .expect("busybox nslookup runs");
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
+
+/// The cluster DNS as a pod sees it: names of Services (short, `<svc>.<ns>`, fully qualified;
+/// headless; ExternalName; SRV), pods and addresses, names outside the cluster through
+/// dnsmasq, resolv.conf and /etc/hosts per dnsPolicy, the service variables, a deleted Service
+/// gone within a second, and resolution on when another node's agent dies.
+fn cluster_dns_resolves_services_and_pods(c: &Cluster, pods: &[WebPod]) {
+    let _dnsmasq = Dnsmasq::start(&c.ext_netns());
+    let node1 = c.node(1);
+    c.apply(&format!(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {{name: names, namespace: {NS}}}
+spec: {{selector: {{app: web}}, ports: [{{name: http, port: 80, targetPort: 8080}}]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: names-headless, namespace: {NS}}}
+spec: {{clusterIP: None, selector: {{app: web}}, ports: [{{name: http, port: 8080}}]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: names-ext, namespace: {NS}}}
+spec: {{type: ExternalName, externalName: outside.example.test}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: clients, namespace: {NS}}}
+spec: {{clusterIP: None, selector: {{dns: client}}, ports: [{{port: 1}}]}}
+"#
+    ));
+    let ip = c.wait_for("names gets a ClusterIP", POD_TIMEOUT, || {
+        c.json(&["get", "service", "-n", NS, "names"])["spec"]["clusterIP"]
+            .as_str()
+            .map(str::to_owned)
+    });
+    // The pods start after the Services exist: their variables are set at start.
+    c.apply(&format!(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {{name: dns-client, namespace: {NS}, labels: {{dns: client}}}}
+spec:
+  nodeName: {node1}
+  hostname: probe
+  subdomain: clients
+  hostAliases: [{{ip: "192.0.2.9", hostnames: [foo.local, bar.local]}}]
+  terminationGracePeriodSeconds: 1
+  containers: [{{name: c, image: {IMAGE}, command: [sleep, "3600"]}}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: dns-none, namespace: {NS}}}
+spec:
+  dnsPolicy: None
+  dnsConfig: {{nameservers: [192.0.2.1], searches: [a.example], options: [{{name: ndots, value: "2"}}]}}
+  terminationGracePeriodSeconds: 1
+  containers: [{{name: c, image: {IMAGE}, command: [sleep, "3600"]}}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: dns-default, namespace: {NS}}}
+spec:
+  dnsPolicy: Default
+  enableServiceLinks: false
+  terminationGracePeriodSeconds: 1
+  containers: [{{name: c, image: {IMAGE}, command: [sleep, "3600"]}}]
+"#
+    ));
+    let mut client_ip = String::new();
+    for name in ["dns-client", "dns-none", "dns-default"] {
+        let pod = c.wait_pod(name, "Running", |p| p["status"]["phase"] == "Running");
+        if name == "dns-client" {
+            client_ip = pod["status"]["podIP"].as_str().expect("podIP").to_owned();
+        }
+    }
+    let in_pod = |pod: &str, args: &[&str]| {
+        let mut all = vec!["exec", "-n", NS, pod, "--", "timeout", "10"];
+        all.extend_from_slice(args);
+        text(&c.kubectl(&all))
+    };
+    // The kube-dns Service reaches the server through the datapath once every node programs it.
+    wait_programmed(c, "10.96.0.10:53/UDP", 1);
+    let check = |what: &str, args: &[&str], want: &[&str]| {
+        c.wait_for(what, Duration::from_secs(30), || {
+            let out = in_pod("dns-client", args);
+            want.iter().all(|w| out.contains(w)).then_some(out)
+        });
+    };
+    check(
+        "a Service by its short name",
+        &["nslookup", "names"],
+        &[&format!(
+            "Name:\tnames.{NS}.svc.cluster.local\nAddress: {ip}"
+        )],
+    );
+    check(
+        "a Service fully qualified",
+        &["nslookup", &format!("names.{NS}.svc.cluster.local")],
+        &[&format!("Address: {ip}")],
+    );
+    // busybox's nslookup searches only for names without a dot: `<svc>.<ns>` through the C
+    // library's resolver (ndots:5, the search list), as applications resolve it.
+    check(
+        "a Service as <svc>.<ns>",
+        &["ping", "-c", "1", "-W", "1", &format!("names.{NS}")],
+        &[&format!("PING names.{NS} ({ip})")],
+    );
+    check(
+        "a backend's page by name",
+        &["wget", "-qO-", &format!("http://names.{NS}/")],
+        &["hello from web-"],
+    );
+    let mut want: Vec<String> = pods.iter().map(|p| format!("Address: {}", p.ip)).collect();
+    want.push(format!("Name:\tnames-headless.{NS}.svc.cluster.local"));
+    let want: Vec<&str> = want.iter().map(String::as_str).collect();
+    check(
+        "a headless Service to its pods",
+        &["nslookup", "names-headless"],
+        &want,
+    );
+    check(
+        "an ExternalName Service to its CNAME",
+        &["nslookup", "names-ext"],
+        &["canonical name = outside.example.test"],
+    );
+    check(
+        "an ExternalName Service followed to its address",
+        &["ping", "-c", "1", "-W", "1", "names-ext"],
+        &["(192.0.2.77)"],
+    );
+    check(
+        "an SRV record for a named port",
+        &[
+            "nslookup",
+            "-type=srv",
+            &format!("_http._tcp.names.{NS}.svc.cluster.local"),
+        ],
+        &[&format!("0 100 80 names.{NS}.svc.cluster.local")],
+    );
+    let web_ip = &pods[0].ip;
+    check(
+        "a pod record",
+        &[
+            "nslookup",
+            &format!("{}.{NS}.pod.cluster.local", web_ip.replace('.', "-")),
+        ],
+        &[&format!("Address: {web_ip}")],
+    );
+    check(
+        "a ClusterIP's name",
+        &["nslookup", &ip],
+        &[&format!("name = names.{NS}.svc.cluster.local")],
+    );
+    check(
+        "a pod by hostname and subdomain",
+        &["nslookup", &format!("probe.clients.{NS}.svc.cluster.local")],
+        &[&format!("Address: {client_ip}")],
+    );
+    check(
+        "a name outside the cluster through dnsmasq",
+        &["nslookup", "outside.example.test"],
+        &["Address: 192.0.2.77"],
+    );
+
+    // resolv.conf and /etc/hosts per dnsPolicy, and the service variables.
+    let host = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    let host_search: String = host
+        .lines()
+        .filter_map(|l| l.strip_prefix("search "))
+        .next_back()
+        .map(|s| format!(" {}", s.split_whitespace().collect::<Vec<_>>().join(" ")))
+        .unwrap_or_default();
+    let resolv = in_pod("dns-client", &["cat", "/etc/resolv.conf"]);
+    assert!(
+        resolv.contains(&format!(
+            "search {NS}.svc.cluster.local svc.cluster.local cluster.local{host_search}\nnameserver 10.96.0.10\noptions ndots:5\n"
+        )),
+        "ClusterFirst: {resolv}"
+    );
+    let resolv = in_pod("dns-none", &["cat", "/etc/resolv.conf"]);
+    assert!(
+        resolv.contains("search a.example\nnameserver 192.0.2.1\noptions ndots:2\n"),
+        "None with dnsConfig: {resolv}"
+    );
+    let resolv = in_pod("dns-default", &["cat", "/etc/resolv.conf"]);
+    for line in host.lines().filter(|l| l.starts_with("nameserver ")) {
+        assert!(
+            resolv.contains(line),
+            "Default has the node's {line}: {resolv}"
+        );
+    }
+    assert!(!resolv.contains("10.96.0.10"), "Default: {resolv}");
+    let hosts = in_pod("dns-client", &["cat", "/etc/hosts"]);
+    assert!(
+        hosts.contains(&format!(
+            "{client_ip}\tprobe.clients.{NS}.svc.cluster.local\tprobe\n"
+        )) && hosts.contains("192.0.2.9\tfoo.local\tbar.local"),
+        "/etc/hosts: {hosts}"
+    );
+    assert!(
+        in_pod("dns-client", &["hostname"]).contains("probe"),
+        "the pod's hostname"
+    );
+    let env = in_pod("dns-client", &["env"]);
+    for want in [
+        format!("NAMES_SERVICE_HOST={ip}"),
+        "NAMES_SERVICE_PORT=80".to_owned(),
+        "NAMES_SERVICE_PORT_HTTP=80".to_owned(),
+        format!("NAMES_PORT_80_TCP=tcp://{ip}:80"),
+        "KUBERNETES_SERVICE_HOST=10.96.0.1".to_owned(),
+        "KUBERNETES_SERVICE_PORT=443".to_owned(),
+    ] {
+        assert!(env.contains(&want), "{want} in the environment:\n{env}");
+    }
+    let env = in_pod("dns-default", &["env"]);
+    assert!(
+        env.contains("KUBERNETES_SERVICE_HOST=") && !env.contains("NAMES_SERVICE_HOST"),
+        "enableServiceLinks: false leaves only the API server's: {env}"
+    );
+
+    // A deleted Service's name is gone within a second (asked from outside: no exec delay).
+    let fqdn = format!("names.{NS}.svc.cluster.local");
+    assert!(
+        nslookup_outside(c, &fqdn, "10.90.0.1").contains(&ip),
+        "names resolves"
+    );
+    c.kubectl_ok(&["delete", "service", "-n", NS, "names", "--wait=true"]);
+    let deleted = Instant::now();
+    c.wait_for(&format!("{fqdn} NXDOMAIN"), Duration::from_secs(1), || {
+        nslookup_outside(c, &fqdn, "10.90.0.1")
+            .contains("NXDOMAIN")
+            .then_some(())
+    });
+    eprintln!("{fqdn}: NXDOMAIN {:?} after the delete", deleted.elapsed());
+
+    // Another node's agent dies: this node's pods still resolve.
+    let other = c.node(2);
+    let pid = c.state()["processes"]
+        .as_array()
+        .and_then(|p| {
+            p.iter()
+                .find(|p| p["role"] == "agent" && p["node"] == other.as_str())
+        })
+        .and_then(|p| p["pid"].as_u64())
+        .expect("the other node's agent pid");
+    run("kill", &["-9", &pid.to_string()]);
+    for _ in 0..3 {
+        check(
+            &format!("resolving with {other}'s agent dead"),
+            &["nslookup", "names-headless"],
+            &[&format!("Name:\tnames-headless.{NS}.svc.cluster.local")],
+        );
+    }
+    let out = c.skiffctl(&["restart-agent", "--node", &other]);
+    assert!(out.status.success(), "restart-agent: {}", text(&out));
+    c.kubectl_ok(&[
+        "delete",
+        "pod",
+        "-n",
+        NS,
+        "dns-client",
+        "dns-none",
+        "dns-default",
+        "--wait=true",
+    ]);
+    c.kubectl_ok(&[
+        "delete",
+        "service",
+        "-n",
+        NS,
+        "names-headless",
+        "names-ext",
+        "clients",
+        "--wait=true",
+    ]);
+}
+
 fn down_removes_everything(c: &mut Cluster) {
     let out = c.skiffctl(&["down"]);
     assert!(out.status.success(), "skiffctl down: {}", text(&out));
@@ -2072,6 +2412,10 @@ fn three_node_cluster_runs_real_pods_end_to_end() {
         (
             "scaling down leaves one backend",
             Box::new(|| scaling_down_leaves_one_backend(c)),
+        ),
+        (
+            "cluster DNS resolves Services and pods",
+            Box::new(|| cluster_dns_resolves_services_and_pods(c, &pods)),
         ),
     ];
     // `SKIFF_E2E_ONLY=restart,port-forward` runs the scenarios whose names contain one of the

@@ -53,6 +53,9 @@ const APT_PACKAGES: &[&str] = &[
     "iptables",
     // nft: the service tests check that no node's nftables rule set holds a service rule.
     "nftables",
+    // dnsmasq: the resolver outside the cluster the DNS tests forward to, and the DNS bench's
+    // yardstick.
+    "dnsmasq-base",
     // curl and openssl: the kubelet tests call the agent's HTTPS API with client certificates.
     "curl",
     "openssl",
@@ -772,6 +775,23 @@ fn demo(ws: &Path, keep: bool) -> Result<()> {
     for _ in 0..3 {
         fetch_in_pod(first, &format!("http://{cluster_ip}/"))?;
     }
+    // Service discovery: the cluster DNS (kube-dns, 10.96.0.10) through the same datapath.
+    say(format!(
+        "by name: {first} resolves web.demo.svc.cluster.local and fetches http://web.demo/ (the cluster DNS, kube-dns at 10.96.0.10)"
+    ));
+    k(&["exec", "-n", "demo", first, "--", "cat", "/etc/resolv.conf"])?;
+    k(&[
+        "exec",
+        "-n",
+        "demo",
+        first,
+        "--",
+        "timeout",
+        "5",
+        "nslookup",
+        "web.demo.svc.cluster.local",
+    ])?;
+    fetch_in_pod(first, "http://web.demo/")?;
     say("NodePort 30080 on every node, from outside");
     for i in 11..=13 {
         fetch_from_ext(&format!("http://10.90.0.{i}:30080/"))?;

@@ -21,6 +21,7 @@
 
 pub mod cni;
 pub mod datapath;
+pub mod dns;
 pub mod exec;
 pub mod logs;
 pub mod netns;
@@ -50,11 +51,13 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
 use kube::api::{Api, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::json;
+use skiff_common::informer::SharedWatch;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::bpf::{BpfError, PodIdentity};
 use crate::cli::NodeArgs;
+use crate::services::objects::LbService;
 
 /// Flags of the real node mode.
 #[derive(Debug, Clone, Args)]
@@ -105,6 +108,9 @@ pub struct KubeletArgs {
     /// Service load balancing.
     #[command(flatten)]
     pub services: crate::services::ServiceArgs,
+    /// The pods' DNS.
+    #[command(flatten)]
+    pub dns: dns::DnsArgs,
 }
 
 /// What the agent calls when a pod's network comes and goes: the eBPF
@@ -180,6 +186,10 @@ pub struct Kubelet {
     pods: Mutex<HashMap<String, PodHandle>>,
     pod_cidr: Mutex<Option<String>>,
     ready: AtomicBool,
+    /// The pods' DNS settings.
+    dns: dns::NodeDns,
+    /// Every Service (the service environment variables; shared with the load balancer).
+    services: Arc<SharedWatch<LbService>>,
     shutdown: CancellationToken,
 }
 
@@ -247,6 +257,8 @@ pub async fn run(
             }
         }
     };
+    let dns = node_dns(&args);
+    let services: Arc<SharedWatch<LbService>> = SharedWatch::new(client.clone(), shutdown.clone());
     let kubelet = Arc::new(Kubelet {
         client,
         node_name,
@@ -265,12 +277,21 @@ pub async fn run(
         pods: Mutex::new(HashMap::new()),
         pod_cidr: Mutex::new(None),
         ready: AtomicBool::new(false),
+        dns,
+        services: services.clone(),
         shutdown: shutdown.clone(),
     });
     tracing::info!(node = %kubelet.node_name, ip = %kubelet.host_ip, containerd = %args.containerd_address.display(), namespace = %args.containerd_namespace, "starting the node");
     let mut tasks = tokio::task::JoinSet::new();
+    // The Services stay watched for the pods' environment, load balancing or not.
+    {
+        let services = services.clone();
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move { services.hold(shutdown).await });
+    }
     if let (Some(datapath), true) = (datapath, args.services.service_lb) {
         tasks.spawn(run_services(
+            services.clone(),
             kubelet.client.clone(),
             kubelet.node_name.clone(),
             kubelet.host_ip,
@@ -297,6 +318,33 @@ pub async fn run(
     shutdown.cancelled().await;
     while tasks.join_next().await.is_some() {}
     Ok(())
+}
+
+/// The pods' DNS settings from the flags: the cluster DNS servers (default: the tenth address
+/// of the service range), the domain, and the node's resolv.conf (empty, with a warning, when
+/// it cannot be read).
+fn node_dns(args: &KubeletArgs) -> dns::NodeDns {
+    let cluster_dns = if args.dns.cluster_dns.is_empty() {
+        let range = args.services.service_cidr;
+        (range.size() > 10)
+            .then(|| Ipv4Addr::from(u32::from(range.network()) + 10))
+            .into_iter()
+            .collect()
+    } else {
+        args.dns.cluster_dns.clone()
+    };
+    let host = match std::fs::read_to_string(&args.dns.resolv_conf) {
+        Ok(text) => dns::ResolvConf::parse(&text),
+        Err(error) => {
+            tracing::warn!(path = %args.dns.resolv_conf.display(), error = %skiff_common::error::chain(&error), "cannot read the node's resolver configuration; dnsPolicy Default pods get an empty one");
+            dns::ResolvConf::default()
+        }
+    };
+    dns::NodeDns {
+        cluster_dns,
+        domain: args.dns.cluster_domain.trim_end_matches('.').to_owned(),
+        host,
+    }
 }
 
 /// Reconciles the pods' datapath attachments every [`DATAPATH_RECONCILE_PERIOD`] until
@@ -330,7 +378,12 @@ async fn reconcile_datapath(hook: Arc<dyn PodNetworkHook>, shutdown: Cancellatio
 
 /// Service load balancing until `shutdown`; a failure to start is logged and tried again every
 /// five seconds (the node keeps running its pods meanwhile).
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the loop's inputs, handed through to services::run"
+)]
 async fn run_services(
+    services: Arc<SharedWatch<LbService>>,
     client: kube::Client,
     node: String,
     node_ip: Ipv4Addr,
@@ -341,6 +394,7 @@ async fn run_services(
 ) {
     loop {
         let result = crate::services::run(
+            services.clone(),
             client.clone(),
             node.clone(),
             node_ip,

@@ -38,6 +38,8 @@ use super::{Kubelet, PodIdentity, netns};
 pub const BACKOFF_INITIAL: Duration = Duration::from_secs(10);
 /// The longest restart back-off.
 pub const BACKOFF_MAX: Duration = Duration::from_secs(300);
+/// How long a container's start waits for the first list of Services (its environment).
+pub const SERVICES_SYNC_WAIT: Duration = Duration::from_secs(30);
 
 /// The delay before restart number `restarts + 1`, as upstream: none for
 /// the first, then 10 s doubling up to 5 min.
@@ -357,10 +359,12 @@ impl Worker {
             let image = self.ctrs[i].spec.image.clone().unwrap_or_default();
             if let Ok(info) = self.k.runtime.image(&image).await {
                 self.ctrs[i].image_id = info.id.clone();
+                let service_env = self.service_env().await;
                 let env = environment(
                     &self.pod,
                     &self.ctrs[i].spec,
                     &info.config,
+                    &service_env,
                     Some(&sandbox.ip.to_string()),
                     &self.k.host_ip.to_string(),
                 );
@@ -570,11 +574,10 @@ impl Worker {
         if let Err(error) = std::fs::write(self.network_file(), saved.to_string()) {
             tracing::warn!(error = %skiff_common::error::chain(&error), "cannot save the CNI result");
         }
-        let hosts = format!(
-            "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n{}\t{}\n",
-            result.ip, name
-        );
+        let hosts = super::dns::hosts_file(&self.pod, result.ip, &self.k.dns.domain);
         let _ = std::fs::write(dir.join("etc-hosts"), hosts);
+        let resolv = super::dns::resolv_conf(&self.pod, &self.k.dns);
+        let _ = std::fs::write(dir.join("resolv.conf"), resolv.render());
         self.attach_datapath(result.host_ifname.as_deref(), result.ip);
         tracing::info!(pod = %self.full_name(), ip = %result.ip, "pod network ready");
         Ok(Sandbox {
@@ -612,6 +615,16 @@ impl Worker {
                 format!("Failed to attach the eBPF datapath to {ifname}: {error}"),
             );
         }
+    }
+
+    /// The pod's service environment variables, once the agent knows the Services (as the
+    /// kubelet, it waits for the first list, here at most [`SERVICES_SYNC_WAIT`]).
+    async fn service_env(&self) -> Vec<(String, String)> {
+        let synced = tokio::time::timeout(SERVICES_SYNC_WAIT, self.k.services.synced()).await;
+        if synced.is_err() {
+            tracing::warn!(pod = %self.full_name(), "the Services are not listed yet; the container starts without their variables");
+        }
+        super::dns::service_env(&self.pod, &self.k.services.snapshot())
     }
 
     fn volumes(&self) -> HashMap<String, PathBuf> {
@@ -697,6 +710,9 @@ impl Worker {
         let _ = self.k.runtime.remove(&id).await;
         let volumes = self.volumes();
         let hosts = self.k.pod_dir(&self.uid).join("etc-hosts");
+        let resolv = self.k.pod_dir(&self.uid).join("resolv.conf");
+        let (hostname, _) = super::dns::hostname(&self.pod, &self.k.dns.domain);
+        let service_env = self.service_env().await;
         let ip = sandbox.ip.to_string();
         let host_ip = self.k.host_ip.to_string();
         let cgroups = format!("/skiff/{}/pod{}/{}", self.k.node_name, self.uid, id);
@@ -709,6 +725,9 @@ impl Worker {
             host_ip: &host_ip,
             volumes: &volumes,
             hosts_file: hosts.exists().then_some(hosts.as_path()),
+            resolv_file: resolv.exists().then_some(resolv.as_path()),
+            hostname: &hostname,
+            service_env: &service_env,
             cgroups_path: &cgroups,
         });
         let now = Timestamp::now();

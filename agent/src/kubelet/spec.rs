@@ -81,14 +81,16 @@ pub fn expand(text: &str, env: &HashMap<String, String>) -> String {
     out
 }
 
-/// The container's environment: the image's, then the container's `env`
-/// in order (later wins, `$(VAR)` expanded against what came before), with
+/// The container's environment: the image's, then the service variables,
+/// then the container's `env` in order (later wins, `$(VAR)` expanded
+/// against what came before), with
 /// `fieldRef`s to the pod's name, namespace, uid, IPs, node and service
 /// account resolved.
 pub fn environment(
     pod: &Pod,
     container: &Container,
     image: &ImageConfig,
+    service_env: &[(String, String)],
     pod_ip: Option<&str>,
     host_ip: &str,
 ) -> Vec<String> {
@@ -108,6 +110,9 @@ pub fn environment(
     for entry in &image.env {
         let (name, value) = entry.split_once('=').unwrap_or((entry, ""));
         set(&mut values, &mut order, name.to_string(), value.to_string());
+    }
+    for (name, value) in service_env {
+        set(&mut values, &mut order, name.clone(), value.clone());
     }
     let meta = &pod.metadata;
     let spec = pod.spec.as_ref();
@@ -220,6 +225,12 @@ pub struct SpecInput<'a> {
     pub volumes: &'a HashMap<String, PathBuf>,
     /// The pod's `/etc/hosts` file on the host, if any.
     pub hosts_file: Option<&'a Path>,
+    /// The pod's `/etc/resolv.conf` file on the host, if any.
+    pub resolv_file: Option<&'a Path>,
+    /// The pod's hostname.
+    pub hostname: &'a str,
+    /// The service environment variables (before the container's own).
+    pub service_env: &'a [(String, String)],
     /// The cgroup path (`/skiff/<node>/pod<uid>/<container-id>`).
     pub cgroups_path: &'a str,
 }
@@ -248,6 +259,7 @@ pub fn oci_spec(input: &SpecInput<'_>) -> Value {
         input.pod,
         input.container,
         input.image,
+        input.service_env,
         input.pod_ip,
         input.host_ip,
     );
@@ -284,6 +296,9 @@ pub fn oci_spec(input: &SpecInput<'_>) -> Value {
     ];
     if let Some(hosts) = input.hosts_file {
         mounts.push(json!({"destination": "/etc/hosts", "type": "bind", "source": hosts, "options": ["rbind", "rprivate", "rw"]}));
+    }
+    if let Some(resolv) = input.resolv_file {
+        mounts.push(json!({"destination": "/etc/resolv.conf", "type": "bind", "source": resolv, "options": ["rbind", "rprivate", "rw"]}));
     }
     for mount in input.container.volume_mounts.iter().flatten() {
         let Some(source) = input.volumes.get(&mount.name) else {
@@ -325,7 +340,7 @@ pub fn oci_spec(input: &SpecInput<'_>) -> Value {
             "noNewPrivileges": false,
         },
         "root": {"path": "rootfs", "readonly": false},
-        "hostname": input.pod.metadata.name.clone().unwrap_or_default(),
+        "hostname": input.hostname,
         "mounts": mounts,
         "linux": {
             "namespaces": [
@@ -418,12 +433,26 @@ mod tests {
             ]}]},
         }));
         let container = &p.spec.as_ref().expect("spec").containers[0];
-        let env = environment(&p, container, &image(), Some("10.244.1.2"), "192.168.1.1");
+        let services = [
+            ("A".to_owned(), "from-a-service".to_owned()),
+            ("WEB_SERVICE_HOST".to_owned(), "10.96.0.20".to_owned()),
+        ];
+        let env = environment(
+            &p,
+            container,
+            &image(),
+            &services,
+            Some("10.244.1.2"),
+            "192.168.1.1",
+        );
+        // The service variables come after the image's and before the container's own, which
+        // win.
         assert_eq!(
             env,
             [
                 "PATH=/bin",
                 "A=mine",
+                "WEB_SERVICE_HOST=10.96.0.20",
                 "B=mine-x",
                 "POD=web",
                 "IP=10.244.1.2",
@@ -471,9 +500,12 @@ mod tests {
             host_ip: "192.168.1.1",
             volumes: &volumes,
             hosts_file: None,
+            resolv_file: Some(Path::new("/var/lib/skiff/n/pods/u1/resolv.conf")),
+            hostname: "web-host",
+            service_env: &[],
             cgroups_path: "/skiff/n/podu1/x",
         });
-        assert_eq!(spec["hostname"], "web");
+        assert_eq!(spec["hostname"], "web-host");
         assert_eq!(spec["process"]["cwd"], "/srv");
         assert_eq!(spec["process"]["args"], json!(["/entry", "default", "cmd"]));
         let ns = spec["linux"]["namespaces"].as_array().expect("namespaces");
@@ -494,5 +526,10 @@ mod tests {
             .find(|m| m["destination"] == "/cfg")
             .expect("cfg mount");
         assert_eq!(cfg["options"][2], "ro");
+        let resolv = mounts
+            .iter()
+            .find(|m| m["destination"] == "/etc/resolv.conf")
+            .expect("resolv.conf mount");
+        assert_eq!(resolv["source"], "/var/lib/skiff/n/pods/u1/resolv.conf");
     }
 }

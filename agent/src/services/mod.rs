@@ -281,8 +281,14 @@ fn sync_announced(
 /// Gratuitous ARPs sent for an IP this node starts announcing.
 const GARP_TIMES: usize = 5;
 
-/// Sets up the node's side and runs the loop until `shutdown`.
+/// Sets up the node's side and runs the loop until `shutdown`, on the agent's shared watch of
+/// `services`.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the loop's inputs, each from a different owner"
+)]
 pub async fn run(
+    services: Arc<SharedWatch<LbService>>,
     client: kube::Client,
     node: String,
     node_ip: Ipv4Addr,
@@ -319,7 +325,6 @@ pub async fn run(
         .map_err(bpf)?;
     tracing::info!(uplink = %uplink.name, service_cidr = %args.service_cidr, "service load balancing on");
 
-    let services: Arc<SharedWatch<LbService>> = SharedWatch::new(client.clone(), shutdown.clone());
     let slices: Arc<SharedWatch<LbSlice>> = SharedWatch::new(client.clone(), shutdown.clone());
     let mut service_changes = services.subscribe();
     let mut slice_changes = slices.subscribe();

@@ -20,7 +20,6 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::api::discovery::v1::{EndpointConditions, EndpointPort};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::core::NamespaceResourceScope;
 use serde::de::{self, IgnoredAny, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 
@@ -133,37 +132,8 @@ fn interned<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Arc<str
     Ok(Some(name))
 }
 
-/// Implements [`kube::Resource`] for a namespaced type of a fixed group, version and kind.
-macro_rules! resource {
-    ($type:ty, $group:literal, $version:literal, $kind:literal, $plural:literal) => {
-        impl kube::Resource for $type {
-            type DynamicType = ();
-            type Scope = NamespaceResourceScope;
-
-            fn kind((): &()) -> Cow<'_, str> {
-                Cow::Borrowed($kind)
-            }
-            fn group((): &()) -> Cow<'_, str> {
-                Cow::Borrowed($group)
-            }
-            fn version((): &()) -> Cow<'_, str> {
-                Cow::Borrowed($version)
-            }
-            fn plural((): &()) -> Cow<'_, str> {
-                Cow::Borrowed($plural)
-            }
-            fn meta(&self) -> &ObjectMeta {
-                &self.metadata
-            }
-            fn meta_mut(&mut self) -> &mut ObjectMeta {
-                &mut self.metadata
-            }
-        }
-    };
-}
-
-resource!(LbService, "", "v1", "Service", "services");
-resource!(
+skiff_common::namespaced_resource!(LbService, "", "v1", "Service", "services");
+skiff_common::namespaced_resource!(
     LbSlice,
     "discovery.k8s.io",
     "v1",

@@ -72,6 +72,12 @@ pub struct UpArgs {
     /// Entries of each agent's conntrack map (`skiff-agent --bpf-ct-max`; default the agent's).
     #[arg(long)]
     pub bpf_ct_max: Option<u32>,
+    /// A resolver the cluster DNS forwards names outside the cluster to (`ip` or `ip:port`;
+    /// repeat for more). The fabric has no way out of the machine: without one, such names
+    /// fail (SERVFAIL once the host's resolvers time out); a resolver in `skiff-ext`
+    /// (10.90.0.200) is one the fabric reaches.
+    #[arg(long = "dns-upstream")]
+    pub dns_upstreams: Vec<String>,
 }
 
 /// Refuse ranges that overlap: the fabric (nodes, the control plane and
@@ -275,11 +281,11 @@ pub fn up(args: &UpArgs) -> Result<(), SkiffctlError> {
         dir: dir.clone(),
         layout,
         state,
-        // fabric, control plane, forwarder, containerd ×n, image ×n,
-        // agent ×n, ready, routes
+        // fabric, control plane, forwarder, cluster DNS, containerd ×n,
+        // image ×n, agent ×n, ready, routes
         progress: Progress {
             step: 0,
-            total: 5 + 3 * n,
+            total: 6 + 3 * n,
         },
         watched: Vec::new(),
         runtime: super::runtime()?,
@@ -365,6 +371,10 @@ impl Up<'_> {
                 self.args.api_port
             ),
             |up| up.forwarder(&control_kubeconfig),
+        )?;
+        self.step(
+            &format!("starting the cluster DNS on {CONTROL_IP}:53"),
+            |up| up.cluster_dns(binaries, &control_kubeconfig),
         )?;
         let cni_bin = match &binaries.cni {
             Some(cni) => Some(self.cni_bin_dir(cni)?),
@@ -557,6 +567,48 @@ impl Up<'_> {
             |_| {
                 format!(
                     "the API server does not listen on {upstream}; its log {} ends with:\n{}",
+                    log.display(),
+                    log_tail(&log, 15)
+                )
+            },
+        )
+    }
+
+    /// `skiff-control dns` in the fabric's namespace, beside the API server: reached by the
+    /// pods as the `kube-dns` Service (it creates it), through the nodes' datapath.
+    fn cluster_dns(&mut self, binaries: &Binaries, kubeconfig: &Path) -> Result<(), SkiffctlError> {
+        let mut command: Vec<String> = [
+            binaries.control.to_string_lossy().as_ref(),
+            "dns",
+            "--kubeconfig",
+            kubeconfig.to_string_lossy().as_ref(),
+            "--bind-address",
+            &CONTROL_IP.to_string(),
+            "--cluster-cidr",
+            &self.args.cluster_cidr.to_string(),
+            "--service-cluster-ip-range",
+            &self.args.service_cidr.to_string(),
+        ]
+        .map(str::to_string)
+        .to_vec();
+        for upstream in &self.args.dns_upstreams {
+            command.extend(["--upstream".to_owned(), upstream.clone()]);
+        }
+        let fabric_ns = self.layout.fabric_netns();
+        self.spawn("cluster-dns", None, Some(&fabric_ns), command)?;
+        let log = self.log("cluster-dns");
+        let addr = SocketAddr::from((CONTROL_IP, 53));
+        self.wait_for(
+            |_| {
+                fabric::in_netns(&fabric_ns, move || {
+                    std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_ok()
+                })
+                .unwrap_or(false)
+                .then_some(())
+            },
+            |_| {
+                format!(
+                    "the cluster DNS does not listen on {addr}; its log {} ends with:\n{}",
                     log.display(),
                     log_tail(&log, 15)
                 )

@@ -15,6 +15,7 @@
 //! - apimachinery's rules: [`quantity`], [`labels`] (selectors),
 //!   [`validation`] (names and labels), [`qos`] (a pod's QoS class),
 //!   [`node`] (what agents and controllers agree on about Nodes),
+//!   [`resource`] (`kube::Resource` for lean decoded types),
 //!   [`registry`] (the one table of served kinds: the API server routes by
 //!   it, the namespace and garbage collectors walk it), [`service`] (what
 //!   LoadBalancer IPAM and the agents read off a Service);
@@ -32,6 +33,7 @@ pub mod node;
 pub mod qos;
 pub mod quantity;
 pub mod registry;
+pub mod resource;
 pub mod service;
 #[cfg(feature = "serviceaccount")]
 pub mod serviceaccount;

@@ -1,0 +1,557 @@
+//! The DNS server: questions under the cluster domain (and reverse names in the cluster's ranges)
+//! answered from the [`Zone`], the rest forwarded to upstream resolvers through a cache, over UDP
+//! and TCP (hickory-server). A UDP answer larger than the client can take (512 bytes without
+//! EDNS, its advertised size with it) is sent truncated, so the client asks again over TCP.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use hickory_proto::op::{Edns, Header, Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_proto::rr::{Name, RData, Record, RecordType};
+use hickory_proto::xfer::Protocol;
+use hickory_resolver::TokioResolver;
+use hickory_resolver::config::{NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts};
+use hickory_resolver::name_server::TokioConnectionProvider;
+use hickory_server::ServerFuture;
+use hickory_server::authority::MessageResponseBuilder;
+use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
+use ipnetwork::IpNetwork;
+use tokio_util::sync::CancellationToken;
+
+use crate::zone::{Answer, Zone};
+
+/// The size of a UDP answer to a client without EDNS (RFC 1035).
+pub const UDP_PLAIN_MAX: usize = 512;
+/// How long a TCP client may stay idle.
+pub const TCP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The zone as the server and the watches share it.
+pub type SharedZone = Arc<RwLock<Zone>>;
+
+/// The forwarder to the upstream resolvers, with its cache.
+#[derive(Clone)]
+pub struct Forwarder {
+    resolver: TokioResolver,
+}
+
+impl Forwarder {
+    /// A forwarder to `upstreams` (each asked over UDP, and TCP for truncated answers), caching
+    /// up to `cache_size` answers for their TTLs.
+    pub fn new(upstreams: &[SocketAddr], cache_size: usize) -> Forwarder {
+        let mut config = ResolverConfig::new();
+        for upstream in upstreams {
+            config.add_name_server(NameServerConfig::new(*upstream, Protocol::Udp));
+            config.add_name_server(NameServerConfig::new(*upstream, Protocol::Tcp));
+        }
+        let mut options = ResolverOpts::default();
+        options.cache_size = cache_size;
+        // The client's names are asked as they are: no search list, no hosts file of the
+        // server's own, CNAME chains kept in the answer.
+        options.ndots = 0;
+        options.use_hosts_file = ResolveHosts::Never;
+        options.preserve_intermediates = true;
+        options.timeout = Duration::from_secs(2);
+        options.attempts = 2;
+        let resolver =
+            TokioResolver::builder_with_config(config, TokioConnectionProvider::default())
+                .with_options(options)
+                .build();
+        Forwarder { resolver }
+    }
+
+    /// The upstreams' answer: the response code, the answer records and the authority's SOA.
+    async fn ask(&self, name: Name, qtype: RecordType) -> (ResponseCode, Vec<Record>, Vec<Record>) {
+        match self.resolver.lookup(name, qtype).await {
+            Ok(lookup) => (ResponseCode::NoError, lookup.records().to_vec(), Vec::new()),
+            Err(error) if error.is_no_records_found() => {
+                let code = if error.is_nx_domain() {
+                    ResponseCode::NXDomain
+                } else {
+                    ResponseCode::NoError
+                };
+                let soa = error
+                    .into_soa()
+                    .map(|soa| vec![soa.into_record_of_rdata()])
+                    .unwrap_or_default();
+                (code, Vec::new(), soa)
+            }
+            Err(error) => {
+                tracing::debug!(%error, "upstream resolvers did not answer");
+                (ResponseCode::ServFail, Vec::new(), Vec::new())
+            }
+        }
+    }
+}
+
+/// Answers one question after another: see the module docs.
+pub struct Handler {
+    zone: SharedZone,
+    forwarder: Option<Forwarder>,
+    /// Who may have names outside the cluster resolved (an open resolver on a node's address
+    /// would serve anyone who can reach it).
+    recursion_from: Vec<IpNetwork>,
+}
+
+impl Handler {
+    /// A handler answering from `zone`, forwarding to `forwarder` (none: other names are
+    /// refused) for clients in `recursion_from`.
+    pub fn new(
+        zone: SharedZone,
+        forwarder: Option<Forwarder>,
+        recursion_from: Vec<IpNetwork>,
+    ) -> Handler {
+        Handler {
+            zone,
+            forwarder,
+            recursion_from,
+        }
+    }
+
+    /// The records of a CNAME's target: from the zone, or from upstream for an allowed client
+    /// (a target that is a CNAME again is not followed further here; upstream follows its own).
+    async fn answer_name(&self, name: &Name, qtype: RecordType, client: IpAddr) -> Sections {
+        let local = {
+            let zone = self.zone.read().unwrap_or_else(|e| e.into_inner());
+            match zone.lookup(name, qtype) {
+                Answer::Found { answers, .. } => Some(answers),
+                Answer::NxDomain => Some(Vec::new()),
+                Answer::Forward => None,
+            }
+        };
+        if let Some(answers) = local {
+            return Sections {
+                answers,
+                ..Sections::code(ResponseCode::NoError)
+            };
+        }
+        match &self.forwarder {
+            Some(forwarder) if self.recursion_from.iter().any(|n| n.contains(client)) => {
+                let (code, answers, _) = forwarder.ask(name.clone(), qtype).await;
+                Sections {
+                    answers,
+                    ..Sections::code(code)
+                }
+            }
+            _ => Sections::code(ResponseCode::Refused),
+        }
+    }
+
+    /// The response code and sections for `query` from `client`.
+    async fn answer(&self, query: &Query, client: IpAddr) -> Sections {
+        let name = query.name();
+        let answer = {
+            let zone = self.zone.read().unwrap_or_else(|e| e.into_inner());
+            match zone.lookup(name, query.query_type()) {
+                Answer::Forward => None,
+                other => Some((other, zone.soa())),
+            }
+        };
+        match answer {
+            Some((
+                Answer::Found {
+                    mut answers,
+                    additionals,
+                },
+                soa,
+            )) => {
+                // An ExternalName's CNAME comes with its target's records, as CoreDNS gives
+                // them: stub resolvers do not follow a chain themselves.
+                let target = match answers.as_slice() {
+                    [only] if query.query_type() != RecordType::CNAME => match only.data() {
+                        RData::CNAME(target) => Some(target.0.clone()),
+                        _ => None,
+                    },
+                    _ => None,
+                };
+                if let Some(target) = target {
+                    let followed = self.answer_name(&target, query.query_type(), client).await;
+                    answers.extend(followed.answers);
+                }
+                Sections {
+                    code: ResponseCode::NoError,
+                    authoritative: true,
+                    authority: if answers.is_empty() {
+                        vec![soa]
+                    } else {
+                        Vec::new()
+                    },
+                    answers,
+                    additionals,
+                }
+            }
+            Some((_, soa)) => Sections {
+                code: ResponseCode::NXDomain,
+                authoritative: true,
+                answers: Vec::new(),
+                authority: vec![soa],
+                additionals: Vec::new(),
+            },
+            None => {
+                let allowed = self.recursion_from.iter().any(|n| n.contains(client));
+                match (&self.forwarder, allowed) {
+                    (Some(forwarder), true) => {
+                        let (code, answers, authority) =
+                            forwarder.ask(name.clone(), query.query_type()).await;
+                        Sections {
+                            code,
+                            authoritative: false,
+                            answers,
+                            authority,
+                            additionals: Vec::new(),
+                        }
+                    }
+                    _ => Sections::code(ResponseCode::Refused),
+                }
+            }
+        }
+    }
+}
+
+/// A response's code and records.
+struct Sections {
+    code: ResponseCode,
+    authoritative: bool,
+    answers: Vec<Record>,
+    authority: Vec<Record>,
+    additionals: Vec<Record>,
+}
+
+impl Sections {
+    fn code(code: ResponseCode) -> Sections {
+        Sections {
+            code,
+            authoritative: false,
+            answers: Vec::new(),
+            authority: Vec::new(),
+            additionals: Vec::new(),
+        }
+    }
+
+    /// Whether the response, encoded, fits in `limit` bytes.
+    fn fits(&self, header: &Header, query: &Query, limit: usize) -> bool {
+        let mut message = Message::new();
+        message.set_header(*header);
+        message.add_query(query.clone());
+        message.insert_answers(self.answers.clone());
+        message.insert_name_servers(self.authority.clone());
+        message.insert_additionals(self.additionals.clone());
+        message.to_vec().is_ok_and(|bytes| bytes.len() <= limit)
+    }
+}
+
+#[async_trait::async_trait]
+impl RequestHandler for Handler {
+    async fn handle_request<R: ResponseHandler>(
+        &self,
+        request: &Request,
+        mut response_handle: R,
+    ) -> ResponseInfo {
+        let mut builder = MessageResponseBuilder::from_message_request(request);
+        let mut header = Header::response_from_request(request.header());
+        header.set_recursion_available(self.forwarder.is_some());
+        let edns = request.edns().map(|asked| {
+            let mut edns = Edns::new();
+            edns.set_max_payload(asked.max_payload().max(512));
+            edns
+        });
+        if let Some(edns) = &edns {
+            builder.edns(edns.clone());
+        }
+        let query = match request.request_info() {
+            Ok(info)
+                if request.message_type() == MessageType::Query
+                    && request.op_code() == OpCode::Query =>
+            {
+                info.query.original().clone()
+            }
+            Ok(_) => {
+                header.set_response_code(ResponseCode::NotImp);
+                return send(&mut response_handle, builder.build_no_records(header)).await;
+            }
+            Err(_) => {
+                header.set_response_code(ResponseCode::FormErr);
+                return send(&mut response_handle, builder.build_no_records(header)).await;
+            }
+        };
+        let mut sections = self.answer(&query, request.src().ip()).await;
+        header.set_response_code(sections.code);
+        header.set_authoritative(sections.authoritative);
+        // Without EDNS a UDP answer is at most 512 bytes: too large, it goes out truncated and
+        // empty, and the client asks again over TCP. (hickory-server would send up to 4,096.)
+        if request.protocol() == Protocol::Udp
+            && edns.is_none()
+            && !sections.fits(&header, &query, UDP_PLAIN_MAX)
+        {
+            header.set_truncated(true);
+            sections.answers.clear();
+            sections.authority.clear();
+            sections.additionals.clear();
+        }
+        let response = builder.build(
+            header,
+            sections.answers.iter(),
+            std::iter::empty(),
+            sections.authority.iter(),
+            sections.additionals.iter(),
+        );
+        send(&mut response_handle, response).await
+    }
+}
+
+async fn send<'a, R: ResponseHandler>(
+    handle: &mut R,
+    response: hickory_server::authority::MessageResponse<
+        '_,
+        'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+    >,
+) -> ResponseInfo {
+    match handle.send_response(response).await {
+        Ok(info) => info,
+        Err(error) => {
+            tracing::debug!(%error, "cannot send a DNS response");
+            let mut header = Header::new();
+            header.set_response_code(ResponseCode::ServFail);
+            header.into()
+        }
+    }
+}
+
+/// Serves `handler` on `udp` and `tcp` until `shutdown`.
+pub async fn serve(
+    handler: Handler,
+    udp: tokio::net::UdpSocket,
+    tcp: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), hickory_proto::ProtoError> {
+    let mut server = ServerFuture::new(handler);
+    server.register_socket(udp);
+    server.register_listener(tcp, TCP_TIMEOUT);
+    tokio::select! {
+        result = server.block_until_done() => result,
+        () = shutdown.cancelled() => server.shutdown_gracefully().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    use serde_json::json;
+    use skiff_common::watch::Change;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use crate::objects::{DnsService, DnsSlice};
+
+    /// A zone for `domain` with `web` (a ClusterIP Service) and `many` (headless, 40 endpoints).
+    fn zone(domain: &str) -> SharedZone {
+        let mut zone =
+            Zone::new(domain, 5, vec!["10.96.0.0/12".parse().expect("a range")]).expect("a zone");
+        let service = |v| Arc::new(serde_json::from_value::<DnsService>(v).expect("a Service"));
+        zone.apply_service(Change::Resynced(vec![
+            service(json!({"metadata": {"namespace": "ns", "name": "web"},
+                           "spec": {"clusterIP": "10.96.0.20"}})),
+            service(json!({"metadata": {"namespace": "ns", "name": "many"},
+                           "spec": {"clusterIP": "None"}})),
+        ]));
+        let endpoints: Vec<_> = (0..40)
+            .map(|i| json!({"addresses": [format!("10.244.0.{}", i + 1)]}))
+            .collect();
+        zone.apply_slice(Change::Applied(Arc::new(
+            serde_json::from_value::<DnsSlice>(json!({
+                "metadata": {"namespace": "ns", "name": "many-1",
+                             "labels": {"kubernetes.io/service-name": "many"}},
+                "addressType": "IPv4", "endpoints": endpoints}))
+            .expect("a slice"),
+        )));
+        Arc::new(RwLock::new(zone))
+    }
+
+    /// A server for `zone` on 127.0.0.1 (UDP and TCP on one port); its address.
+    async fn start(
+        zone: SharedZone,
+        forwarder: Option<Forwarder>,
+        recursion_from: &str,
+        shutdown: &CancellationToken,
+    ) -> SocketAddr {
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("a TCP port");
+        let addr = tcp.local_addr().expect("its address");
+        let udp = tokio::net::UdpSocket::bind(addr)
+            .await
+            .expect("the same UDP port");
+        let handler = Handler::new(
+            zone,
+            forwarder,
+            vec![recursion_from.parse().expect("a range")],
+        );
+        tokio::spawn(serve(handler, udp, tcp, shutdown.clone()));
+        addr
+    }
+
+    fn question(name: &str, qtype: RecordType, edns: Option<u16>) -> Vec<u8> {
+        let mut message = Message::new();
+        message.set_id(7);
+        message.set_recursion_desired(true);
+        message.add_query(Query::query(Name::from_ascii(name).expect("a name"), qtype));
+        if let Some(size) = edns {
+            let mut e = Edns::new();
+            e.set_max_payload(size);
+            message.set_edns(e);
+        }
+        message.to_vec().expect("encodes")
+    }
+
+    async fn udp(
+        server: SocketAddr,
+        name: &str,
+        qtype: RecordType,
+        edns: Option<u16>,
+    ) -> (Message, usize) {
+        let socket = tokio::net::UdpSocket::bind("127.0.0.1:0")
+            .await
+            .expect("a socket");
+        socket
+            .send_to(&question(name, qtype, edns), server)
+            .await
+            .expect("sent");
+        let mut buf = vec![0u8; 65_536];
+        let (n, _) = tokio::time::timeout(Duration::from_secs(5), socket.recv_from(&mut buf))
+            .await
+            .expect("an answer within 5 s")
+            .expect("received");
+        (Message::from_vec(&buf[..n]).expect("decodes"), n)
+    }
+
+    async fn tcp(server: SocketAddr, name: &str, qtype: RecordType) -> Message {
+        let mut stream = tokio::net::TcpStream::connect(server)
+            .await
+            .expect("connects");
+        let q = question(name, qtype, None);
+        let mut framed = u16::try_from(q.len())
+            .expect("short")
+            .to_be_bytes()
+            .to_vec();
+        framed.extend(q);
+        stream.write_all(&framed).await.expect("sent");
+        let mut len = [0u8; 2];
+        stream.read_exact(&mut len).await.expect("a length");
+        let mut buf = vec![0u8; usize::from(u16::from_be_bytes(len))];
+        stream.read_exact(&mut buf).await.expect("the answer");
+        Message::from_vec(&buf).expect("decodes")
+    }
+
+    /// The answer section's data.
+    fn data(message: &Message) -> Vec<RData> {
+        message.answers().iter().map(|r| r.data().clone()).collect()
+    }
+
+    #[tokio::test]
+    async fn answers_nxdomain_and_no_data_come_with_the_zones_soa() {
+        let shutdown = CancellationToken::new();
+        let server = start(zone("cluster.local"), None, "127.0.0.0/8", &shutdown).await;
+        let (answer, _) = udp(server, "web.ns.svc.cluster.local.", RecordType::A, None).await;
+        assert_eq!(answer.response_code(), ResponseCode::NoError);
+        assert!(answer.authoritative());
+        assert_eq!(
+            data(&answer),
+            [RData::A(Ipv4Addr::new(10, 96, 0, 20).into())]
+        );
+        let (missing, _) = udp(server, "gone.ns.svc.cluster.local.", RecordType::A, None).await;
+        assert_eq!(missing.response_code(), ResponseCode::NXDomain);
+        assert_eq!(missing.name_servers()[0].record_type(), RecordType::SOA);
+        let (no_data, _) = udp(server, "web.ns.svc.cluster.local.", RecordType::AAAA, None).await;
+        assert_eq!(no_data.response_code(), ResponseCode::NoError);
+        assert!(no_data.answers().is_empty());
+        assert_eq!(no_data.name_servers()[0].record_type(), RecordType::SOA);
+        // No upstream: other names are refused.
+        let (refused, _) = udp(server, "example.org.", RecordType::A, None).await;
+        assert_eq!(refused.response_code(), ResponseCode::Refused);
+        shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn large_answers_are_truncated_over_udp_without_edns_and_whole_over_tcp() {
+        let shutdown = CancellationToken::new();
+        let server = start(zone("cluster.local"), None, "127.0.0.0/8", &shutdown).await;
+        let name = "many.ns.svc.cluster.local.";
+        let (plain, size) = udp(server, name, RecordType::A, None).await;
+        assert!(plain.truncated(), "40 A records do not fit in 512 bytes");
+        assert!(size <= UDP_PLAIN_MAX, "{size} bytes");
+        let (with_edns, size) = udp(server, name, RecordType::A, Some(4096)).await;
+        assert!(!with_edns.truncated());
+        assert_eq!(with_edns.answers().len(), 40, "{size} bytes");
+        let whole = tcp(server, name, RecordType::A).await;
+        assert!(!whole.truncated());
+        assert_eq!(whole.answers().len(), 40);
+        shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn other_names_are_forwarded_for_allowed_clients_only() {
+        let shutdown = CancellationToken::new();
+        // The upstream: another server, authoritative for `upstream.test`.
+        let upstream = start(zone("upstream.test"), None, "127.0.0.0/8", &shutdown).await;
+        let forwarder = Forwarder::new(&[upstream], 100);
+        let cluster = zone("cluster.local");
+        let server = start(
+            cluster.clone(),
+            Some(forwarder.clone()),
+            "127.0.0.0/8",
+            &shutdown,
+        )
+        .await;
+        let (answer, _) = udp(server, "web.ns.svc.upstream.test.", RecordType::A, None).await;
+        assert_eq!(answer.response_code(), ResponseCode::NoError);
+        assert!(!answer.authoritative());
+        assert!(answer.recursion_available());
+        assert_eq!(
+            data(&answer),
+            [RData::A(Ipv4Addr::new(10, 96, 0, 20).into())]
+        );
+        let (missing, _) = udp(server, "gone.ns.svc.upstream.test.", RecordType::A, None).await;
+        assert_eq!(missing.response_code(), ResponseCode::NXDomain);
+        // The cluster's own names are never forwarded.
+        let (own, _) = udp(server, "web.ns.svc.cluster.local.", RecordType::A, None).await;
+        assert!(own.authoritative());
+        // An ExternalName comes with its target's records, from upstream.
+        {
+            let mut zone = cluster.write().expect("the zone");
+            zone.apply_service(Change::Applied(Arc::new(
+                serde_json::from_value::<DnsService>(json!({
+                    "metadata": {"namespace": "ns", "name": "ext"},
+                    "spec": {"type": "ExternalName", "externalName": "web.ns.svc.upstream.test"}}))
+                .expect("a Service"),
+            )));
+        }
+        let (followed, _) = udp(server, "ext.ns.svc.cluster.local.", RecordType::A, None).await;
+        assert_eq!(
+            followed
+                .answers()
+                .iter()
+                .map(|r| r.record_type())
+                .collect::<Vec<_>>(),
+            [RecordType::CNAME, RecordType::A],
+            "{followed:?}"
+        );
+        // A client outside the allowed ranges gets REFUSED for other names.
+        let closed = start(
+            zone("cluster.local"),
+            Some(forwarder),
+            "10.0.0.0/8",
+            &shutdown,
+        )
+        .await;
+        let (refused, _) = udp(closed, "web.ns.svc.upstream.test.", RecordType::A, None).await;
+        assert_eq!(refused.response_code(), ResponseCode::Refused);
+        let (own, _) = udp(closed, "web.ns.svc.cluster.local.", RecordType::A, None).await;
+        assert_eq!(own.response_code(), ResponseCode::NoError);
+        shutdown.cancel();
+    }
+}
