@@ -36,6 +36,10 @@ pub async fn run_all(args: AllArgs, shutdown: CancellationToken) -> Result<(), D
         let (private, _) = skiff_common::serviceaccount::default_key_paths(&data_dir);
         args.controllers.service_account_private_key_file = Some(private);
     }
+    // The CA published in every namespace is the API server's own.
+    if args.controllers.root_ca_file.is_none() {
+        args.controllers.root_ca_file = Some(data_dir.join("pki").join("ca.crt"));
+    }
     let server = tokio::spawn(skiff_apiserver::server::run_apiserver_with(
         args.apiserver.clone(),
         shutdown.clone(),

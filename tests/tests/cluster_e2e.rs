@@ -1988,6 +1988,116 @@ spec:
 }
 
 /// `skiffctl down` removes the cluster: no namespace of it is left.
+/// What a program in a pod uses to reach the API (as client libraries' in-cluster
+/// configuration does): the mounted token, CA and namespace, and `KUBERNETES_SERVICE_HOST`; the
+/// request goes from the pod's network namespace to `https://kubernetes.default.svc` (the name
+/// resolved by the cluster DNS from the pod, the certificate checked against the mounted CA),
+/// through the node's datapath to the API server.
+fn pod_reaches_the_api_with_its_token(c: &Cluster) {
+    let node1 = c.node(1);
+    c.apply(&format!(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {{name: api-client, namespace: {NS}}}
+spec:
+  nodeName: {node1}
+  terminationGracePeriodSeconds: 1
+  containers: [{{name: c, image: {IMAGE}, command: [sleep, "3600"]}}]
+"#
+    ));
+    let pod = c.wait_pod("api-client", "Running", |p| {
+        p["status"]["phase"] == "Running"
+    });
+    let uid = pod["metadata"]["uid"].as_str().expect("uid").to_owned();
+    let in_pod = |args: &[&str]| {
+        let mut all = vec!["exec", "-n", NS, "api-client", "--"];
+        all.extend_from_slice(args);
+        c.kubectl_ok(&all)
+    };
+    let dir = "/var/run/secrets/kubernetes.io/serviceaccount";
+    let token = in_pod(&["cat", &format!("{dir}/token")]);
+    let namespace = in_pod(&["cat", &format!("{dir}/namespace")]);
+    assert_eq!(namespace, NS, "the mounted namespace");
+    let ca = in_pod(&["cat", &format!("{dir}/ca.crt")]);
+    assert!(ca.contains("BEGIN CERTIFICATE"), "the mounted CA: {ca}");
+    let env = in_pod(&["env"]);
+    let host = env
+        .lines()
+        .find_map(|l| l.strip_prefix("KUBERNETES_SERVICE_HOST="))
+        .expect("KUBERNETES_SERVICE_HOST in the environment")
+        .to_owned();
+    let port = env
+        .lines()
+        .find_map(|l| l.strip_prefix("KUBERNETES_SERVICE_PORT="))
+        .expect("KUBERNETES_SERVICE_PORT in the environment")
+        .to_owned();
+    // The name the pod resolves is the Service's address.
+    let resolved = in_pod(&[
+        "timeout",
+        "10",
+        "nslookup",
+        "kubernetes.default.svc.cluster.local",
+    ]);
+    assert!(resolved.contains(&format!("Address: {host}")), "{resolved}");
+    let tmp = tempfile::tempdir().expect("a directory");
+    let ca_file = tmp.path().join("ca.crt");
+    std::fs::write(&ca_file, &ca).expect("the CA file");
+    let netns = PathBuf::from("/run/skiff")
+        .join(&node1)
+        .join("netns")
+        .join(&uid);
+    let url = format!("https://kubernetes.default.svc:{port}/api/v1/namespaces/{namespace}/pods");
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", netns.display()))
+        .args(["curl", "-s", "--max-time", "10", "--cacert"])
+        .arg(&ca_file)
+        .args([
+            "--resolve",
+            &format!("kubernetes.default.svc:{port}:{host}"),
+        ])
+        .args(["-H", &format!("Authorization: Bearer {}", token.trim())])
+        .arg(&url)
+        .stdin(Stdio::null())
+        .output()
+        .expect("curl runs");
+    let body = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && body.contains("\"PodList\"") && body.contains("\"api-client\""),
+        "{url} from the pod's network namespace: {}\n{body}",
+        text(&out)
+    );
+    // The token is the pod's: bound to it, and not the admin's certificate.
+    let claims = token.split('.').nth(1).expect("a JWT");
+    let out = Command::new("sh")
+        .args(["-c", "tr '_-' '/+' | base64 -d 2>/dev/null"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write;
+            let mut padded = claims.to_owned();
+            while padded.len() % 4 != 0 {
+                padded.push('=');
+            }
+            child
+                .stdin
+                .take()
+                .expect("stdin")
+                .write_all(padded.as_bytes())?;
+            child.wait_with_output()
+        })
+        .expect("base64 runs");
+    let claims: Value = serde_json::from_slice(&out.stdout).expect("the token's claims are JSON");
+    assert_eq!(
+        claims["kubernetes.io"]["pod"]["uid"],
+        uid.as_str(),
+        "{claims}"
+    );
+    assert_eq!(claims["sub"], format!("system:serviceaccount:{NS}:default"));
+    c.kubectl_ok(&["delete", "pod", "-n", NS, "api-client", "--wait=true"]);
+}
+
 /// dnsmasq in the outside namespace, serving `outside.example.test` (192.0.2.77) from a hosts
 /// file and NXDOMAIN for every other name: the cluster DNS's upstream. Killed when dropped.
 struct Dnsmasq {
@@ -2416,6 +2526,10 @@ fn three_node_cluster_runs_real_pods_end_to_end() {
         (
             "cluster DNS resolves Services and pods",
             Box::new(|| cluster_dns_resolves_services_and_pods(c, &pods)),
+        ),
+        (
+            "a pod reaches the API with its service account token",
+            Box::new(|| pod_reaches_the_api_with_its_token(c)),
         ),
     ];
     // `SKIFF_E2E_ONLY=restart,port-forward` runs the scenarios whose names contain one of the

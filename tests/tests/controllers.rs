@@ -246,6 +246,113 @@ fn service_account_tokens_authenticate() {
     });
 }
 
+/// `kubectl create token` (the TokenRequest API), the cluster CA published in every namespace,
+/// and the ServiceAccount admission plugin's projected volume on pods.
+#[test]
+fn token_requests_root_ca_and_the_service_account_volume() {
+    let server = server();
+    namespace(&server, "treq");
+    // kube-root-ca.crt holds the API server's CA.
+    let ca = std::fs::read_to_string(server.data_dir().join("pki").join("ca.crt")).expect("the CA");
+    let published = server.wait_for("kube-root-ca.crt", || {
+        get(&server, &["-n", "treq", "configmap", "kube-root-ca.crt"])
+    });
+    assert_eq!(published["data"]["ca.crt"].as_str(), Some(ca.as_str()));
+    // Put back when changed.
+    server.kubectl_ok(&[
+        "-n",
+        "treq",
+        "create",
+        "configmap",
+        "kube-root-ca.crt",
+        "--from-literal=ca.crt=x",
+        "--dry-run=client",
+        "-o",
+        "yaml",
+    ]);
+    server.kubectl_ok(&["-n", "treq", "delete", "configmap", "kube-root-ca.crt"]);
+    server.wait_for("kube-root-ca.crt again", || {
+        get(&server, &["-n", "treq", "configmap", "kube-root-ca.crt"])
+            .filter(|m| m["data"]["ca.crt"].as_str() == Some(ca.as_str()))
+    });
+
+    // TokenRequest: a JWT for the account, expiring when asked, that authenticates.
+    server.wait_for("the default service account", || {
+        get(&server, &["-n", "treq", "serviceaccount", "default"])
+    });
+    let token = server
+        .kubectl_ok(&["-n", "treq", "create", "token", "default", "--duration=15m"])
+        .trim()
+        .to_owned();
+    assert_eq!(token.split('.').count(), 3, "a JWT: {token}");
+    let out = std::process::Command::new("curl")
+        .args(["-s", "--cacert"])
+        .arg(server.data_dir().join("pki").join("ca.crt"))
+        .args(["-H", &format!("Authorization: Bearer {token}")])
+        .arg(format!(
+            "{}/api/v1/namespaces/treq/serviceaccounts",
+            server.url()
+        ))
+        .output()
+        .expect("curl runs");
+    let body = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        body.contains("\"ServiceAccountList\""),
+        "the requested token lists: {body}"
+    );
+    let short = server.kubectl(&["-n", "treq", "create", "token", "default", "--duration=1m"]);
+    assert!(
+        !short.status.success(),
+        "a token under 10 minutes is refused"
+    );
+    let missing = server.kubectl(&["-n", "treq", "create", "token", "nobody"]);
+    assert!(
+        String::from_utf8_lossy(&missing.stderr).contains("not found"),
+        "{}",
+        String::from_utf8_lossy(&missing.stderr)
+    );
+
+    // Pods get the projected volume, mounted in every container, unless they (or their account)
+    // opt out.
+    server.kubectl_stdin_ok(
+        &["apply", "-f", "-"],
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: mounted, namespace: treq}\nspec:\n  containers: [{name: a, image: busybox}, {name: b, image: busybox}]\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: opted-out, namespace: treq}\nspec:\n  automountServiceAccountToken: false\n  containers: [{name: a, image: busybox}]\n---\napiVersion: v1\nkind: ServiceAccount\nmetadata: {name: quiet, namespace: treq}\nautomountServiceAccountToken: false\n",
+    );
+    server.kubectl_stdin_ok(
+        &["apply", "-f", "-"],
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: quiet, namespace: treq}\nspec:\n  serviceAccountName: quiet\n  containers: [{name: a, image: busybox}]\n",
+    );
+    let pod = get(&server, &["-n", "treq", "pod", "mounted"]).expect("the pod");
+    let volume = &pod["spec"]["volumes"][0];
+    let name = volume["name"].as_str().expect("a volume name");
+    assert!(
+        name.starts_with("kube-api-access-") && name.len() == 21,
+        "{name}"
+    );
+    let sources = &volume["projected"]["sources"];
+    assert_eq!(sources[0]["serviceAccountToken"]["expirationSeconds"], 3607);
+    assert_eq!(sources[1]["configMap"]["name"], "kube-root-ca.crt");
+    assert_eq!(
+        sources[2]["downwardAPI"]["items"][0]["fieldRef"]["fieldPath"],
+        "metadata.namespace"
+    );
+    for container in pod["spec"]["containers"].as_array().expect("containers") {
+        let mount = &container["volumeMounts"][0];
+        assert_eq!(
+            mount["mountPath"],
+            "/var/run/secrets/kubernetes.io/serviceaccount"
+        );
+        assert_eq!(
+            (mount["name"].as_str(), mount["readOnly"].as_bool()),
+            (Some(name), Some(true))
+        );
+    }
+    for quiet in ["opted-out", "quiet"] {
+        let pod = get(&server, &["-n", "treq", "pod", quiet]).expect("the pod");
+        assert!(pod["spec"]["volumes"].is_null(), "{quiet}: {}", pod["spec"]);
+    }
+}
+
 #[test]
 fn deleting_a_namespace_empties_and_removes_it() {
     let server = server();

@@ -114,6 +114,9 @@ pub enum Target {
     /// Connections through Services: skiff's eBPF datapath against kube-proxy's iptables and
     /// nftables rules and direct pod IPs; programming latency; agent memory.
     Services,
+    /// The cluster DNS against dnsmasq, from a pod, with 10,000 Services: latency, queries per
+    /// second, memory.
+    Dns,
 }
 
 impl Target {
@@ -124,6 +127,7 @@ impl Target {
             Target::Scheduler => "scheduler",
             Target::Pods => "pods",
             Target::Services => "services",
+            Target::Dns => "dns",
         }
     }
 }
@@ -141,6 +145,7 @@ pub fn bench(ws: &Path, args: &BenchArgs) -> Result<()> {
         Target::Scheduler => crate::bench_scheduler::scheduler(ws, args),
         Target::Pods => crate::bench_pods::pods(ws, args),
         Target::Services => crate::bench_services::services(ws, args),
+        Target::Dns => crate::bench_dns::dns(ws, args),
     }
 }
 

@@ -273,7 +273,7 @@ impl LoadFigures {
 
 /// Waits until a second passes with the machine busy less than [`IDLE_BUSY`]; after
 /// [`IDLE_TIMEOUT`] it says so and goes on (the row's "machine busy" shows the rest).
-fn wait_idle() -> Result<()> {
+pub(crate) fn wait_idle() -> Result<()> {
     let start = Instant::now();
     loop {
         let before = crate::bench::machine_busy()?;
@@ -544,7 +544,7 @@ fn slice_body(service: &str, backends: &[Ipv4Addr], port: u16) -> String {
 
 /// Creates Services `from..to` and their EndpointSlices over [`API_CONNECTIONS`] connections;
 /// returns their ClusterIPs by index.
-async fn create_services(
+pub(crate) async fn create_services(
     tls: &Arc<rustls::ClientConfig>,
     addr: SocketAddr,
     from: usize,
@@ -589,6 +589,72 @@ async fn create_services(
         all.extend(task.await.context("a create task panicked")??);
     }
     Ok(all)
+}
+
+/// Creates namespace [`NAMESPACE`] and a busybox `sleep` pod of each name in it; waits until
+/// all run: (uid, pod IP) by name.
+pub(crate) async fn running_pods(
+    tls: &Arc<rustls::ClientConfig>,
+    addr: SocketAddr,
+    names: &[String],
+) -> Result<BTreeMap<String, (String, Ipv4Addr)>> {
+    let mut api = Client::tls(tls, addr).await?;
+    api.expect(
+        Method::POST,
+        "/api/v1/namespaces",
+        Some(
+            json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}})
+                .to_string(),
+        ),
+        StatusCode::CREATED,
+    )
+    .await?;
+    for name in names {
+        api.expect(
+            Method::POST,
+            &format!("/api/v1/namespaces/{NAMESPACE}/pods"),
+            Some(pod_body_in(NAMESPACE, name)),
+            StatusCode::CREATED,
+        )
+        .await?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let (status, body) = api
+            .send(
+                Method::GET,
+                &format!("/api/v1/namespaces/{NAMESPACE}/pods"),
+                None,
+            )
+            .await?;
+        ensure!(status == StatusCode::OK, "list pods: {status}");
+        let list: Value = serde_json::from_slice(&body)?;
+        let running: BTreeMap<String, (String, Ipv4Addr)> = list["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|p| p["status"]["phase"] == "Running")
+            .filter_map(|p| {
+                Some((
+                    p["metadata"]["name"].as_str()?.to_owned(),
+                    (
+                        p["metadata"]["uid"].as_str()?.to_owned(),
+                        p["status"]["podIP"].as_str()?.parse().ok()?,
+                    ),
+                ))
+            })
+            .collect();
+        if running.len() == names.len() {
+            return Ok(running);
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "{} of {} pods Running",
+            running.len(),
+            names.len()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
 }
 
 /// The agent's programmed service ports, from its status file.
@@ -667,69 +733,11 @@ fn measure(cluster: &LocalCluster) -> Result<Report> {
     }
 
     say(format!("{BACKENDS} backend pods and a client pod"));
-    let pods = runtime.block_on(async {
-        let mut api = Client::tls(&tls, addr).await?;
-        api.expect(
-            Method::POST,
-            "/api/v1/namespaces",
-            Some(
-                json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}})
-                    .to_string(),
-            ),
-            StatusCode::CREATED,
-        )
-        .await?;
-        let names: Vec<String> = (0..BACKENDS)
-            .map(|i| format!("b{i}"))
-            .chain(["client".to_owned()])
-            .collect();
-        for name in &names {
-            api.expect(
-                Method::POST,
-                &format!("/api/v1/namespaces/{NAMESPACE}/pods"),
-                Some(pod_body_in(NAMESPACE, name)),
-                StatusCode::CREATED,
-            )
-            .await?;
-        }
-        let deadline = Instant::now() + Duration::from_secs(180);
-        loop {
-            let (status, body) = api
-                .send(
-                    Method::GET,
-                    &format!("/api/v1/namespaces/{NAMESPACE}/pods"),
-                    None,
-                )
-                .await?;
-            ensure!(status == StatusCode::OK, "list pods: {status}");
-            let list: Value = serde_json::from_slice(&body)?;
-            let running: BTreeMap<String, (String, Ipv4Addr)> = list["items"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter(|p| p["status"]["phase"] == "Running")
-                .filter_map(|p| {
-                    Some((
-                        p["metadata"]["name"].as_str()?.to_owned(),
-                        (
-                            p["metadata"]["uid"].as_str()?.to_owned(),
-                            p["status"]["podIP"].as_str()?.parse().ok()?,
-                        ),
-                    ))
-                })
-                .collect();
-            if running.len() == names.len() {
-                return Ok::<_, anyhow::Error>(running);
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "{} of {} pods Running",
-                running.len(),
-                names.len()
-            );
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        }
-    })?;
+    let names: Vec<String> = (0..BACKENDS)
+        .map(|i| format!("b{i}"))
+        .chain(["client".to_owned()])
+        .collect();
+    let pods = runtime.block_on(running_pods(&tls, addr, &names))?;
     let netns_of = |name: &str| run_dir.join("netns").join(&pods[name].0);
     let backends: Vec<Ipv4Addr> = (0..BACKENDS).map(|i| pods[&format!("b{i}")].1).collect();
     let client = netns_of("client");

@@ -20,6 +20,7 @@ use clap::{Parser, Subcommand};
 use skiff_tests::free_port;
 
 mod bench;
+mod bench_dns;
 mod bench_pods;
 mod bench_scheduler;
 mod bench_services;

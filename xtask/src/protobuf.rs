@@ -78,8 +78,8 @@ fn resource<T: k8s_openapi::Resource + JsonSchema>(
 /// the registry rarely needs a new table.
 fn roots(generator: &mut SchemaGenerator) -> Vec<Root> {
     use k8s_openapi::api::{
-        apps, autoscaling, batch, coordination, core, discovery, events, networking, policy, rbac,
-        scheduling, storage,
+        apps, authentication, autoscaling, batch, coordination, core, discovery, events,
+        networking, policy, rbac, scheduling, storage,
     };
     let mut roots = Vec::new();
     macro_rules! resources {
@@ -107,6 +107,7 @@ fn roots(generator: &mut SchemaGenerator) -> Vec<Root> {
         apps::v1::Deployment,
         apps::v1::ReplicaSet,
         apps::v1::StatefulSet,
+        authentication::v1::TokenRequest,
         autoscaling::v1::HorizontalPodAutoscaler,
         autoscaling::v1::Scale,
         autoscaling::v2::HorizontalPodAutoscaler,

@@ -29,6 +29,7 @@ pub mod node;
 pub mod pod;
 pub mod portforward;
 pub mod probe;
+pub mod projected;
 pub mod query;
 pub mod runtime;
 pub mod server;

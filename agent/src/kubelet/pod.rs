@@ -38,6 +38,11 @@ use super::{Kubelet, PodIdentity, netns};
 pub const BACKOFF_INITIAL: Duration = Duration::from_secs(10);
 /// The longest restart back-off.
 pub const BACKOFF_MAX: Duration = Duration::from_secs(300);
+/// How often projected volumes without a token are written again (their ConfigMaps and
+/// Secrets read again).
+pub const PROJECTED_RESYNC: Duration = Duration::from_secs(60);
+/// The pause before a failed renewal of a projected volume is tried again.
+pub const PROJECTED_RETRY: Duration = Duration::from_secs(10);
 /// How long a container's start waits for the first list of Services (its environment).
 pub const SERVICES_SYNC_WAIT: Duration = Duration::from_secs(30);
 
@@ -173,6 +178,9 @@ pub struct Worker {
     probes_rx: mpsc::UnboundedReceiver<ProbeVerdict>,
     last_status: Option<Value>,
     start_time: Timestamp,
+    /// When the projected volumes are written again (the token renewed): `None` until they are
+    /// first written.
+    projected_due: Option<Instant>,
 }
 
 impl Worker {
@@ -211,6 +219,7 @@ impl Worker {
             probes_rx,
             last_status: None,
             start_time,
+            projected_due: None,
         }
     }
 
@@ -408,6 +417,12 @@ impl Worker {
     async fn sync(&mut self) {
         if self.network_done {
             return;
+        }
+        if self.projected_due.is_some_and(|due| Instant::now() >= due)
+            && let Err(error) = self.write_projected().await
+        {
+            tracing::warn!(pod = %self.full_name(), error = %skiff_common::error::chain(&error), "cannot renew the projected volumes; retrying in 10 s");
+            self.projected_due = Some(Instant::now() + PROJECTED_RETRY);
         }
         let phase = self.current_phase();
         if matches!(phase, "Succeeded" | "Failed") {
@@ -627,6 +642,30 @@ impl Worker {
         super::dns::service_env(&self.pod, &self.k.services.snapshot())
     }
 
+    /// Writes every projected volume of the pod (its token renewed); the next time is set at
+    /// 80% of the shortest token's lifetime, or [`PROJECTED_RESYNC`] without a token.
+    async fn write_projected(&mut self) -> Result<(), super::projected::ProjectedError> {
+        let dir = self.k.pod_dir(&self.uid).join("volumes");
+        let mut renew: Option<Duration> = None;
+        let volumes: Vec<_> = self
+            .pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.volumes.clone())
+            .unwrap_or_default();
+        for volume in volumes.iter().filter(|v| v.projected.is_some()) {
+            let due =
+                super::projected::write(&self.k.client, &self.pod, volume, &dir.join(&volume.name))
+                    .await?;
+            renew = match (renew, due) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        }
+        self.projected_due = Some(Instant::now() + renew.unwrap_or(PROJECTED_RESYNC));
+        Ok(())
+    }
+
     fn volumes(&self) -> HashMap<String, PathBuf> {
         let dir = self.k.pod_dir(&self.uid).join("volumes");
         let mut out = HashMap::new();
@@ -638,7 +677,7 @@ impl Worker {
             .into_iter()
             .flatten()
         {
-            if v.empty_dir.is_some() {
+            if v.empty_dir.is_some() || v.projected.is_some() {
                 let path = dir.join(&v.name);
                 if std::fs::create_dir_all(&path).is_ok() {
                     out.insert(v.name.clone(), path);
@@ -708,6 +747,20 @@ impl Worker {
         let restart = self.ctrs[i].restart_count;
         let id = container_id(&self.uid, &name, restart);
         let _ = self.k.runtime.remove(&id).await;
+        if self.projected_due.is_none()
+            && let Err(error) = self.write_projected().await
+        {
+            let message = skiff_common::error::chain(&error).to_string();
+            self.k.event(
+                &self.pod,
+                None,
+                "Warning",
+                "FailedMount",
+                format!("MountVolume.SetUp failed: {message}"),
+            );
+            self.backoff_wait(i, "CreateContainerConfigError", message);
+            return;
+        }
         let volumes = self.volumes();
         let hosts = self.k.pod_dir(&self.uid).join("etc-hosts");
         let resolv = self.k.pod_dir(&self.uid).join("resolv.conf");

@@ -51,6 +51,11 @@ pub struct ApiserverArgs {
     /// `<data-dir>/pki/sa.pub`, generated with `sa.key` when missing.
     #[arg(long)]
     pub service_account_key_file: Option<PathBuf>,
+    /// The private key the `serviceaccounts/token` subresource (TokenRequest) signs tokens
+    /// with; default `<data-dir>/pki/sa.key` when `--service-account-key-file` is not given
+    /// (then TokenRequest is refused without this flag).
+    #[arg(long)]
+    pub service_account_signing_key_file: Option<PathBuf>,
     /// How long events are kept after their last write (etcd deletes them
     /// then); 0 keeps them.
     #[arg(long, value_parser = skiff_common::duration::parse_duration, default_value = "1h0m0s")]

@@ -82,6 +82,12 @@ fn subresource_shape(info: &ResourceInfo, sub: Subresource) -> SubresourceShape 
             version: Some("v1"),
             kind: "Binding",
         },
+        Subresource::Token => SubresourceShape {
+            verbs: CREATE,
+            group: Some("authentication.k8s.io"),
+            version: Some("v1"),
+            kind: "TokenRequest",
+        },
     }
 }
 

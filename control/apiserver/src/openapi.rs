@@ -49,6 +49,7 @@ fn known<T: k8s_openapi::Resource + JsonSchema>() -> KnownType {
 fn known_types() -> Vec<KnownType> {
     vec![
         known::<core::v1::Binding>(),
+        known::<k8s_openapi::api::authentication::v1::TokenRequest>(),
         known::<core::v1::ConfigMap>(),
         known::<core::v1::Endpoints>(),
         known::<core::v1::Event>(),
@@ -510,14 +511,14 @@ fn kind_paths(
                 };
                 item_ops(&suffix, sub_gvk, name)
             }
-            Subresource::Binding => {
+            Subresource::Binding | Subresource::Token => {
                 let Some((sub_gvk, name)) = sub_schemas.get(sub.name()) else {
                     continue;
                 };
                 let create = Op {
                     action: "post",
                     id: format!("create{infix}{scope}{kind}{suffix}"),
-                    description: format!("create binding of a {kind}"),
+                    description: format!("create {} of a {kind}", sub.name()),
                     gvk: sub_gvk.clone(),
                     params: WRITE_PARAMS,
                     body: Some((&["*/*"], name)),
@@ -528,6 +529,7 @@ fn kind_paths(
         };
         let what = match sub {
             Subresource::Binding => "Binding".to_string(),
+            Subresource::Token => "TokenRequest".to_string(),
             _ => format!("the {kind}"),
         };
         path["parameters"] = with_name(&what);
@@ -755,6 +757,7 @@ fn build_document(
                 Subresource::Status => continue,
                 Subresource::Scale => ("autoscaling/v1", "Scale"),
                 Subresource::Binding => ("v1", "Binding"),
+                Subresource::Token => ("authentication.k8s.io/v1", "TokenRequest"),
             };
             if let Some(t) = find_known(types, api_version, kind) {
                 (t.generate)(&mut generator);

@@ -118,6 +118,11 @@ pub async fn run_apiserver_with(
     if !args.bind_address.is_unspecified() {
         sans.push(args.bind_address.to_string());
     }
+    // In-cluster clients reach the server at the `kubernetes` Service's ClusterIP.
+    sans.push(first_service_ip(args.service_cluster_ip_range).to_string());
+    if let Some(advertise) = args.advertise_address {
+        sans.push(advertise.to_string());
+    }
     let pki = Pki::load_or_create(&args.data_dir.join("pki"), &sans)
         .map_err(|source| ServerError::Pki { source })?;
 
@@ -189,7 +194,7 @@ pub async fn run_apiserver_with(
         authorizer: Box::new(AllowAuthenticated),
     });
     let metrics = Arc::new(Metrics::new());
-    let state = Arc::new(AppState::new(
+    let mut state = AppState::new(
         store,
         ServiceAllocator::new(
             args.service_cluster_ip_range,
@@ -200,7 +205,10 @@ pub async fn run_apiserver_with(
         shutdown.clone(),
         crate::nodeproxy::NodeProxy::new(&pki)
             .map_err(|source| ServerError::NodeProxy { source })?,
-    ));
+    );
+    state.tokens =
+        token_issuer(&args).map_err(|source| ServerError::ServiceAccountKey { source })?;
+    let state = Arc::new(state);
     let app = api::router(state)
         .layer(axum::middleware::from_fn_with_state(
             auth_state,
@@ -251,6 +259,28 @@ struct BootstrapService {
     advertise: std::net::IpAddr,
     /// The HTTPS port.
     port: u16,
+}
+
+/// The signer of `serviceaccounts/token`: `--service-account-signing-key-file`, or the key the
+/// server generated under its data directory when no verification key was given (the pair
+/// `skiff-control all`'s token controller signs with too); none otherwise.
+fn token_issuer(
+    args: &ApiserverArgs,
+) -> Result<
+    Option<skiff_common::serviceaccount::TokenIssuer>,
+    skiff_common::serviceaccount::TokenError,
+> {
+    use skiff_common::serviceaccount::{TokenIssuer, default_key_paths, load_or_create_key};
+    let path = match (
+        &args.service_account_signing_key_file,
+        &args.service_account_key_file,
+    ) {
+        (Some(path), _) => path.clone(),
+        (None, None) => default_key_paths(&args.data_dir).0,
+        (None, Some(_)) => return Ok(None),
+    };
+    let key = load_or_create_key(&path)?;
+    TokenIssuer::new(&key, &path).map(Some)
 }
 
 /// Create what every cluster has: the four system namespaces and the

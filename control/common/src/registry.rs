@@ -11,6 +11,8 @@ pub enum Subresource {
     Scale,
     /// `/binding`: a `v1` Binding that sets `.spec.nodeName` of a pod.
     Binding,
+    /// `/token`: an `authentication.k8s.io/v1` TokenRequest for a service account.
+    Token,
 }
 
 impl Subresource {
@@ -20,6 +22,7 @@ impl Subresource {
             Subresource::Status => "status",
             Subresource::Scale => "scale",
             Subresource::Binding => "binding",
+            Subresource::Token => "token",
         }
     }
 }
@@ -189,7 +192,7 @@ pub static RESOURCES: &[ResourceInfo] = &[
         namespaced: true,
         short_names: &["sa"],
         categories: &[],
-        subresources: NONE,
+        subresources: &[Subresource::Token],
         has_spec: false,
     },
     ResourceInfo {

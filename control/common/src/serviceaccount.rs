@@ -93,6 +93,9 @@ pub struct KubernetesClaims {
     /// The Secret the token was written into, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret: Option<Reference>,
+    /// The pod the token is bound to (a TokenRequest's `boundObjectRef`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<Reference>,
 }
 
 /// An object a token names.
@@ -255,6 +258,7 @@ impl TokenIssuer {
                     name: name.to_string(),
                     uid: uid.to_string(),
                 }),
+                pod: None,
             },
         };
         self.sign(&claims)

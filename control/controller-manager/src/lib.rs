@@ -56,6 +56,10 @@ pub struct ControllerOptions {
     /// missing); the API server verifies tokens with its public half.
     #[arg(long)]
     pub service_account_private_key_file: Option<PathBuf>,
+    /// The cluster CA certificate (PEM) published in every namespace as the ConfigMap
+    /// `kube-root-ca.crt` (key `ca.crt`), which pods' service-account volumes project.
+    #[arg(long)]
+    pub root_ca_file: Option<PathBuf>,
 }
 
 /// Flags of `skiff-control controller-manager`.

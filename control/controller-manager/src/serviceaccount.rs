@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::ByteString;
-use k8s_openapi::api::core::v1::{Namespace, Secret, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret, ServiceAccount};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, DeleteParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
@@ -158,9 +158,28 @@ fn api_error(source: kube::Error) -> ReconcileError {
     ReconcileError::Api { source }
 }
 
+/// The ConfigMap holding the cluster CA in every namespace.
+pub const ROOT_CA_CONFIG_MAP: &str = "kube-root-ca.crt";
+
+/// Every namespace's `default` ServiceAccount and, with `--root-ca-file`, its
+/// [`ROOT_CA_CONFIG_MAP`] (upstream's root-ca-cert-publisher).
 async fn run_default_accounts(ctx: Arc<Context>, shutdown: CancellationToken) {
+    let root_ca = match &ctx.options.root_ca_file {
+        Some(path) => match std::fs::read_to_string(path) {
+            Ok(pem) => Some(pem),
+            Err(error) => {
+                tracing::error!(path = %path.display(), error = %skiff_common::error::chain(&error), "cannot read the root CA; kube-root-ca.crt is not published");
+                None
+            }
+        },
+        None => {
+            tracing::warn!("no --root-ca-file: kube-root-ca.crt is not published");
+            None
+        }
+    };
     let namespaces: Api<Namespace> = Api::all(ctx.client.clone());
     let accounts: Api<ServiceAccount> = Api::all(ctx.client.clone());
+    let config_maps: Api<ConfigMap> = Api::all(ctx.client.clone());
     Controller::new(namespaces, watcher::Config::default())
         .watches(
             accounts,
@@ -171,8 +190,13 @@ async fn run_default_accounts(ctx: Arc<Context>, shutdown: CancellationToken) {
                     .then(|| ObjectRef::new(&namespace))
             },
         )
+        .watches(
+            config_maps,
+            watcher::Config::default().fields(&format!("metadata.name={ROOT_CA_CONFIG_MAP}")),
+            |map: ConfigMap| Some(ObjectRef::new(&map.metadata.namespace.clone()?)),
+        )
         .graceful_shutdown_on(async move { shutdown.cancelled().await })
-        .run(reconcile_namespace, error_policy, ctx)
+        .run(reconcile_namespace, error_policy, Arc::new((ctx, root_ca)))
         .for_each(|_| async {})
         .await;
 }
@@ -184,8 +208,9 @@ fn error_policy<K, C>(_: Arc<K>, error: &ReconcileError, _: Arc<C>) -> Action {
 
 async fn reconcile_namespace(
     namespace: Arc<Namespace>,
-    ctx: Arc<Context>,
+    shared: Arc<(Arc<Context>, Option<String>)>,
 ) -> Result<Action, ReconcileError> {
+    let (ctx, root_ca) = (&shared.0, &shared.1);
     let Some(name) = namespace.metadata.name.as_deref() else {
         return Ok(Action::await_change());
     };
@@ -212,7 +237,59 @@ async fn reconcile_namespace(
             Err(error) => return Err(api_error(error)),
         }
     }
+    if let Some(pem) = root_ca {
+        publish_root_ca(&ctx.client, name, pem).await?;
+    }
     Ok(Action::await_change())
+}
+
+/// Puts the CA into the namespace's [`ROOT_CA_CONFIG_MAP`]: created when missing, its `ca.crt`
+/// put back when it differs.
+async fn publish_root_ca(
+    client: &kube::Client,
+    namespace: &str,
+    pem: &str,
+) -> Result<(), ReconcileError> {
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
+    let data = BTreeMap::from([("ca.crt".to_owned(), pem.to_owned())]);
+    match api.get_opt(ROOT_CA_CONFIG_MAP).await.map_err(api_error)? {
+        Some(existing) if existing.data.as_ref() == Some(&data) => Ok(()),
+        Some(mut existing) => {
+            existing.data = Some(data);
+            existing.binary_data = None;
+            match api
+                .replace(ROOT_CA_CONFIG_MAP, &PostParams::default(), &existing)
+                .await
+            {
+                Ok(_) => Ok(()),
+                Err(error) if is_status(&error, 409) || is_status(&error, 404) => Ok(()),
+                Err(error) => Err(api_error(error)),
+            }
+        }
+        None => {
+            let map = ConfigMap {
+                metadata: ObjectMeta {
+                    name: Some(ROOT_CA_CONFIG_MAP.to_owned()),
+                    namespace: Some(namespace.to_owned()),
+                    annotations: Some(BTreeMap::from([(
+                        "kubernetes.io/description".to_owned(),
+                        "Contains a CA bundle that can be used to verify the kube-apiserver when using internal endpoints such as the internal service IP or kubernetes.default.svc. No other usage is guaranteed across distributions of Kubernetes clusters.".to_owned(),
+                    )])),
+                    ..ObjectMeta::default()
+                },
+                data: Some(data),
+                ..ConfigMap::default()
+            };
+            match api.create(&PostParams::default(), &map).await {
+                Ok(_) => {
+                    tracing::info!(namespace, "published kube-root-ca.crt");
+                    Ok(())
+                }
+                Err(error) if is_status(&error, 409) || is_status(&error, 404) => Ok(()),
+                Err(error) => Err(api_error(error)),
+            }
+        }
+    }
 }
 
 async fn run_tokens(ctx: Arc<Context>, signer: Arc<Signer>, shutdown: CancellationToken) {

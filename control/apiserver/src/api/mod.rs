@@ -17,6 +17,7 @@ mod create;
 mod delete;
 mod patch;
 mod read;
+mod token;
 mod update;
 mod watch;
 
@@ -86,6 +87,8 @@ pub struct AppState {
     pub node_proxy: crate::nodeproxy::NodeProxy,
     /// Shared etcd watches, one per resource, that client watches follow.
     pub watches: crate::watchcache::WatchCache,
+    /// What signs the tokens of `serviceaccounts/token`, when the server has a signing key.
+    pub tokens: Option<skiff_common::serviceaccount::TokenIssuer>,
 }
 
 impl AppState {
@@ -109,6 +112,7 @@ impl AppState {
             server_addr,
             shutdown,
             node_proxy,
+            tokens: None,
         }
     }
 }
@@ -314,6 +318,9 @@ pub(crate) async fn resource(
         (&Method::POST, false) => request.create().await,
         (&Method::POST, true) if request.target.subresource == Some(Subresource::Binding) => {
             request.bind().await
+        }
+        (&Method::POST, true) if request.target.subresource == Some(Subresource::Token) => {
+            request.token().await
         }
         (&Method::PUT, true) => request.update().await,
         (&Method::PATCH, true) => request.patch().await,
@@ -534,6 +541,9 @@ impl Request<'_> {
     ) -> Result<(Vec<String>, Vec<String>), ApiError> {
         let info = self.info();
         admission::default_object(info, object);
+        if info.kind == "Pod" && info.group.is_empty() && old.is_none() {
+            self.mount_service_account(object).await?;
+        }
         let causes = admission::validate(info, object, old);
         if !causes.is_empty() {
             let name = meta::name(object).unwrap_or("").to_string();

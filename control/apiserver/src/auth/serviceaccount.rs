@@ -174,6 +174,7 @@ mod tests {
                     uid: "u".into(),
                 },
                 secret: None,
+                pod: None,
             },
         };
         let forged = signer.issuer.sign(&wrong).expect("encode");

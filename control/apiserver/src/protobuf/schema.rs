@@ -12,6 +12,7 @@
 //! - `io.k8s.api.core.v1.PodSpec.schedulingGroup`
 //! - `io.k8s.api.core.v1.PodStatus.nodeAllocatableResourceClaimStatuses`
 //! - `io.k8s.api.core.v1.PodStatus.volumeHealth`
+//! - `io.k8s.api.authentication.v1.TokenRequestSpec.attestations`
 //! - `io.k8s.api.batch.v1.JobSpec.scheduling`
 //! - `io.k8s.api.core.v1.NodeSystemInfo.runningInUserNamespace`
 //! - `io.k8s.api.autoscaling.v2.HorizontalPodAutoscalerCondition.observedGeneration`
@@ -58,26 +59,27 @@ pub(super) static KINDS: &[(&str, &str, u16)] = &[
     ("apps/v1", "Deployment", 18),
     ("apps/v1", "ReplicaSet", 19),
     ("apps/v1", "StatefulSet", 20),
-    ("autoscaling/v1", "HorizontalPodAutoscaler", 21),
-    ("autoscaling/v1", "Scale", 22),
-    ("autoscaling/v2", "HorizontalPodAutoscaler", 23),
-    ("batch/v1", "CronJob", 24),
-    ("batch/v1", "Job", 25),
-    ("coordination.k8s.io/v1", "Lease", 26),
-    ("discovery.k8s.io/v1", "EndpointSlice", 27),
-    ("events.k8s.io/v1", "Event", 28),
-    ("networking.k8s.io/v1", "Ingress", 29),
-    ("networking.k8s.io/v1", "IngressClass", 30),
-    ("networking.k8s.io/v1", "NetworkPolicy", 31),
-    ("policy/v1", "Eviction", 32),
-    ("policy/v1", "PodDisruptionBudget", 33),
-    ("rbac.authorization.k8s.io/v1", "ClusterRole", 34),
-    ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding", 35),
-    ("rbac.authorization.k8s.io/v1", "Role", 36),
-    ("rbac.authorization.k8s.io/v1", "RoleBinding", 37),
-    ("scheduling.k8s.io/v1", "PriorityClass", 38),
-    ("storage.k8s.io/v1", "StorageClass", 39),
-    ("meta.k8s.io/v1", "DeleteOptions", 40),
+    ("authentication.k8s.io/v1", "TokenRequest", 21),
+    ("autoscaling/v1", "HorizontalPodAutoscaler", 22),
+    ("autoscaling/v1", "Scale", 23),
+    ("autoscaling/v2", "HorizontalPodAutoscaler", 24),
+    ("batch/v1", "CronJob", 25),
+    ("batch/v1", "Job", 26),
+    ("coordination.k8s.io/v1", "Lease", 27),
+    ("discovery.k8s.io/v1", "EndpointSlice", 28),
+    ("events.k8s.io/v1", "Event", 29),
+    ("networking.k8s.io/v1", "Ingress", 30),
+    ("networking.k8s.io/v1", "IngressClass", 31),
+    ("networking.k8s.io/v1", "NetworkPolicy", 32),
+    ("policy/v1", "Eviction", 33),
+    ("policy/v1", "PodDisruptionBudget", 34),
+    ("rbac.authorization.k8s.io/v1", "ClusterRole", 35),
+    ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding", 36),
+    ("rbac.authorization.k8s.io/v1", "Role", 37),
+    ("rbac.authorization.k8s.io/v1", "RoleBinding", 38),
+    ("scheduling.k8s.io/v1", "PriorityClass", 39),
+    ("storage.k8s.io/v1", "StorageClass", 40),
+    ("meta.k8s.io/v1", "DeleteOptions", 41),
 ];
 
 /// Every message, with its fields sorted by number.
@@ -86,15 +88,15 @@ pub(super) static MESSAGES: &[Message] = &[
     Message {
         name: "io.k8s.api.core.v1.Binding",
         fields: &[
-            f(1, "metadata", Object(41), One, true),
-            f(2, "target", Object(42), One, true),
+            f(1, "metadata", Object(42), One, true),
+            f(2, "target", Object(43), One, true),
         ],
     },
     // 1
     Message {
         name: "io.k8s.api.core.v1.ConfigMap",
         fields: &[
-            f(1, "metadata", Object(41), One, true),
+            f(1, "metadata", Object(42), One, true),
             f(2, "data", Str, Map, false),
             f(3, "binaryData", Bytes, Map, false),
             f(4, "immutable", Bool, One, false),
@@ -104,27 +106,27 @@ pub(super) static MESSAGES: &[Message] = &[
     Message {
         name: "io.k8s.api.core.v1.Endpoints",
         fields: &[
-            f(1, "metadata", Object(41), One, true),
-            f(2, "subsets", Object(43), Repeated, false),
+            f(1, "metadata", Object(42), One, true),
+            f(2, "subsets", Object(44), Repeated, false),
         ],
     },
     // 3
     Message {
         name: "io.k8s.api.core.v1.Event",
         fields: &[
-            f(1, "metadata", Object(41), One, true),
-            f(2, "involvedObject", Object(42), One, true),
+            f(1, "metadata", Object(42), One, true),
+            f(2, "involvedObject", Object(43), One, true),
             f(3, "reason", Str, One, false),
             f(4, "message", Str, One, false),
-            f(5, "source", Object(44), One, false),
+            f(5, "source", Object(45), One, false),
             f(6, "firstTimestamp", Time, One, false),
             f(7, "lastTimestamp", Time, One, false),
             f(8, "count", Int32, One, false),
             f(9, "type", Str, One, false),
             f(10, "eventTime", MicroTime, One, false),
-            f(11, "series", Object(45), One, false),
+            f(11, "series", Object(46), One, false),
             f(12, "action", Str, One, false),
-            f(13, "related", Object(42), One, false),
+            f(13, "related", Object(43), One, false),
             f(14, "reportingComponent", Str, One, false),
             f(15, "reportingInstance", Str, One, false),
         ],
@@ -133,86 +135,86 @@ pub(super) static MESSAGES: &[Message] = &[
     Message {
         name: "io.k8s.api.core.v1.LimitRange",
         fields: &[
-            f(1, "metadata", Object(41), One, true),
-            f(2, "spec", Object(46), One, false),
+            f(1, "metadata", Object(42), One, true),
+            f(2, "spec", Object(47), One, false),
         ],
     },
     // 5
     Message {
         name: "io.k8s.api.core.v1.Namespace",
         fields: &[
-            f(1, "metadata", Object(41), One, true),
-            f(2, "spec", Object(47), One, false),
-            f(3, "status", Object(48), One, false),
+            f(1, "metadata", Object(42), One, true),
+            f(2, "spec", Object(48), One, false),
+            f(3, "status", Object(49), One, false),
         ],
     },
     // 6
     Message {
         name: "io.k8s.api.core.v1.Node",
         fields: &[
-            f(1, "metadata", Object(41), One, true),
-            f(2, "spec", Object(49), One, false),
-            f(3, "status", Object(50), One, false),
+            f(1, "metadata", Object(42), One, true),
+            f(2, "spec", Object(50), One, false),
+            f(3, "status", Object(51), One, false),
         ],
     },
     // 7
     Message {
         name: "io.k8s.api.core.v1.PersistentVolume",
         fields: &[
-            f(1, "metadata", Object(41), One, true),
-            f(2, "spec", Object(51), One, false),
-            f(3, "status", Object(52), One, false),
+            f(1, "metadata", Object(42), One, true),
+            f(2, "spec", Object(52), One, false),
+            f(3, "status", Object(53), One, false),
         ],
     },
     // 8
     Message {
         name: "io.k8s.api.core.v1.PersistentVolumeClaim",
         fields: &[
-            f(1, "metadata", Object(41), One, true),
-            f(2, "spec", Object(53), One, false),
-            f(3, "status", Object(54), One, false),
+            f(1, "metadata", Object(42), One, true),
+            f(2, "spec", Object(54), One, false),
+            f(3, "status", Object(55), One, false),
         ],
     },
     // 9
     Message {
         name: "io.k8s.api.core.v1.Pod",
         fields: &[
-            f(1, "metadata", Object(41), One, true),
-            f(2, "spec", Object(55), One, false),
-            f(3, "status", Object(56), One, false),
+            f(1, "metadata", Object(42), One, true),
+            f(2, "spec", Object(56), One, false),
+            f(3, "status", Object(57), One, false),
         ],
     },
     // 10
     Message {
         name: "io.k8s.api.core.v1.PodTemplate",
         fields: &[
-            f(1, "metadata", Object(41), One, true),
-            f(2, "template", Object(57), One, false),
+            f(1, "metadata", Object(42), One, true),
+            f(2, "template", Object(58), One, false),
         ],
     },
     // 11
     Message {
         name: "io.k8s.api.core.v1.ReplicationController",
         fields: &[
-            f(1, "metadata", Object(41), One, true),
-            f(2, "spec", Object(58), One, false),
-            f(3, "status", Object(59), One, false),
+            f(1, "metadata", Object(42), One, true),
+            f(2, "spec", Object(59), One, false),
+            f(3, "status", Object(60), One, false),
         ],
     },
     // 12
     Message {
         name: "io.k8s.api.core.v1.ResourceQuota",
         fields: &[
-            f(1, "metadata", Object(41), One, true),
-            f(2, "spec", Object(60), One, false),
-            f(3, "status", Object(61), One, false),
+            f(1, "metadata", Object(42), One, true),
+            f(2, "spec", Object(61), One, false),
+            f(3, "status", Object(62), One, false),
         ],
     },
     // 13
     Message {
         name: "io.k8s.api.core.v1.Secret",
         fields: &[
-            f(1, "metadata", Object(41), One, true),
+            f(1, "metadata", Object(42), One, true),
             f(2, "data", Bytes, Map, false),
             f(3, "type", Str, One, false),
             f(4, "stringData", Str, Map, false),
@@ -223,18 +225,18 @@ pub(super) static MESSAGES: &[Message] = &[
     Message {
         name: "io.k8s.api.core.v1.Service",
         fields: &[
-            f(1, "metadata", Object(41), One, true),
-            f(2, "spec", Object(62), One, false),
-            f(3, "status", Object(63), One, false),
+            f(1, "metadata", Object(42), One, true),
+            f(2, "spec", Object(63), One, false),
+            f(3, "status", Object(64), One, false),
         ],
     },
     // 15
     Message {
         name: "io.k8s.api.core.v1.ServiceAccount",
         fields: &[
-            f(1, "metadata", Object(41), One, true),
-            f(2, "secrets", Object(42), Repeated, false),
-            f(3, "imagePullSecrets", Object(64), Repeated, false),
+            f(1, "metadata", Object(42), One, true),
+            f(2, "secrets", Object(43), Repeated, false),
+            f(3, "imagePullSecrets", Object(65), Repeated, false),
             f(4, "automountServiceAccountToken", Bool, One, false),
         ],
     },
@@ -242,7 +244,7 @@ pub(super) static MESSAGES: &[Message] = &[
     Message {
         name: "io.k8s.api.apps.v1.ControllerRevision",
         fields: &[
-            f(1, "metadata", Object(41), One, true),
+            f(1, "metadata", Object(42), One, true),
             f(2, "data", RawExtension, One, true),
             f(3, "revision", Int64, One, false),
         ],
@@ -251,230 +253,239 @@ pub(super) static MESSAGES: &[Message] = &[
     Message {
         name: "io.k8s.api.apps.v1.DaemonSet",
         fields: &[
-            f(1, "metadata", Object(41), One, true),
-            f(2, "spec", Object(65), One, true),
-            f(3, "status", Object(66), One, false),
+            f(1, "metadata", Object(42), One, true),
+            f(2, "spec", Object(66), One, true),
+            f(3, "status", Object(67), One, false),
         ],
     },
     // 18
     Message {
         name: "io.k8s.api.apps.v1.Deployment",
         fields: &[
-            f(1, "metadata", Object(41), One, true),
-            f(2, "spec", Object(67), One, true),
-            f(3, "status", Object(68), One, false),
+            f(1, "metadata", Object(42), One, true),
+            f(2, "spec", Object(68), One, true),
+            f(3, "status", Object(69), One, false),
         ],
     },
     // 19
     Message {
         name: "io.k8s.api.apps.v1.ReplicaSet",
         fields: &[
-            f(1, "metadata", Object(41), One, true),
-            f(2, "spec", Object(69), One, true),
-            f(3, "status", Object(70), One, false),
+            f(1, "metadata", Object(42), One, true),
+            f(2, "spec", Object(70), One, true),
+            f(3, "status", Object(71), One, false),
         ],
     },
     // 20
     Message {
         name: "io.k8s.api.apps.v1.StatefulSet",
         fields: &[
-            f(1, "metadata", Object(41), One, true),
-            f(2, "spec", Object(71), One, true),
-            f(3, "status", Object(72), One, false),
+            f(1, "metadata", Object(42), One, true),
+            f(2, "spec", Object(72), One, true),
+            f(3, "status", Object(73), One, false),
         ],
     },
     // 21
     Message {
-        name: "io.k8s.api.autoscaling.v1.HorizontalPodAutoscaler",
+        name: "io.k8s.api.authentication.v1.TokenRequest",
         fields: &[
-            f(1, "metadata", Object(41), One, true),
-            f(2, "spec", Object(73), One, true),
-            f(3, "status", Object(74), One, false),
+            f(1, "metadata", Object(42), One, true),
+            f(2, "spec", Object(74), One, false),
+            f(3, "status", Object(75), One, false),
         ],
     },
     // 22
     Message {
-        name: "io.k8s.api.autoscaling.v1.Scale",
+        name: "io.k8s.api.autoscaling.v1.HorizontalPodAutoscaler",
         fields: &[
-            f(1, "metadata", Object(41), One, true),
-            f(2, "spec", Object(75), One, false),
-            f(3, "status", Object(76), One, false),
+            f(1, "metadata", Object(42), One, true),
+            f(2, "spec", Object(76), One, true),
+            f(3, "status", Object(77), One, false),
         ],
     },
     // 23
     Message {
-        name: "io.k8s.api.autoscaling.v2.HorizontalPodAutoscaler",
+        name: "io.k8s.api.autoscaling.v1.Scale",
         fields: &[
-            f(1, "metadata", Object(41), One, true),
-            f(2, "spec", Object(77), One, true),
-            f(3, "status", Object(78), One, false),
+            f(1, "metadata", Object(42), One, true),
+            f(2, "spec", Object(78), One, false),
+            f(3, "status", Object(79), One, false),
         ],
     },
     // 24
     Message {
-        name: "io.k8s.api.batch.v1.CronJob",
+        name: "io.k8s.api.autoscaling.v2.HorizontalPodAutoscaler",
         fields: &[
-            f(1, "metadata", Object(41), One, true),
-            f(2, "spec", Object(79), One, true),
-            f(3, "status", Object(80), One, false),
+            f(1, "metadata", Object(42), One, true),
+            f(2, "spec", Object(80), One, true),
+            f(3, "status", Object(81), One, false),
         ],
     },
     // 25
     Message {
-        name: "io.k8s.api.batch.v1.Job",
+        name: "io.k8s.api.batch.v1.CronJob",
         fields: &[
-            f(1, "metadata", Object(41), One, true),
-            f(2, "spec", Object(81), One, false),
-            f(3, "status", Object(82), One, false),
+            f(1, "metadata", Object(42), One, true),
+            f(2, "spec", Object(82), One, true),
+            f(3, "status", Object(83), One, false),
         ],
     },
     // 26
     Message {
-        name: "io.k8s.api.coordination.v1.Lease",
+        name: "io.k8s.api.batch.v1.Job",
         fields: &[
-            f(1, "metadata", Object(41), One, true),
-            f(2, "spec", Object(83), One, false),
+            f(1, "metadata", Object(42), One, true),
+            f(2, "spec", Object(84), One, false),
+            f(3, "status", Object(85), One, false),
         ],
     },
     // 27
     Message {
-        name: "io.k8s.api.discovery.v1.EndpointSlice",
+        name: "io.k8s.api.coordination.v1.Lease",
         fields: &[
-            f(1, "metadata", Object(41), One, true),
-            f(2, "endpoints", Object(84), Repeated, false),
-            f(3, "ports", Object(85), Repeated, false),
-            f(4, "addressType", Str, One, true),
+            f(1, "metadata", Object(42), One, true),
+            f(2, "spec", Object(86), One, false),
         ],
     },
     // 28
     Message {
+        name: "io.k8s.api.discovery.v1.EndpointSlice",
+        fields: &[
+            f(1, "metadata", Object(42), One, true),
+            f(2, "endpoints", Object(87), Repeated, false),
+            f(3, "ports", Object(88), Repeated, false),
+            f(4, "addressType", Str, One, true),
+        ],
+    },
+    // 29
+    Message {
         name: "io.k8s.api.events.v1.Event",
         fields: &[
-            f(1, "metadata", Object(41), One, true),
+            f(1, "metadata", Object(42), One, true),
             f(2, "eventTime", MicroTime, One, false),
-            f(3, "series", Object(86), One, false),
+            f(3, "series", Object(89), One, false),
             f(4, "reportingController", Str, One, false),
             f(5, "reportingInstance", Str, One, false),
             f(6, "action", Str, One, false),
             f(7, "reason", Str, One, false),
-            f(8, "regarding", Object(42), One, false),
-            f(9, "related", Object(42), One, false),
+            f(8, "regarding", Object(43), One, false),
+            f(9, "related", Object(43), One, false),
             f(10, "note", Str, One, false),
             f(11, "type", Str, One, false),
-            f(12, "deprecatedSource", Object(44), One, false),
+            f(12, "deprecatedSource", Object(45), One, false),
             f(13, "deprecatedFirstTimestamp", Time, One, false),
             f(14, "deprecatedLastTimestamp", Time, One, false),
             f(15, "deprecatedCount", Int32, One, false),
         ],
     },
-    // 29
+    // 30
     Message {
         name: "io.k8s.api.networking.v1.Ingress",
         fields: &[
-            f(1, "metadata", Object(41), One, true),
-            f(2, "spec", Object(87), One, false),
-            f(3, "status", Object(88), One, false),
-        ],
-    },
-    // 30
-    Message {
-        name: "io.k8s.api.networking.v1.IngressClass",
-        fields: &[
-            f(1, "metadata", Object(41), One, true),
-            f(2, "spec", Object(89), One, false),
+            f(1, "metadata", Object(42), One, true),
+            f(2, "spec", Object(90), One, false),
+            f(3, "status", Object(91), One, false),
         ],
     },
     // 31
     Message {
-        name: "io.k8s.api.networking.v1.NetworkPolicy",
+        name: "io.k8s.api.networking.v1.IngressClass",
         fields: &[
-            f(1, "metadata", Object(41), One, true),
-            f(2, "spec", Object(90), One, false),
+            f(1, "metadata", Object(42), One, true),
+            f(2, "spec", Object(92), One, false),
         ],
     },
     // 32
     Message {
-        name: "io.k8s.api.policy.v1.Eviction",
+        name: "io.k8s.api.networking.v1.NetworkPolicy",
         fields: &[
-            f(1, "metadata", Object(41), One, true),
-            f(2, "deleteOptions", Object(40), One, false),
+            f(1, "metadata", Object(42), One, true),
+            f(2, "spec", Object(93), One, false),
         ],
     },
     // 33
     Message {
-        name: "io.k8s.api.policy.v1.PodDisruptionBudget",
+        name: "io.k8s.api.policy.v1.Eviction",
         fields: &[
-            f(1, "metadata", Object(41), One, true),
-            f(2, "spec", Object(91), One, false),
-            f(3, "status", Object(92), One, false),
+            f(1, "metadata", Object(42), One, true),
+            f(2, "deleteOptions", Object(41), One, false),
         ],
     },
     // 34
     Message {
-        name: "io.k8s.api.rbac.v1.ClusterRole",
+        name: "io.k8s.api.policy.v1.PodDisruptionBudget",
         fields: &[
-            f(1, "metadata", Object(41), One, true),
-            f(2, "rules", Object(93), Repeated, false),
-            f(3, "aggregationRule", Object(94), One, false),
+            f(1, "metadata", Object(42), One, true),
+            f(2, "spec", Object(94), One, false),
+            f(3, "status", Object(95), One, false),
         ],
     },
     // 35
     Message {
-        name: "io.k8s.api.rbac.v1.ClusterRoleBinding",
+        name: "io.k8s.api.rbac.v1.ClusterRole",
         fields: &[
-            f(1, "metadata", Object(41), One, true),
-            f(2, "subjects", Object(95), Repeated, false),
-            f(3, "roleRef", Object(96), One, true),
+            f(1, "metadata", Object(42), One, true),
+            f(2, "rules", Object(96), Repeated, false),
+            f(3, "aggregationRule", Object(97), One, false),
         ],
     },
     // 36
     Message {
-        name: "io.k8s.api.rbac.v1.Role",
+        name: "io.k8s.api.rbac.v1.ClusterRoleBinding",
         fields: &[
-            f(1, "metadata", Object(41), One, true),
-            f(2, "rules", Object(93), Repeated, false),
+            f(1, "metadata", Object(42), One, true),
+            f(2, "subjects", Object(98), Repeated, false),
+            f(3, "roleRef", Object(99), One, true),
         ],
     },
     // 37
     Message {
-        name: "io.k8s.api.rbac.v1.RoleBinding",
+        name: "io.k8s.api.rbac.v1.Role",
         fields: &[
-            f(1, "metadata", Object(41), One, true),
-            f(2, "subjects", Object(95), Repeated, false),
-            f(3, "roleRef", Object(96), One, true),
+            f(1, "metadata", Object(42), One, true),
+            f(2, "rules", Object(96), Repeated, false),
         ],
     },
     // 38
     Message {
+        name: "io.k8s.api.rbac.v1.RoleBinding",
+        fields: &[
+            f(1, "metadata", Object(42), One, true),
+            f(2, "subjects", Object(98), Repeated, false),
+            f(3, "roleRef", Object(99), One, true),
+        ],
+    },
+    // 39
+    Message {
         name: "io.k8s.api.scheduling.v1.PriorityClass",
         fields: &[
-            f(1, "metadata", Object(41), One, true),
+            f(1, "metadata", Object(42), One, true),
             f(2, "value", Int32, One, false),
             f(3, "globalDefault", Bool, One, false),
             f(4, "description", Str, One, false),
             f(5, "preemptionPolicy", Str, One, false),
         ],
     },
-    // 39
+    // 40
     Message {
         name: "io.k8s.api.storage.v1.StorageClass",
         fields: &[
-            f(1, "metadata", Object(41), One, true),
+            f(1, "metadata", Object(42), One, true),
             f(2, "provisioner", Str, One, true),
             f(3, "parameters", Str, Map, false),
             f(4, "reclaimPolicy", Str, One, false),
             f(5, "mountOptions", Str, Repeated, false),
             f(6, "allowVolumeExpansion", Bool, One, false),
             f(7, "volumeBindingMode", Str, One, false),
-            f(8, "allowedTopologies", Object(97), Repeated, false),
+            f(8, "allowedTopologies", Object(100), Repeated, false),
         ],
     },
-    // 40
+    // 41
     Message {
         name: "io.k8s.apimachinery.pkg.apis.meta.v1.DeleteOptions",
         fields: &[
             f(1, "gracePeriodSeconds", Int64, One, false),
-            f(2, "preconditions", Object(98), One, false),
+            f(2, "preconditions", Object(101), One, false),
             f(3, "orphanDependents", Bool, One, false),
             f(4, "propagationPolicy", Str, One, false),
             f(5, "dryRun", Str, Repeated, false),
@@ -487,7 +498,7 @@ pub(super) static MESSAGES: &[Message] = &[
             ),
         ],
     },
-    // 41
+    // 42
     Message {
         name: "io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta",
         fields: &[
@@ -503,12 +514,12 @@ pub(super) static MESSAGES: &[Message] = &[
             f(10, "deletionGracePeriodSeconds", Int64, One, false),
             f(11, "labels", Str, Map, false),
             f(12, "annotations", Str, Map, false),
-            f(13, "ownerReferences", Object(99), Repeated, false),
+            f(13, "ownerReferences", Object(102), Repeated, false),
             f(14, "finalizers", Str, Repeated, false),
-            f(17, "managedFields", Object(100), Repeated, false),
+            f(17, "managedFields", Object(103), Repeated, false),
         ],
     },
-    // 42
+    // 43
     Message {
         name: "io.k8s.api.core.v1.ObjectReference",
         fields: &[
@@ -521,16 +532,16 @@ pub(super) static MESSAGES: &[Message] = &[
             f(7, "fieldPath", Str, One, false),
         ],
     },
-    // 43
+    // 44
     Message {
         name: "io.k8s.api.core.v1.EndpointSubset",
         fields: &[
-            f(1, "addresses", Object(101), Repeated, false),
-            f(2, "notReadyAddresses", Object(101), Repeated, false),
-            f(3, "ports", Object(102), Repeated, false),
+            f(1, "addresses", Object(104), Repeated, false),
+            f(2, "notReadyAddresses", Object(104), Repeated, false),
+            f(3, "ports", Object(105), Repeated, false),
         ],
     },
-    // 44
+    // 45
     Message {
         name: "io.k8s.api.core.v1.EventSource",
         fields: &[
@@ -538,7 +549,7 @@ pub(super) static MESSAGES: &[Message] = &[
             f(2, "host", Str, One, false),
         ],
     },
-    // 45
+    // 46
     Message {
         name: "io.k8s.api.core.v1.EventSeries",
         fields: &[
@@ -546,25 +557,25 @@ pub(super) static MESSAGES: &[Message] = &[
             f(2, "lastObservedTime", MicroTime, One, false),
         ],
     },
-    // 46
+    // 47
     Message {
         name: "io.k8s.api.core.v1.LimitRangeSpec",
-        fields: &[f(1, "limits", Object(103), Repeated, true)],
+        fields: &[f(1, "limits", Object(106), Repeated, true)],
     },
-    // 47
+    // 48
     Message {
         name: "io.k8s.api.core.v1.NamespaceSpec",
         fields: &[f(1, "finalizers", Str, Repeated, false)],
     },
-    // 48
+    // 49
     Message {
         name: "io.k8s.api.core.v1.NamespaceStatus",
         fields: &[
             f(1, "phase", Str, One, false),
-            f(2, "conditions", Object(104), Repeated, false),
+            f(2, "conditions", Object(107), Repeated, false),
         ],
     },
-    // 49
+    // 50
     Message {
         name: "io.k8s.api.core.v1.NodeSpec",
         fields: &[
@@ -572,48 +583,48 @@ pub(super) static MESSAGES: &[Message] = &[
             f(2, "externalID", Str, One, false),
             f(3, "providerID", Str, One, false),
             f(4, "unschedulable", Bool, One, false),
-            f(5, "taints", Object(105), Repeated, false),
-            f(6, "configSource", Object(106), One, false),
+            f(5, "taints", Object(108), Repeated, false),
+            f(6, "configSource", Object(109), One, false),
             f(7, "podCIDRs", Str, Repeated, false),
         ],
     },
-    // 50
+    // 51
     Message {
         name: "io.k8s.api.core.v1.NodeStatus",
         fields: &[
             f(1, "capacity", Quantity, Map, false),
             f(2, "allocatable", Quantity, Map, false),
             f(3, "phase", Str, One, false),
-            f(4, "conditions", Object(107), Repeated, false),
-            f(5, "addresses", Object(108), Repeated, false),
-            f(6, "daemonEndpoints", Object(109), One, false),
-            f(7, "nodeInfo", Object(110), One, false),
-            f(8, "images", Object(111), Repeated, false),
+            f(4, "conditions", Object(110), Repeated, false),
+            f(5, "addresses", Object(111), Repeated, false),
+            f(6, "daemonEndpoints", Object(112), One, false),
+            f(7, "nodeInfo", Object(113), One, false),
+            f(8, "images", Object(114), Repeated, false),
             f(9, "volumesInUse", Str, Repeated, false),
-            f(10, "volumesAttached", Object(112), Repeated, false),
-            f(11, "config", Object(113), One, false),
-            f(12, "runtimeHandlers", Object(114), Repeated, false),
-            f(13, "features", Object(115), One, false),
+            f(10, "volumesAttached", Object(115), Repeated, false),
+            f(11, "config", Object(116), One, false),
+            f(12, "runtimeHandlers", Object(117), Repeated, false),
+            f(13, "features", Object(118), One, false),
             f(14, "declaredFeatures", Str, Repeated, false),
         ],
     },
-    // 51
+    // 52
     Message {
         name: "io.k8s.api.core.v1.PersistentVolumeSpec",
         fields: &[
             f(1, "capacity", Quantity, Map, false),
-            f(2, "", Object(116), One, false),
+            f(2, "", Object(119), One, false),
             f(3, "accessModes", Str, Repeated, false),
-            f(4, "claimRef", Object(42), One, false),
+            f(4, "claimRef", Object(43), One, false),
             f(5, "persistentVolumeReclaimPolicy", Str, One, false),
             f(6, "storageClassName", Str, One, false),
             f(7, "mountOptions", Str, Repeated, false),
             f(8, "volumeMode", Str, One, false),
-            f(9, "nodeAffinity", Object(117), One, false),
+            f(9, "nodeAffinity", Object(120), One, false),
             f(10, "volumeAttributesClassName", Str, One, false),
         ],
     },
-    // 52
+    // 53
     Message {
         name: "io.k8s.api.core.v1.PersistentVolumeStatus",
         fields: &[
@@ -623,41 +634,41 @@ pub(super) static MESSAGES: &[Message] = &[
             f(4, "lastPhaseTransitionTime", Time, One, false),
         ],
     },
-    // 53
+    // 54
     Message {
         name: "io.k8s.api.core.v1.PersistentVolumeClaimSpec",
         fields: &[
             f(1, "accessModes", Str, Repeated, false),
-            f(2, "resources", Object(119), One, false),
+            f(2, "resources", Object(122), One, false),
             f(3, "volumeName", Str, One, false),
-            f(4, "selector", Object(118), One, false),
+            f(4, "selector", Object(121), One, false),
             f(5, "storageClassName", Str, One, false),
             f(6, "volumeMode", Str, One, false),
-            f(7, "dataSource", Object(120), One, false),
-            f(8, "dataSourceRef", Object(121), One, false),
+            f(7, "dataSource", Object(123), One, false),
+            f(8, "dataSourceRef", Object(124), One, false),
             f(9, "volumeAttributesClassName", Str, One, false),
         ],
     },
-    // 54
+    // 55
     Message {
         name: "io.k8s.api.core.v1.PersistentVolumeClaimStatus",
         fields: &[
             f(1, "phase", Str, One, false),
             f(2, "accessModes", Str, Repeated, false),
             f(3, "capacity", Quantity, Map, false),
-            f(4, "conditions", Object(122), Repeated, false),
+            f(4, "conditions", Object(125), Repeated, false),
             f(5, "allocatedResources", Quantity, Map, false),
             f(7, "allocatedResourceStatuses", Str, Map, false),
             f(8, "currentVolumeAttributesClassName", Str, One, false),
-            f(9, "modifyVolumeStatus", Object(123), One, false),
+            f(9, "modifyVolumeStatus", Object(126), One, false),
         ],
     },
-    // 55
+    // 56
     Message {
         name: "io.k8s.api.core.v1.PodSpec",
         fields: &[
-            f(1, "volumes", Object(124), Repeated, false),
-            f(2, "containers", Object(125), Repeated, true),
+            f(1, "volumes", Object(127), Repeated, false),
+            f(2, "containers", Object(128), Repeated, true),
             f(3, "restartPolicy", Str, One, false),
             f(4, "terminationGracePeriodSeconds", Int64, One, false),
             f(5, "activeDeadlineSeconds", Int64, One, false),
@@ -669,21 +680,21 @@ pub(super) static MESSAGES: &[Message] = &[
             f(11, "hostNetwork", Bool, One, false),
             f(12, "hostPID", Bool, One, false),
             f(13, "hostIPC", Bool, One, false),
-            f(14, "securityContext", Object(127), One, false),
-            f(15, "imagePullSecrets", Object(64), Repeated, false),
+            f(14, "securityContext", Object(130), One, false),
+            f(15, "imagePullSecrets", Object(65), Repeated, false),
             f(16, "hostname", Str, One, false),
             f(17, "subdomain", Str, One, false),
-            f(18, "affinity", Object(128), One, false),
+            f(18, "affinity", Object(131), One, false),
             f(19, "schedulerName", Str, One, false),
-            f(20, "initContainers", Object(125), Repeated, false),
+            f(20, "initContainers", Object(128), Repeated, false),
             f(21, "automountServiceAccountToken", Bool, One, false),
-            f(22, "tolerations", Object(129), Repeated, false),
-            f(23, "hostAliases", Object(130), Repeated, false),
+            f(22, "tolerations", Object(132), Repeated, false),
+            f(23, "hostAliases", Object(133), Repeated, false),
             f(24, "priorityClassName", Str, One, false),
             f(25, "priority", Int32, One, false),
-            f(26, "dnsConfig", Object(131), One, false),
+            f(26, "dnsConfig", Object(134), One, false),
             f(27, "shareProcessNamespace", Bool, One, false),
-            f(28, "readinessGates", Object(132), Repeated, false),
+            f(28, "readinessGates", Object(135), Repeated, false),
             f(29, "runtimeClassName", Str, One, false),
             f(30, "enableServiceLinks", Bool, One, false),
             f(31, "preemptionPolicy", Str, One, false),
@@ -691,71 +702,71 @@ pub(super) static MESSAGES: &[Message] = &[
             f(
                 33,
                 "topologySpreadConstraints",
-                Object(133),
+                Object(136),
                 Repeated,
                 false,
             ),
-            f(34, "ephemeralContainers", Object(126), Repeated, false),
+            f(34, "ephemeralContainers", Object(129), Repeated, false),
             f(35, "setHostnameAsFQDN", Bool, One, false),
-            f(36, "os", Object(134), One, false),
+            f(36, "os", Object(137), One, false),
             f(37, "hostUsers", Bool, One, false),
-            f(38, "schedulingGates", Object(135), Repeated, false),
-            f(39, "resourceClaims", Object(136), Repeated, false),
-            f(40, "resources", Object(137), One, false),
+            f(38, "schedulingGates", Object(138), Repeated, false),
+            f(39, "resourceClaims", Object(139), Repeated, false),
+            f(40, "resources", Object(140), One, false),
             f(41, "hostnameOverride", Str, One, false),
         ],
     },
-    // 56
+    // 57
     Message {
         name: "io.k8s.api.core.v1.PodStatus",
         fields: &[
             f(1, "phase", Str, One, false),
-            f(2, "conditions", Object(138), Repeated, false),
+            f(2, "conditions", Object(141), Repeated, false),
             f(3, "message", Str, One, false),
             f(4, "reason", Str, One, false),
             f(5, "hostIP", Str, One, false),
             f(6, "podIP", Str, One, false),
             f(7, "startTime", Time, One, false),
-            f(8, "containerStatuses", Object(141), Repeated, false),
+            f(8, "containerStatuses", Object(144), Repeated, false),
             f(9, "qosClass", Str, One, false),
-            f(10, "initContainerStatuses", Object(141), Repeated, false),
+            f(10, "initContainerStatuses", Object(144), Repeated, false),
             f(11, "nominatedNodeName", Str, One, false),
-            f(12, "podIPs", Object(140), Repeated, false),
+            f(12, "podIPs", Object(143), Repeated, false),
             f(
                 13,
                 "ephemeralContainerStatuses",
-                Object(141),
+                Object(144),
                 Repeated,
                 false,
             ),
             f(14, "resize", Str, One, false),
-            f(15, "resourceClaimStatuses", Object(142), Repeated, false),
-            f(16, "hostIPs", Object(139), Repeated, false),
+            f(15, "resourceClaimStatuses", Object(145), Repeated, false),
+            f(16, "hostIPs", Object(142), Repeated, false),
             f(17, "observedGeneration", Int64, One, false),
-            f(18, "extendedResourceClaimStatus", Object(143), One, false),
+            f(18, "extendedResourceClaimStatus", Object(146), One, false),
             f(19, "allocatedResources", Quantity, Map, false),
-            f(20, "resources", Object(137), One, false),
-        ],
-    },
-    // 57
-    Message {
-        name: "io.k8s.api.core.v1.PodTemplateSpec",
-        fields: &[
-            f(1, "metadata", Object(41), One, false),
-            f(2, "spec", Object(55), One, false),
+            f(20, "resources", Object(140), One, false),
         ],
     },
     // 58
+    Message {
+        name: "io.k8s.api.core.v1.PodTemplateSpec",
+        fields: &[
+            f(1, "metadata", Object(42), One, false),
+            f(2, "spec", Object(56), One, false),
+        ],
+    },
+    // 59
     Message {
         name: "io.k8s.api.core.v1.ReplicationControllerSpec",
         fields: &[
             f(1, "replicas", Int32, One, false),
             f(2, "selector", Str, Map, false),
-            f(3, "template", Object(57), One, false),
+            f(3, "template", Object(58), One, false),
             f(4, "minReadySeconds", Int32, One, false),
         ],
     },
-    // 59
+    // 60
     Message {
         name: "io.k8s.api.core.v1.ReplicationControllerStatus",
         fields: &[
@@ -764,19 +775,19 @@ pub(super) static MESSAGES: &[Message] = &[
             f(3, "observedGeneration", Int64, One, false),
             f(4, "readyReplicas", Int32, One, false),
             f(5, "availableReplicas", Int32, One, false),
-            f(6, "conditions", Object(144), Repeated, false),
+            f(6, "conditions", Object(147), Repeated, false),
         ],
     },
-    // 60
+    // 61
     Message {
         name: "io.k8s.api.core.v1.ResourceQuotaSpec",
         fields: &[
             f(1, "hard", Quantity, Map, false),
             f(2, "scopes", Str, Repeated, false),
-            f(3, "scopeSelector", Object(145), One, false),
+            f(3, "scopeSelector", Object(148), One, false),
         ],
     },
-    // 61
+    // 62
     Message {
         name: "io.k8s.api.core.v1.ResourceQuotaStatus",
         fields: &[
@@ -784,11 +795,11 @@ pub(super) static MESSAGES: &[Message] = &[
             f(2, "used", Quantity, Map, false),
         ],
     },
-    // 62
+    // 63
     Message {
         name: "io.k8s.api.core.v1.ServiceSpec",
         fields: &[
-            f(1, "ports", Object(146), Repeated, false),
+            f(1, "ports", Object(149), Repeated, false),
             f(2, "selector", Str, Map, false),
             f(3, "clusterIP", Str, One, false),
             f(4, "type", Str, One, false),
@@ -800,7 +811,7 @@ pub(super) static MESSAGES: &[Message] = &[
             f(11, "externalTrafficPolicy", Str, One, false),
             f(12, "healthCheckNodePort", Int32, One, false),
             f(13, "publishNotReadyAddresses", Bool, One, false),
-            f(14, "sessionAffinityConfig", Object(147), One, false),
+            f(14, "sessionAffinityConfig", Object(150), One, false),
             f(17, "ipFamilyPolicy", Str, One, false),
             f(18, "clusterIPs", Str, Repeated, false),
             f(19, "ipFamilies", Str, Repeated, false),
@@ -810,31 +821,31 @@ pub(super) static MESSAGES: &[Message] = &[
             f(23, "trafficDistribution", Str, One, false),
         ],
     },
-    // 63
+    // 64
     Message {
         name: "io.k8s.api.core.v1.ServiceStatus",
         fields: &[
-            f(1, "loadBalancer", Object(148), One, false),
-            f(2, "conditions", Object(149), Repeated, false),
+            f(1, "loadBalancer", Object(151), One, false),
+            f(2, "conditions", Object(152), Repeated, false),
         ],
     },
-    // 64
+    // 65
     Message {
         name: "io.k8s.api.core.v1.LocalObjectReference",
         fields: &[f(1, "name", Str, One, true)],
     },
-    // 65
+    // 66
     Message {
         name: "io.k8s.api.apps.v1.DaemonSetSpec",
         fields: &[
-            f(1, "selector", Object(118), One, true),
-            f(2, "template", Object(57), One, true),
-            f(3, "updateStrategy", Object(150), One, false),
+            f(1, "selector", Object(121), One, true),
+            f(2, "template", Object(58), One, true),
+            f(3, "updateStrategy", Object(153), One, false),
             f(4, "minReadySeconds", Int32, One, false),
             f(6, "revisionHistoryLimit", Int32, One, false),
         ],
     },
-    // 66
+    // 67
     Message {
         name: "io.k8s.api.apps.v1.DaemonSetStatus",
         fields: &[
@@ -847,24 +858,24 @@ pub(super) static MESSAGES: &[Message] = &[
             f(7, "numberAvailable", Int32, One, false),
             f(8, "numberUnavailable", Int32, One, false),
             f(9, "collisionCount", Int32, One, false),
-            f(10, "conditions", Object(151), Repeated, false),
+            f(10, "conditions", Object(154), Repeated, false),
         ],
     },
-    // 67
+    // 68
     Message {
         name: "io.k8s.api.apps.v1.DeploymentSpec",
         fields: &[
             f(1, "replicas", Int32, One, false),
-            f(2, "selector", Object(118), One, true),
-            f(3, "template", Object(57), One, true),
-            f(4, "strategy", Object(152), One, false),
+            f(2, "selector", Object(121), One, true),
+            f(3, "template", Object(58), One, true),
+            f(4, "strategy", Object(155), One, false),
             f(5, "minReadySeconds", Int32, One, false),
             f(6, "revisionHistoryLimit", Int32, One, false),
             f(7, "paused", Bool, One, false),
             f(9, "progressDeadlineSeconds", Int32, One, false),
         ],
     },
-    // 68
+    // 69
     Message {
         name: "io.k8s.api.apps.v1.DeploymentStatus",
         fields: &[
@@ -873,23 +884,23 @@ pub(super) static MESSAGES: &[Message] = &[
             f(3, "updatedReplicas", Int32, One, false),
             f(4, "availableReplicas", Int32, One, false),
             f(5, "unavailableReplicas", Int32, One, false),
-            f(6, "conditions", Object(153), Repeated, false),
+            f(6, "conditions", Object(156), Repeated, false),
             f(7, "readyReplicas", Int32, One, false),
             f(8, "collisionCount", Int32, One, false),
             f(9, "terminatingReplicas", Int32, One, false),
         ],
     },
-    // 69
+    // 70
     Message {
         name: "io.k8s.api.apps.v1.ReplicaSetSpec",
         fields: &[
             f(1, "replicas", Int32, One, false),
-            f(2, "selector", Object(118), One, true),
-            f(3, "template", Object(57), One, false),
+            f(2, "selector", Object(121), One, true),
+            f(3, "template", Object(58), One, false),
             f(4, "minReadySeconds", Int32, One, false),
         ],
     },
-    // 70
+    // 71
     Message {
         name: "io.k8s.api.apps.v1.ReplicaSetStatus",
         fields: &[
@@ -898,34 +909,34 @@ pub(super) static MESSAGES: &[Message] = &[
             f(3, "observedGeneration", Int64, One, false),
             f(4, "readyReplicas", Int32, One, false),
             f(5, "availableReplicas", Int32, One, false),
-            f(6, "conditions", Object(154), Repeated, false),
+            f(6, "conditions", Object(157), Repeated, false),
             f(7, "terminatingReplicas", Int32, One, false),
         ],
     },
-    // 71
+    // 72
     Message {
         name: "io.k8s.api.apps.v1.StatefulSetSpec",
         fields: &[
             f(1, "replicas", Int32, One, false),
-            f(2, "selector", Object(118), One, true),
-            f(3, "template", Object(57), One, true),
+            f(2, "selector", Object(121), One, true),
+            f(3, "template", Object(58), One, true),
             f(4, "volumeClaimTemplates", Object(8), Repeated, false),
             f(5, "serviceName", Str, One, false),
             f(6, "podManagementPolicy", Str, One, false),
-            f(7, "updateStrategy", Object(155), One, false),
+            f(7, "updateStrategy", Object(158), One, false),
             f(8, "revisionHistoryLimit", Int32, One, false),
             f(9, "minReadySeconds", Int32, One, false),
             f(
                 10,
                 "persistentVolumeClaimRetentionPolicy",
-                Object(156),
+                Object(159),
                 One,
                 false,
             ),
-            f(11, "ordinals", Object(157), One, false),
+            f(11, "ordinals", Object(160), One, false),
         ],
     },
-    // 72
+    // 73
     Message {
         name: "io.k8s.api.apps.v1.StatefulSetStatus",
         fields: &[
@@ -937,21 +948,38 @@ pub(super) static MESSAGES: &[Message] = &[
             f(6, "currentRevision", Str, One, false),
             f(7, "updateRevision", Str, One, false),
             f(9, "collisionCount", Int32, One, false),
-            f(10, "conditions", Object(158), Repeated, false),
+            f(10, "conditions", Object(161), Repeated, false),
             f(11, "availableReplicas", Int32, One, false),
         ],
     },
-    // 73
+    // 74
+    Message {
+        name: "io.k8s.api.authentication.v1.TokenRequestSpec",
+        fields: &[
+            f(1, "audiences", Str, Repeated, false),
+            f(3, "boundObjectRef", Object(162), One, false),
+            f(4, "expirationSeconds", Int64, One, false),
+        ],
+    },
+    // 75
+    Message {
+        name: "io.k8s.api.authentication.v1.TokenRequestStatus",
+        fields: &[
+            f(1, "token", Str, One, false),
+            f(2, "expirationTimestamp", Time, One, false),
+        ],
+    },
+    // 76
     Message {
         name: "io.k8s.api.autoscaling.v1.HorizontalPodAutoscalerSpec",
         fields: &[
-            f(1, "scaleTargetRef", Object(159), One, true),
+            f(1, "scaleTargetRef", Object(163), One, true),
             f(2, "minReplicas", Int32, One, false),
             f(3, "maxReplicas", Int32, One, true),
             f(4, "targetCPUUtilizationPercentage", Int32, One, false),
         ],
     },
-    // 74
+    // 77
     Message {
         name: "io.k8s.api.autoscaling.v1.HorizontalPodAutoscalerStatus",
         fields: &[
@@ -962,12 +990,12 @@ pub(super) static MESSAGES: &[Message] = &[
             f(5, "currentCPUUtilizationPercentage", Int32, One, false),
         ],
     },
-    // 75
+    // 78
     Message {
         name: "io.k8s.api.autoscaling.v1.ScaleSpec",
         fields: &[f(1, "replicas", Int32, One, false)],
     },
-    // 76
+    // 79
     Message {
         name: "io.k8s.api.autoscaling.v1.ScaleStatus",
         fields: &[
@@ -975,18 +1003,18 @@ pub(super) static MESSAGES: &[Message] = &[
             f(2, "selector", Str, One, false),
         ],
     },
-    // 77
+    // 80
     Message {
         name: "io.k8s.api.autoscaling.v2.HorizontalPodAutoscalerSpec",
         fields: &[
-            f(1, "scaleTargetRef", Object(160), One, true),
+            f(1, "scaleTargetRef", Object(164), One, true),
             f(2, "minReplicas", Int32, One, false),
             f(3, "maxReplicas", Int32, One, true),
-            f(4, "metrics", Object(161), Repeated, false),
-            f(5, "behavior", Object(162), One, false),
+            f(4, "metrics", Object(165), Repeated, false),
+            f(5, "behavior", Object(166), One, false),
         ],
     },
-    // 78
+    // 81
     Message {
         name: "io.k8s.api.autoscaling.v2.HorizontalPodAutoscalerStatus",
         fields: &[
@@ -994,11 +1022,11 @@ pub(super) static MESSAGES: &[Message] = &[
             f(2, "lastScaleTime", Time, One, false),
             f(3, "currentReplicas", Int32, One, false),
             f(4, "desiredReplicas", Int32, One, true),
-            f(5, "currentMetrics", Object(163), Repeated, false),
-            f(6, "conditions", Object(164), Repeated, false),
+            f(5, "currentMetrics", Object(167), Repeated, false),
+            f(6, "conditions", Object(168), Repeated, false),
         ],
     },
-    // 79
+    // 82
     Message {
         name: "io.k8s.api.batch.v1.CronJobSpec",
         fields: &[
@@ -1006,61 +1034,61 @@ pub(super) static MESSAGES: &[Message] = &[
             f(2, "startingDeadlineSeconds", Int64, One, false),
             f(3, "concurrencyPolicy", Str, One, false),
             f(4, "suspend", Bool, One, false),
-            f(5, "jobTemplate", Object(165), One, true),
+            f(5, "jobTemplate", Object(169), One, true),
             f(6, "successfulJobsHistoryLimit", Int32, One, false),
             f(7, "failedJobsHistoryLimit", Int32, One, false),
             f(8, "timeZone", Str, One, false),
         ],
     },
-    // 80
+    // 83
     Message {
         name: "io.k8s.api.batch.v1.CronJobStatus",
         fields: &[
-            f(1, "active", Object(42), Repeated, false),
+            f(1, "active", Object(43), Repeated, false),
             f(4, "lastScheduleTime", Time, One, false),
             f(5, "lastSuccessfulTime", Time, One, false),
         ],
     },
-    // 81
+    // 84
     Message {
         name: "io.k8s.api.batch.v1.JobSpec",
         fields: &[
             f(1, "parallelism", Int32, One, false),
             f(2, "completions", Int32, One, false),
             f(3, "activeDeadlineSeconds", Int64, One, false),
-            f(4, "selector", Object(118), One, false),
+            f(4, "selector", Object(121), One, false),
             f(5, "manualSelector", Bool, One, false),
-            f(6, "template", Object(57), One, true),
+            f(6, "template", Object(58), One, true),
             f(7, "backoffLimit", Int32, One, false),
             f(8, "ttlSecondsAfterFinished", Int32, One, false),
             f(9, "completionMode", Str, One, false),
             f(10, "suspend", Bool, One, false),
-            f(11, "podFailurePolicy", Object(166), One, false),
+            f(11, "podFailurePolicy", Object(170), One, false),
             f(12, "backoffLimitPerIndex", Int32, One, false),
             f(13, "maxFailedIndexes", Int32, One, false),
             f(14, "podReplacementPolicy", Str, One, false),
             f(15, "managedBy", Str, One, false),
-            f(16, "successPolicy", Object(167), One, false),
+            f(16, "successPolicy", Object(171), One, false),
         ],
     },
-    // 82
+    // 85
     Message {
         name: "io.k8s.api.batch.v1.JobStatus",
         fields: &[
-            f(1, "conditions", Object(168), Repeated, false),
+            f(1, "conditions", Object(172), Repeated, false),
             f(2, "startTime", Time, One, false),
             f(3, "completionTime", Time, One, false),
             f(4, "active", Int32, One, false),
             f(5, "succeeded", Int32, One, false),
             f(6, "failed", Int32, One, false),
             f(7, "completedIndexes", Str, One, false),
-            f(8, "uncountedTerminatedPods", Object(169), One, false),
+            f(8, "uncountedTerminatedPods", Object(173), One, false),
             f(9, "ready", Int32, One, false),
             f(10, "failedIndexes", Str, One, false),
             f(11, "terminating", Int32, One, false),
         ],
     },
-    // 83
+    // 86
     Message {
         name: "io.k8s.api.coordination.v1.LeaseSpec",
         fields: &[
@@ -1073,21 +1101,21 @@ pub(super) static MESSAGES: &[Message] = &[
             f(7, "preferredHolder", Str, One, false),
         ],
     },
-    // 84
+    // 87
     Message {
         name: "io.k8s.api.discovery.v1.Endpoint",
         fields: &[
             f(1, "addresses", Str, Repeated, true),
-            f(2, "conditions", Object(170), One, false),
+            f(2, "conditions", Object(174), One, false),
             f(3, "hostname", Str, One, false),
-            f(4, "targetRef", Object(42), One, false),
+            f(4, "targetRef", Object(43), One, false),
             f(5, "deprecatedTopology", Str, Map, false),
             f(6, "nodeName", Str, One, false),
             f(7, "zone", Str, One, false),
-            f(8, "hints", Object(171), One, false),
+            f(8, "hints", Object(175), One, false),
         ],
     },
-    // 85
+    // 88
     Message {
         name: "io.k8s.api.discovery.v1.EndpointPort",
         fields: &[
@@ -1097,7 +1125,7 @@ pub(super) static MESSAGES: &[Message] = &[
             f(4, "appProtocol", Str, One, false),
         ],
     },
-    // 86
+    // 89
     Message {
         name: "io.k8s.api.events.v1.EventSeries",
         fields: &[
@@ -1105,50 +1133,50 @@ pub(super) static MESSAGES: &[Message] = &[
             f(2, "lastObservedTime", MicroTime, One, true),
         ],
     },
-    // 87
+    // 90
     Message {
         name: "io.k8s.api.networking.v1.IngressSpec",
         fields: &[
-            f(1, "defaultBackend", Object(172), One, false),
-            f(2, "tls", Object(173), Repeated, false),
-            f(3, "rules", Object(174), Repeated, false),
+            f(1, "defaultBackend", Object(176), One, false),
+            f(2, "tls", Object(177), Repeated, false),
+            f(3, "rules", Object(178), Repeated, false),
             f(4, "ingressClassName", Str, One, false),
-        ],
-    },
-    // 88
-    Message {
-        name: "io.k8s.api.networking.v1.IngressStatus",
-        fields: &[f(1, "loadBalancer", Object(175), One, false)],
-    },
-    // 89
-    Message {
-        name: "io.k8s.api.networking.v1.IngressClassSpec",
-        fields: &[
-            f(1, "controller", Str, One, false),
-            f(2, "parameters", Object(176), One, false),
-        ],
-    },
-    // 90
-    Message {
-        name: "io.k8s.api.networking.v1.NetworkPolicySpec",
-        fields: &[
-            f(1, "podSelector", Object(118), One, false),
-            f(2, "ingress", Object(177), Repeated, false),
-            f(3, "egress", Object(178), Repeated, false),
-            f(4, "policyTypes", Str, Repeated, false),
         ],
     },
     // 91
     Message {
+        name: "io.k8s.api.networking.v1.IngressStatus",
+        fields: &[f(1, "loadBalancer", Object(179), One, false)],
+    },
+    // 92
+    Message {
+        name: "io.k8s.api.networking.v1.IngressClassSpec",
+        fields: &[
+            f(1, "controller", Str, One, false),
+            f(2, "parameters", Object(180), One, false),
+        ],
+    },
+    // 93
+    Message {
+        name: "io.k8s.api.networking.v1.NetworkPolicySpec",
+        fields: &[
+            f(1, "podSelector", Object(121), One, false),
+            f(2, "ingress", Object(181), Repeated, false),
+            f(3, "egress", Object(182), Repeated, false),
+            f(4, "policyTypes", Str, Repeated, false),
+        ],
+    },
+    // 94
+    Message {
         name: "io.k8s.api.policy.v1.PodDisruptionBudgetSpec",
         fields: &[
             f(1, "minAvailable", IntOrString, One, false),
-            f(2, "selector", Object(118), One, false),
+            f(2, "selector", Object(121), One, false),
             f(3, "maxUnavailable", IntOrString, One, false),
             f(4, "unhealthyPodEvictionPolicy", Str, One, false),
         ],
     },
-    // 92
+    // 95
     Message {
         name: "io.k8s.api.policy.v1.PodDisruptionBudgetStatus",
         fields: &[
@@ -1158,10 +1186,10 @@ pub(super) static MESSAGES: &[Message] = &[
             f(4, "currentHealthy", Int32, One, false),
             f(5, "desiredHealthy", Int32, One, false),
             f(6, "expectedPods", Int32, One, false),
-            f(7, "conditions", Object(149), Repeated, false),
+            f(7, "conditions", Object(152), Repeated, false),
         ],
     },
-    // 93
+    // 96
     Message {
         name: "io.k8s.api.rbac.v1.PolicyRule",
         fields: &[
@@ -1172,12 +1200,12 @@ pub(super) static MESSAGES: &[Message] = &[
             f(5, "nonResourceURLs", Str, Repeated, false),
         ],
     },
-    // 94
+    // 97
     Message {
         name: "io.k8s.api.rbac.v1.AggregationRule",
-        fields: &[f(1, "clusterRoleSelectors", Object(118), Repeated, false)],
+        fields: &[f(1, "clusterRoleSelectors", Object(121), Repeated, false)],
     },
-    // 95
+    // 98
     Message {
         name: "io.k8s.api.rbac.v1.Subject",
         fields: &[
@@ -1187,7 +1215,7 @@ pub(super) static MESSAGES: &[Message] = &[
             f(4, "namespace", Str, One, false),
         ],
     },
-    // 96
+    // 99
     Message {
         name: "io.k8s.api.rbac.v1.RoleRef",
         fields: &[
@@ -1196,12 +1224,12 @@ pub(super) static MESSAGES: &[Message] = &[
             f(3, "name", Str, One, true),
         ],
     },
-    // 97
+    // 100
     Message {
         name: "io.k8s.api.core.v1.TopologySelectorTerm",
-        fields: &[f(1, "matchLabelExpressions", Object(179), Repeated, false)],
+        fields: &[f(1, "matchLabelExpressions", Object(183), Repeated, false)],
     },
-    // 98
+    // 101
     Message {
         name: "io.k8s.apimachinery.pkg.apis.meta.v1.Preconditions",
         fields: &[
@@ -1209,7 +1237,7 @@ pub(super) static MESSAGES: &[Message] = &[
             f(2, "resourceVersion", Str, One, false),
         ],
     },
-    // 99
+    // 102
     Message {
         name: "io.k8s.apimachinery.pkg.apis.meta.v1.OwnerReference",
         fields: &[
@@ -1221,7 +1249,7 @@ pub(super) static MESSAGES: &[Message] = &[
             f(7, "blockOwnerDeletion", Bool, One, false),
         ],
     },
-    // 100
+    // 103
     Message {
         name: "io.k8s.apimachinery.pkg.apis.meta.v1.ManagedFieldsEntry",
         fields: &[
@@ -1234,17 +1262,17 @@ pub(super) static MESSAGES: &[Message] = &[
             f(8, "subresource", Str, One, false),
         ],
     },
-    // 101
+    // 104
     Message {
         name: "io.k8s.api.core.v1.EndpointAddress",
         fields: &[
             f(1, "ip", Str, One, true),
-            f(2, "targetRef", Object(42), One, false),
+            f(2, "targetRef", Object(43), One, false),
             f(3, "hostname", Str, One, false),
             f(4, "nodeName", Str, One, false),
         ],
     },
-    // 102
+    // 105
     Message {
         name: "io.k8s.api.core.v1.EndpointPort",
         fields: &[
@@ -1254,7 +1282,7 @@ pub(super) static MESSAGES: &[Message] = &[
             f(4, "appProtocol", Str, One, false),
         ],
     },
-    // 103
+    // 106
     Message {
         name: "io.k8s.api.core.v1.LimitRangeItem",
         fields: &[
@@ -1266,7 +1294,7 @@ pub(super) static MESSAGES: &[Message] = &[
             f(6, "maxLimitRequestRatio", Quantity, Map, false),
         ],
     },
-    // 104
+    // 107
     Message {
         name: "io.k8s.api.core.v1.NamespaceCondition",
         fields: &[
@@ -1277,7 +1305,7 @@ pub(super) static MESSAGES: &[Message] = &[
             f(6, "message", Str, One, false),
         ],
     },
-    // 105
+    // 108
     Message {
         name: "io.k8s.api.core.v1.Taint",
         fields: &[
@@ -1287,12 +1315,12 @@ pub(super) static MESSAGES: &[Message] = &[
             f(4, "timeAdded", Time, One, false),
         ],
     },
-    // 106
+    // 109
     Message {
         name: "io.k8s.api.core.v1.NodeConfigSource",
-        fields: &[f(2, "configMap", Object(180), One, false)],
+        fields: &[f(2, "configMap", Object(184), One, false)],
     },
-    // 107
+    // 110
     Message {
         name: "io.k8s.api.core.v1.NodeCondition",
         fields: &[
@@ -1304,7 +1332,7 @@ pub(super) static MESSAGES: &[Message] = &[
             f(6, "message", Str, One, false),
         ],
     },
-    // 108
+    // 111
     Message {
         name: "io.k8s.api.core.v1.NodeAddress",
         fields: &[
@@ -1312,12 +1340,12 @@ pub(super) static MESSAGES: &[Message] = &[
             f(2, "address", Str, One, true),
         ],
     },
-    // 109
+    // 112
     Message {
         name: "io.k8s.api.core.v1.NodeDaemonEndpoints",
-        fields: &[f(1, "kubeletEndpoint", Object(181), One, false)],
+        fields: &[f(1, "kubeletEndpoint", Object(185), One, false)],
     },
-    // 110
+    // 113
     Message {
         name: "io.k8s.api.core.v1.NodeSystemInfo",
         fields: &[
@@ -1331,10 +1359,10 @@ pub(super) static MESSAGES: &[Message] = &[
             f(8, "kubeProxyVersion", Str, One, true),
             f(9, "operatingSystem", Str, One, true),
             f(10, "architecture", Str, One, true),
-            f(11, "swap", Object(182), One, false),
+            f(11, "swap", Object(186), One, false),
         ],
     },
-    // 111
+    // 114
     Message {
         name: "io.k8s.api.core.v1.ContainerImage",
         fields: &[
@@ -1342,7 +1370,7 @@ pub(super) static MESSAGES: &[Message] = &[
             f(2, "sizeBytes", Int64, One, false),
         ],
     },
-    // 112
+    // 115
     Message {
         name: "io.k8s.api.core.v1.AttachedVolume",
         fields: &[
@@ -1350,71 +1378,71 @@ pub(super) static MESSAGES: &[Message] = &[
             f(2, "devicePath", Str, One, true),
         ],
     },
-    // 113
+    // 116
     Message {
         name: "io.k8s.api.core.v1.NodeConfigStatus",
         fields: &[
-            f(1, "assigned", Object(106), One, false),
-            f(2, "active", Object(106), One, false),
-            f(3, "lastKnownGood", Object(106), One, false),
+            f(1, "assigned", Object(109), One, false),
+            f(2, "active", Object(109), One, false),
+            f(3, "lastKnownGood", Object(109), One, false),
             f(4, "error", Str, One, false),
-        ],
-    },
-    // 114
-    Message {
-        name: "io.k8s.api.core.v1.NodeRuntimeHandler",
-        fields: &[
-            f(1, "name", Str, One, false),
-            f(2, "features", Object(183), One, false),
-        ],
-    },
-    // 115
-    Message {
-        name: "io.k8s.api.core.v1.NodeFeatures",
-        fields: &[f(1, "supplementalGroupsPolicy", Bool, One, false)],
-    },
-    // 116
-    Message {
-        name: "io.k8s.api.core.v1.PersistentVolumeSource",
-        fields: &[
-            f(1, "gcePersistentDisk", Object(184), One, false),
-            f(2, "awsElasticBlockStore", Object(185), One, false),
-            f(3, "hostPath", Object(186), One, false),
-            f(4, "glusterfs", Object(187), One, false),
-            f(5, "nfs", Object(188), One, false),
-            f(6, "rbd", Object(189), One, false),
-            f(7, "iscsi", Object(190), One, false),
-            f(8, "cinder", Object(191), One, false),
-            f(9, "cephfs", Object(192), One, false),
-            f(10, "fc", Object(193), One, false),
-            f(11, "flocker", Object(194), One, false),
-            f(12, "flexVolume", Object(195), One, false),
-            f(13, "azureFile", Object(196), One, false),
-            f(14, "vsphereVolume", Object(197), One, false),
-            f(15, "quobyte", Object(198), One, false),
-            f(16, "azureDisk", Object(199), One, false),
-            f(17, "photonPersistentDisk", Object(200), One, false),
-            f(18, "portworxVolume", Object(201), One, false),
-            f(19, "scaleIO", Object(202), One, false),
-            f(20, "local", Object(203), One, false),
-            f(21, "storageos", Object(204), One, false),
-            f(22, "csi", Object(205), One, false),
         ],
     },
     // 117
     Message {
-        name: "io.k8s.api.core.v1.VolumeNodeAffinity",
-        fields: &[f(1, "required", Object(206), One, false)],
+        name: "io.k8s.api.core.v1.NodeRuntimeHandler",
+        fields: &[
+            f(1, "name", Str, One, false),
+            f(2, "features", Object(187), One, false),
+        ],
     },
     // 118
+    Message {
+        name: "io.k8s.api.core.v1.NodeFeatures",
+        fields: &[f(1, "supplementalGroupsPolicy", Bool, One, false)],
+    },
+    // 119
+    Message {
+        name: "io.k8s.api.core.v1.PersistentVolumeSource",
+        fields: &[
+            f(1, "gcePersistentDisk", Object(188), One, false),
+            f(2, "awsElasticBlockStore", Object(189), One, false),
+            f(3, "hostPath", Object(190), One, false),
+            f(4, "glusterfs", Object(191), One, false),
+            f(5, "nfs", Object(192), One, false),
+            f(6, "rbd", Object(193), One, false),
+            f(7, "iscsi", Object(194), One, false),
+            f(8, "cinder", Object(195), One, false),
+            f(9, "cephfs", Object(196), One, false),
+            f(10, "fc", Object(197), One, false),
+            f(11, "flocker", Object(198), One, false),
+            f(12, "flexVolume", Object(199), One, false),
+            f(13, "azureFile", Object(200), One, false),
+            f(14, "vsphereVolume", Object(201), One, false),
+            f(15, "quobyte", Object(202), One, false),
+            f(16, "azureDisk", Object(203), One, false),
+            f(17, "photonPersistentDisk", Object(204), One, false),
+            f(18, "portworxVolume", Object(205), One, false),
+            f(19, "scaleIO", Object(206), One, false),
+            f(20, "local", Object(207), One, false),
+            f(21, "storageos", Object(208), One, false),
+            f(22, "csi", Object(209), One, false),
+        ],
+    },
+    // 120
+    Message {
+        name: "io.k8s.api.core.v1.VolumeNodeAffinity",
+        fields: &[f(1, "required", Object(210), One, false)],
+    },
+    // 121
     Message {
         name: "io.k8s.apimachinery.pkg.apis.meta.v1.LabelSelector",
         fields: &[
             f(1, "matchLabels", Str, Map, false),
-            f(2, "matchExpressions", Object(207), Repeated, false),
+            f(2, "matchExpressions", Object(211), Repeated, false),
         ],
     },
-    // 119
+    // 122
     Message {
         name: "io.k8s.api.core.v1.VolumeResourceRequirements",
         fields: &[
@@ -1422,7 +1450,7 @@ pub(super) static MESSAGES: &[Message] = &[
             f(2, "requests", Quantity, Map, false),
         ],
     },
-    // 120
+    // 123
     Message {
         name: "io.k8s.api.core.v1.TypedLocalObjectReference",
         fields: &[
@@ -1431,7 +1459,7 @@ pub(super) static MESSAGES: &[Message] = &[
             f(3, "name", Str, One, true),
         ],
     },
-    // 121
+    // 124
     Message {
         name: "io.k8s.api.core.v1.TypedObjectReference",
         fields: &[
@@ -1441,7 +1469,7 @@ pub(super) static MESSAGES: &[Message] = &[
             f(4, "namespace", Str, One, false),
         ],
     },
-    // 122
+    // 125
     Message {
         name: "io.k8s.api.core.v1.PersistentVolumeClaimCondition",
         fields: &[
@@ -1453,7 +1481,7 @@ pub(super) static MESSAGES: &[Message] = &[
             f(6, "message", Str, One, false),
         ],
     },
-    // 123
+    // 126
     Message {
         name: "io.k8s.api.core.v1.ModifyVolumeStatus",
         fields: &[
@@ -1461,15 +1489,15 @@ pub(super) static MESSAGES: &[Message] = &[
             f(2, "status", Str, One, true),
         ],
     },
-    // 124
+    // 127
     Message {
         name: "io.k8s.api.core.v1.Volume",
         fields: &[
             f(1, "name", Str, One, true),
-            f(2, "", Object(208), One, false),
+            f(2, "", Object(212), One, false),
         ],
     },
-    // 125
+    // 128
     Message {
         name: "io.k8s.api.core.v1.Container",
         fields: &[
@@ -1478,65 +1506,65 @@ pub(super) static MESSAGES: &[Message] = &[
             f(3, "command", Str, Repeated, false),
             f(4, "args", Str, Repeated, false),
             f(5, "workingDir", Str, One, false),
-            f(6, "ports", Object(209), Repeated, false),
-            f(7, "env", Object(211), Repeated, false),
-            f(8, "resources", Object(137), One, false),
-            f(9, "volumeMounts", Object(214), Repeated, false),
-            f(10, "livenessProbe", Object(216), One, false),
-            f(11, "readinessProbe", Object(216), One, false),
-            f(12, "lifecycle", Object(217), One, false),
+            f(6, "ports", Object(213), Repeated, false),
+            f(7, "env", Object(215), Repeated, false),
+            f(8, "resources", Object(140), One, false),
+            f(9, "volumeMounts", Object(218), Repeated, false),
+            f(10, "livenessProbe", Object(220), One, false),
+            f(11, "readinessProbe", Object(220), One, false),
+            f(12, "lifecycle", Object(221), One, false),
             f(13, "terminationMessagePath", Str, One, false),
             f(14, "imagePullPolicy", Str, One, false),
-            f(15, "securityContext", Object(218), One, false),
+            f(15, "securityContext", Object(222), One, false),
             f(16, "stdin", Bool, One, false),
             f(17, "stdinOnce", Bool, One, false),
             f(18, "tty", Bool, One, false),
-            f(19, "envFrom", Object(210), Repeated, false),
+            f(19, "envFrom", Object(214), Repeated, false),
             f(20, "terminationMessagePolicy", Str, One, false),
-            f(21, "volumeDevices", Object(215), Repeated, false),
-            f(22, "startupProbe", Object(216), One, false),
-            f(23, "resizePolicy", Object(212), Repeated, false),
+            f(21, "volumeDevices", Object(219), Repeated, false),
+            f(22, "startupProbe", Object(220), One, false),
+            f(23, "resizePolicy", Object(216), Repeated, false),
             f(24, "restartPolicy", Str, One, false),
-            f(25, "restartPolicyRules", Object(213), Repeated, false),
+            f(25, "restartPolicyRules", Object(217), Repeated, false),
         ],
     },
-    // 126
+    // 129
     Message {
         name: "io.k8s.api.core.v1.EphemeralContainer",
         fields: &[
-            f(1, "", Object(219), One, false),
+            f(1, "", Object(223), One, false),
             f(2, "targetContainerName", Str, One, false),
         ],
     },
-    // 127
+    // 130
     Message {
         name: "io.k8s.api.core.v1.PodSecurityContext",
         fields: &[
-            f(1, "seLinuxOptions", Object(220), One, false),
+            f(1, "seLinuxOptions", Object(224), One, false),
             f(2, "runAsUser", Int64, One, false),
             f(3, "runAsNonRoot", Bool, One, false),
             f(4, "supplementalGroups", Int64, Repeated, false),
             f(5, "fsGroup", Int64, One, false),
             f(6, "runAsGroup", Int64, One, false),
-            f(7, "sysctls", Object(222), Repeated, false),
-            f(8, "windowsOptions", Object(221), One, false),
+            f(7, "sysctls", Object(226), Repeated, false),
+            f(8, "windowsOptions", Object(225), One, false),
             f(9, "fsGroupChangePolicy", Str, One, false),
-            f(10, "seccompProfile", Object(223), One, false),
-            f(11, "appArmorProfile", Object(224), One, false),
+            f(10, "seccompProfile", Object(227), One, false),
+            f(11, "appArmorProfile", Object(228), One, false),
             f(12, "supplementalGroupsPolicy", Str, One, false),
             f(13, "seLinuxChangePolicy", Str, One, false),
         ],
     },
-    // 128
+    // 131
     Message {
         name: "io.k8s.api.core.v1.Affinity",
         fields: &[
-            f(1, "nodeAffinity", Object(225), One, false),
-            f(2, "podAffinity", Object(226), One, false),
-            f(3, "podAntiAffinity", Object(227), One, false),
+            f(1, "nodeAffinity", Object(229), One, false),
+            f(2, "podAffinity", Object(230), One, false),
+            f(3, "podAntiAffinity", Object(231), One, false),
         ],
     },
-    // 129
+    // 132
     Message {
         name: "io.k8s.api.core.v1.Toleration",
         fields: &[
@@ -1547,7 +1575,7 @@ pub(super) static MESSAGES: &[Message] = &[
             f(5, "tolerationSeconds", Int64, One, false),
         ],
     },
-    // 130
+    // 133
     Message {
         name: "io.k8s.api.core.v1.HostAlias",
         fields: &[
@@ -1555,45 +1583,45 @@ pub(super) static MESSAGES: &[Message] = &[
             f(2, "hostnames", Str, Repeated, false),
         ],
     },
-    // 131
+    // 134
     Message {
         name: "io.k8s.api.core.v1.PodDNSConfig",
         fields: &[
             f(1, "nameservers", Str, Repeated, false),
             f(2, "searches", Str, Repeated, false),
-            f(3, "options", Object(228), Repeated, false),
+            f(3, "options", Object(232), Repeated, false),
         ],
     },
-    // 132
+    // 135
     Message {
         name: "io.k8s.api.core.v1.PodReadinessGate",
         fields: &[f(1, "conditionType", Str, One, true)],
     },
-    // 133
+    // 136
     Message {
         name: "io.k8s.api.core.v1.TopologySpreadConstraint",
         fields: &[
             f(1, "maxSkew", Int32, One, true),
             f(2, "topologyKey", Str, One, true),
             f(3, "whenUnsatisfiable", Str, One, true),
-            f(4, "labelSelector", Object(118), One, false),
+            f(4, "labelSelector", Object(121), One, false),
             f(5, "minDomains", Int32, One, false),
             f(6, "nodeAffinityPolicy", Str, One, false),
             f(7, "nodeTaintsPolicy", Str, One, false),
             f(8, "matchLabelKeys", Str, Repeated, false),
         ],
     },
-    // 134
+    // 137
     Message {
         name: "io.k8s.api.core.v1.PodOS",
         fields: &[f(1, "name", Str, One, true)],
     },
-    // 135
+    // 138
     Message {
         name: "io.k8s.api.core.v1.PodSchedulingGate",
         fields: &[f(1, "name", Str, One, true)],
     },
-    // 136
+    // 139
     Message {
         name: "io.k8s.api.core.v1.PodResourceClaim",
         fields: &[
@@ -1602,16 +1630,16 @@ pub(super) static MESSAGES: &[Message] = &[
             f(4, "resourceClaimTemplateName", Str, One, false),
         ],
     },
-    // 137
+    // 140
     Message {
         name: "io.k8s.api.core.v1.ResourceRequirements",
         fields: &[
             f(1, "limits", Quantity, Map, false),
             f(2, "requests", Quantity, Map, false),
-            f(3, "claims", Object(229), Repeated, false),
+            f(3, "claims", Object(233), Repeated, false),
         ],
     },
-    // 138
+    // 141
     Message {
         name: "io.k8s.api.core.v1.PodCondition",
         fields: &[
@@ -1624,23 +1652,23 @@ pub(super) static MESSAGES: &[Message] = &[
             f(7, "observedGeneration", Int64, One, false),
         ],
     },
-    // 139
+    // 142
     Message {
         name: "io.k8s.api.core.v1.HostIP",
         fields: &[f(1, "ip", Str, One, true)],
     },
-    // 140
+    // 143
     Message {
         name: "io.k8s.api.core.v1.PodIP",
         fields: &[f(1, "ip", Str, One, true)],
     },
-    // 141
+    // 144
     Message {
         name: "io.k8s.api.core.v1.ContainerStatus",
         fields: &[
             f(1, "name", Str, One, true),
-            f(2, "state", Object(230), One, false),
-            f(3, "lastState", Object(230), One, false),
+            f(2, "state", Object(234), One, false),
+            f(3, "lastState", Object(234), One, false),
             f(4, "ready", Bool, One, true),
             f(5, "restartCount", Int32, One, true),
             f(6, "image", Str, One, true),
@@ -1648,14 +1676,14 @@ pub(super) static MESSAGES: &[Message] = &[
             f(8, "containerID", Str, One, false),
             f(9, "started", Bool, One, false),
             f(10, "allocatedResources", Quantity, Map, false),
-            f(11, "resources", Object(137), One, false),
-            f(12, "volumeMounts", Object(231), Repeated, false),
-            f(13, "user", Object(232), One, false),
-            f(14, "allocatedResourcesStatus", Object(233), Repeated, false),
+            f(11, "resources", Object(140), One, false),
+            f(12, "volumeMounts", Object(235), Repeated, false),
+            f(13, "user", Object(236), One, false),
+            f(14, "allocatedResourcesStatus", Object(237), Repeated, false),
             f(15, "stopSignal", Str, One, false),
         ],
     },
-    // 142
+    // 145
     Message {
         name: "io.k8s.api.core.v1.PodResourceClaimStatus",
         fields: &[
@@ -1663,15 +1691,15 @@ pub(super) static MESSAGES: &[Message] = &[
             f(2, "resourceClaimName", Str, One, false),
         ],
     },
-    // 143
+    // 146
     Message {
         name: "io.k8s.api.core.v1.PodExtendedResourceClaimStatus",
         fields: &[
-            f(1, "requestMappings", Object(234), Repeated, true),
+            f(1, "requestMappings", Object(238), Repeated, true),
             f(2, "resourceClaimName", Str, One, true),
         ],
     },
-    // 144
+    // 147
     Message {
         name: "io.k8s.api.core.v1.ReplicationControllerCondition",
         fields: &[
@@ -1682,12 +1710,12 @@ pub(super) static MESSAGES: &[Message] = &[
             f(5, "message", Str, One, false),
         ],
     },
-    // 145
+    // 148
     Message {
         name: "io.k8s.api.core.v1.ScopeSelector",
-        fields: &[f(1, "matchExpressions", Object(235), Repeated, false)],
+        fields: &[f(1, "matchExpressions", Object(239), Repeated, false)],
     },
-    // 146
+    // 149
     Message {
         name: "io.k8s.api.core.v1.ServicePort",
         fields: &[
@@ -1699,17 +1727,17 @@ pub(super) static MESSAGES: &[Message] = &[
             f(6, "appProtocol", Str, One, false),
         ],
     },
-    // 147
+    // 150
     Message {
         name: "io.k8s.api.core.v1.SessionAffinityConfig",
-        fields: &[f(1, "clientIP", Object(236), One, false)],
+        fields: &[f(1, "clientIP", Object(240), One, false)],
     },
-    // 148
+    // 151
     Message {
         name: "io.k8s.api.core.v1.LoadBalancerStatus",
-        fields: &[f(1, "ingress", Object(237), Repeated, false)],
+        fields: &[f(1, "ingress", Object(241), Repeated, false)],
     },
-    // 149
+    // 152
     Message {
         name: "io.k8s.apimachinery.pkg.apis.meta.v1.Condition",
         fields: &[
@@ -1721,15 +1749,15 @@ pub(super) static MESSAGES: &[Message] = &[
             f(6, "message", Str, One, true),
         ],
     },
-    // 150
+    // 153
     Message {
         name: "io.k8s.api.apps.v1.DaemonSetUpdateStrategy",
         fields: &[
             f(1, "type", Str, One, false),
-            f(2, "rollingUpdate", Object(238), One, false),
+            f(2, "rollingUpdate", Object(242), One, false),
         ],
     },
-    // 151
+    // 154
     Message {
         name: "io.k8s.api.apps.v1.DaemonSetCondition",
         fields: &[
@@ -1740,15 +1768,15 @@ pub(super) static MESSAGES: &[Message] = &[
             f(5, "message", Str, One, false),
         ],
     },
-    // 152
+    // 155
     Message {
         name: "io.k8s.api.apps.v1.DeploymentStrategy",
         fields: &[
             f(1, "type", Str, One, false),
-            f(2, "rollingUpdate", Object(239), One, false),
+            f(2, "rollingUpdate", Object(243), One, false),
         ],
     },
-    // 153
+    // 156
     Message {
         name: "io.k8s.api.apps.v1.DeploymentCondition",
         fields: &[
@@ -1760,7 +1788,7 @@ pub(super) static MESSAGES: &[Message] = &[
             f(7, "lastTransitionTime", Time, One, false),
         ],
     },
-    // 154
+    // 157
     Message {
         name: "io.k8s.api.apps.v1.ReplicaSetCondition",
         fields: &[
@@ -1771,15 +1799,15 @@ pub(super) static MESSAGES: &[Message] = &[
             f(5, "message", Str, One, false),
         ],
     },
-    // 155
+    // 158
     Message {
         name: "io.k8s.api.apps.v1.StatefulSetUpdateStrategy",
         fields: &[
             f(1, "type", Str, One, false),
-            f(2, "rollingUpdate", Object(240), One, false),
+            f(2, "rollingUpdate", Object(244), One, false),
         ],
     },
-    // 156
+    // 159
     Message {
         name: "io.k8s.api.apps.v1.StatefulSetPersistentVolumeClaimRetentionPolicy",
         fields: &[
@@ -1787,12 +1815,12 @@ pub(super) static MESSAGES: &[Message] = &[
             f(2, "whenScaled", Str, One, false),
         ],
     },
-    // 157
+    // 160
     Message {
         name: "io.k8s.api.apps.v1.StatefulSetOrdinals",
         fields: &[f(1, "start", Int32, One, false)],
     },
-    // 158
+    // 161
     Message {
         name: "io.k8s.api.apps.v1.StatefulSetCondition",
         fields: &[
@@ -1803,7 +1831,17 @@ pub(super) static MESSAGES: &[Message] = &[
             f(5, "message", Str, One, false),
         ],
     },
-    // 159
+    // 162
+    Message {
+        name: "io.k8s.api.authentication.v1.BoundObjectReference",
+        fields: &[
+            f(1, "kind", Str, One, false),
+            f(2, "apiVersion", Str, One, false),
+            f(3, "name", Str, One, false),
+            f(4, "uid", Str, One, false),
+        ],
+    },
+    // 163
     Message {
         name: "io.k8s.api.autoscaling.v1.CrossVersionObjectReference",
         fields: &[
@@ -1812,7 +1850,7 @@ pub(super) static MESSAGES: &[Message] = &[
             f(3, "apiVersion", Str, One, false),
         ],
     },
-    // 160
+    // 164
     Message {
         name: "io.k8s.api.autoscaling.v2.CrossVersionObjectReference",
         fields: &[
@@ -1821,39 +1859,39 @@ pub(super) static MESSAGES: &[Message] = &[
             f(3, "apiVersion", Str, One, false),
         ],
     },
-    // 161
+    // 165
     Message {
         name: "io.k8s.api.autoscaling.v2.MetricSpec",
         fields: &[
             f(1, "type", Str, One, true),
-            f(2, "object", Object(241), One, false),
-            f(3, "pods", Object(242), One, false),
-            f(4, "resource", Object(243), One, false),
-            f(5, "external", Object(245), One, false),
-            f(7, "containerResource", Object(244), One, false),
+            f(2, "object", Object(245), One, false),
+            f(3, "pods", Object(246), One, false),
+            f(4, "resource", Object(247), One, false),
+            f(5, "external", Object(249), One, false),
+            f(7, "containerResource", Object(248), One, false),
         ],
     },
-    // 162
+    // 166
     Message {
         name: "io.k8s.api.autoscaling.v2.HorizontalPodAutoscalerBehavior",
         fields: &[
-            f(1, "scaleUp", Object(246), One, false),
-            f(2, "scaleDown", Object(246), One, false),
+            f(1, "scaleUp", Object(250), One, false),
+            f(2, "scaleDown", Object(250), One, false),
         ],
     },
-    // 163
+    // 167
     Message {
         name: "io.k8s.api.autoscaling.v2.MetricStatus",
         fields: &[
             f(1, "type", Str, One, true),
-            f(2, "object", Object(247), One, false),
-            f(3, "pods", Object(248), One, false),
-            f(4, "resource", Object(249), One, false),
-            f(5, "external", Object(251), One, false),
-            f(7, "containerResource", Object(250), One, false),
+            f(2, "object", Object(251), One, false),
+            f(3, "pods", Object(252), One, false),
+            f(4, "resource", Object(253), One, false),
+            f(5, "external", Object(255), One, false),
+            f(7, "containerResource", Object(254), One, false),
         ],
     },
-    // 164
+    // 168
     Message {
         name: "io.k8s.api.autoscaling.v2.HorizontalPodAutoscalerCondition",
         fields: &[
@@ -1864,25 +1902,25 @@ pub(super) static MESSAGES: &[Message] = &[
             f(5, "message", Str, One, false),
         ],
     },
-    // 165
+    // 169
     Message {
         name: "io.k8s.api.batch.v1.JobTemplateSpec",
         fields: &[
-            f(1, "metadata", Object(41), One, false),
-            f(2, "spec", Object(81), One, false),
+            f(1, "metadata", Object(42), One, false),
+            f(2, "spec", Object(84), One, false),
         ],
     },
-    // 166
+    // 170
     Message {
         name: "io.k8s.api.batch.v1.PodFailurePolicy",
-        fields: &[f(1, "rules", Object(252), Repeated, true)],
+        fields: &[f(1, "rules", Object(256), Repeated, true)],
     },
-    // 167
+    // 171
     Message {
         name: "io.k8s.api.batch.v1.SuccessPolicy",
-        fields: &[f(1, "rules", Object(253), Repeated, true)],
+        fields: &[f(1, "rules", Object(257), Repeated, true)],
     },
-    // 168
+    // 172
     Message {
         name: "io.k8s.api.batch.v1.JobCondition",
         fields: &[
@@ -1894,7 +1932,7 @@ pub(super) static MESSAGES: &[Message] = &[
             f(6, "message", Str, One, false),
         ],
     },
-    // 169
+    // 173
     Message {
         name: "io.k8s.api.batch.v1.UncountedTerminatedPods",
         fields: &[
@@ -1902,7 +1940,7 @@ pub(super) static MESSAGES: &[Message] = &[
             f(2, "failed", Str, Repeated, false),
         ],
     },
-    // 170
+    // 174
     Message {
         name: "io.k8s.api.discovery.v1.EndpointConditions",
         fields: &[
@@ -1911,23 +1949,23 @@ pub(super) static MESSAGES: &[Message] = &[
             f(3, "terminating", Bool, One, false),
         ],
     },
-    // 171
+    // 175
     Message {
         name: "io.k8s.api.discovery.v1.EndpointHints",
         fields: &[
-            f(1, "forZones", Object(254), Repeated, false),
-            f(2, "forNodes", Object(255), Repeated, false),
+            f(1, "forZones", Object(258), Repeated, false),
+            f(2, "forNodes", Object(259), Repeated, false),
         ],
     },
-    // 172
+    // 176
     Message {
         name: "io.k8s.api.networking.v1.IngressBackend",
         fields: &[
-            f(3, "resource", Object(120), One, false),
-            f(4, "service", Object(256), One, false),
+            f(3, "resource", Object(123), One, false),
+            f(4, "service", Object(260), One, false),
         ],
     },
-    // 173
+    // 177
     Message {
         name: "io.k8s.api.networking.v1.IngressTLS",
         fields: &[
@@ -1935,20 +1973,20 @@ pub(super) static MESSAGES: &[Message] = &[
             f(2, "secretName", Str, One, false),
         ],
     },
-    // 174
+    // 178
     Message {
         name: "io.k8s.api.networking.v1.IngressRule",
         fields: &[
             f(1, "host", Str, One, false),
-            f(2, "", Object(257), One, false),
+            f(2, "", Object(261), One, false),
         ],
     },
-    // 175
+    // 179
     Message {
         name: "io.k8s.api.networking.v1.IngressLoadBalancerStatus",
-        fields: &[f(1, "ingress", Object(258), Repeated, false)],
+        fields: &[f(1, "ingress", Object(262), Repeated, false)],
     },
-    // 176
+    // 180
     Message {
         name: "io.k8s.api.networking.v1.IngressClassParametersReference",
         fields: &[
@@ -1959,23 +1997,23 @@ pub(super) static MESSAGES: &[Message] = &[
             f(5, "namespace", Str, One, false),
         ],
     },
-    // 177
+    // 181
     Message {
         name: "io.k8s.api.networking.v1.NetworkPolicyIngressRule",
         fields: &[
-            f(1, "ports", Object(259), Repeated, false),
-            f(2, "from", Object(260), Repeated, false),
+            f(1, "ports", Object(263), Repeated, false),
+            f(2, "from", Object(264), Repeated, false),
         ],
     },
-    // 178
+    // 182
     Message {
         name: "io.k8s.api.networking.v1.NetworkPolicyEgressRule",
         fields: &[
-            f(1, "ports", Object(259), Repeated, false),
-            f(2, "to", Object(260), Repeated, false),
+            f(1, "ports", Object(263), Repeated, false),
+            f(2, "to", Object(264), Repeated, false),
         ],
     },
-    // 179
+    // 183
     Message {
         name: "io.k8s.api.core.v1.TopologySelectorLabelRequirement",
         fields: &[
@@ -1983,7 +2021,7 @@ pub(super) static MESSAGES: &[Message] = &[
             f(2, "values", Str, Repeated, true),
         ],
     },
-    // 180
+    // 184
     Message {
         name: "io.k8s.api.core.v1.ConfigMapNodeConfigSource",
         fields: &[
@@ -1994,17 +2032,17 @@ pub(super) static MESSAGES: &[Message] = &[
             f(5, "kubeletConfigKey", Str, One, true),
         ],
     },
-    // 181
+    // 185
     Message {
         name: "io.k8s.api.core.v1.DaemonEndpoint",
         fields: &[f(1, "Port", Int32, One, true)],
     },
-    // 182
+    // 186
     Message {
         name: "io.k8s.api.core.v1.NodeSwapStatus",
         fields: &[f(1, "capacity", Int64, One, false)],
     },
-    // 183
+    // 187
     Message {
         name: "io.k8s.api.core.v1.NodeRuntimeHandlerFeatures",
         fields: &[
@@ -2012,7 +2050,7 @@ pub(super) static MESSAGES: &[Message] = &[
             f(2, "userNamespaces", Bool, One, false),
         ],
     },
-    // 184
+    // 188
     Message {
         name: "io.k8s.api.core.v1.GCEPersistentDiskVolumeSource",
         fields: &[
@@ -2022,7 +2060,7 @@ pub(super) static MESSAGES: &[Message] = &[
             f(4, "readOnly", Bool, One, false),
         ],
     },
-    // 185
+    // 189
     Message {
         name: "io.k8s.api.core.v1.AWSElasticBlockStoreVolumeSource",
         fields: &[
@@ -2032,12 +2070,12 @@ pub(super) static MESSAGES: &[Message] = &[
             f(4, "readOnly", Bool, One, false),
         ],
     },
-    // 186
+    // 190
     Message {
         name: "io.k8s.api.core.v1.HostPathVolumeSource",
         fields: &[f(1, "path", Str, One, true), f(2, "type", Str, One, false)],
     },
-    // 187
+    // 191
     Message {
         name: "io.k8s.api.core.v1.GlusterfsPersistentVolumeSource",
         fields: &[
@@ -2047,7 +2085,7 @@ pub(super) static MESSAGES: &[Message] = &[
             f(4, "endpointsNamespace", Str, One, false),
         ],
     },
-    // 188
+    // 192
     Message {
         name: "io.k8s.api.core.v1.NFSVolumeSource",
         fields: &[
@@ -2056,7 +2094,7 @@ pub(super) static MESSAGES: &[Message] = &[
             f(3, "readOnly", Bool, One, false),
         ],
     },
-    // 189
+    // 193
     Message {
         name: "io.k8s.api.core.v1.RBDPersistentVolumeSource",
         fields: &[
@@ -2066,11 +2104,11 @@ pub(super) static MESSAGES: &[Message] = &[
             f(4, "pool", Str, One, false),
             f(5, "user", Str, One, false),
             f(6, "keyring", Str, One, false),
-            f(7, "secretRef", Object(261), One, false),
+            f(7, "secretRef", Object(265), One, false),
             f(8, "readOnly", Bool, One, false),
         ],
     },
-    // 190
+    // 194
     Message {
         name: "io.k8s.api.core.v1.ISCSIPersistentVolumeSource",
         fields: &[
@@ -2082,22 +2120,22 @@ pub(super) static MESSAGES: &[Message] = &[
             f(6, "readOnly", Bool, One, false),
             f(7, "portals", Str, Repeated, false),
             f(8, "chapAuthDiscovery", Bool, One, false),
-            f(10, "secretRef", Object(261), One, false),
+            f(10, "secretRef", Object(265), One, false),
             f(11, "chapAuthSession", Bool, One, false),
             f(12, "initiatorName", Str, One, false),
         ],
     },
-    // 191
+    // 195
     Message {
         name: "io.k8s.api.core.v1.CinderPersistentVolumeSource",
         fields: &[
             f(1, "volumeID", Str, One, true),
             f(2, "fsType", Str, One, false),
             f(3, "readOnly", Bool, One, false),
-            f(4, "secretRef", Object(261), One, false),
+            f(4, "secretRef", Object(265), One, false),
         ],
     },
-    // 192
+    // 196
     Message {
         name: "io.k8s.api.core.v1.CephFSPersistentVolumeSource",
         fields: &[
@@ -2105,11 +2143,11 @@ pub(super) static MESSAGES: &[Message] = &[
             f(2, "path", Str, One, false),
             f(3, "user", Str, One, false),
             f(4, "secretFile", Str, One, false),
-            f(5, "secretRef", Object(261), One, false),
+            f(5, "secretRef", Object(265), One, false),
             f(6, "readOnly", Bool, One, false),
         ],
     },
-    // 193
+    // 197
     Message {
         name: "io.k8s.api.core.v1.FCVolumeSource",
         fields: &[
@@ -2120,7 +2158,7 @@ pub(super) static MESSAGES: &[Message] = &[
             f(5, "wwids", Str, Repeated, false),
         ],
     },
-    // 194
+    // 198
     Message {
         name: "io.k8s.api.core.v1.FlockerVolumeSource",
         fields: &[
@@ -2128,18 +2166,18 @@ pub(super) static MESSAGES: &[Message] = &[
             f(2, "datasetUUID", Str, One, false),
         ],
     },
-    // 195
+    // 199
     Message {
         name: "io.k8s.api.core.v1.FlexPersistentVolumeSource",
         fields: &[
             f(1, "driver", Str, One, true),
             f(2, "fsType", Str, One, false),
-            f(3, "secretRef", Object(261), One, false),
+            f(3, "secretRef", Object(265), One, false),
             f(4, "readOnly", Bool, One, false),
             f(5, "options", Str, Map, false),
         ],
     },
-    // 196
+    // 200
     Message {
         name: "io.k8s.api.core.v1.AzureFilePersistentVolumeSource",
         fields: &[
@@ -2149,7 +2187,7 @@ pub(super) static MESSAGES: &[Message] = &[
             f(4, "secretNamespace", Str, One, false),
         ],
     },
-    // 197
+    // 201
     Message {
         name: "io.k8s.api.core.v1.VsphereVirtualDiskVolumeSource",
         fields: &[
@@ -2159,7 +2197,7 @@ pub(super) static MESSAGES: &[Message] = &[
             f(4, "storagePolicyID", Str, One, false),
         ],
     },
-    // 198
+    // 202
     Message {
         name: "io.k8s.api.core.v1.QuobyteVolumeSource",
         fields: &[
@@ -2171,7 +2209,7 @@ pub(super) static MESSAGES: &[Message] = &[
             f(6, "tenant", Str, One, false),
         ],
     },
-    // 199
+    // 203
     Message {
         name: "io.k8s.api.core.v1.AzureDiskVolumeSource",
         fields: &[
@@ -2183,7 +2221,7 @@ pub(super) static MESSAGES: &[Message] = &[
             f(6, "kind", Str, One, false),
         ],
     },
-    // 200
+    // 204
     Message {
         name: "io.k8s.api.core.v1.PhotonPersistentDiskVolumeSource",
         fields: &[
@@ -2191,7 +2229,7 @@ pub(super) static MESSAGES: &[Message] = &[
             f(2, "fsType", Str, One, false),
         ],
     },
-    // 201
+    // 205
     Message {
         name: "io.k8s.api.core.v1.PortworxVolumeSource",
         fields: &[
@@ -2200,13 +2238,13 @@ pub(super) static MESSAGES: &[Message] = &[
             f(3, "readOnly", Bool, One, false),
         ],
     },
-    // 202
+    // 206
     Message {
         name: "io.k8s.api.core.v1.ScaleIOPersistentVolumeSource",
         fields: &[
             f(1, "gateway", Str, One, true),
             f(2, "system", Str, One, true),
-            f(3, "secretRef", Object(261), One, true),
+            f(3, "secretRef", Object(265), One, true),
             f(4, "sslEnabled", Bool, One, false),
             f(5, "protectionDomain", Str, One, false),
             f(6, "storagePool", Str, One, false),
@@ -2216,7 +2254,7 @@ pub(super) static MESSAGES: &[Message] = &[
             f(10, "readOnly", Bool, One, false),
         ],
     },
-    // 203
+    // 207
     Message {
         name: "io.k8s.api.core.v1.LocalVolumeSource",
         fields: &[
@@ -2224,7 +2262,7 @@ pub(super) static MESSAGES: &[Message] = &[
             f(2, "fsType", Str, One, false),
         ],
     },
-    // 204
+    // 208
     Message {
         name: "io.k8s.api.core.v1.StorageOSPersistentVolumeSource",
         fields: &[
@@ -2232,10 +2270,10 @@ pub(super) static MESSAGES: &[Message] = &[
             f(2, "volumeNamespace", Str, One, false),
             f(3, "fsType", Str, One, false),
             f(4, "readOnly", Bool, One, false),
-            f(5, "secretRef", Object(42), One, false),
+            f(5, "secretRef", Object(43), One, false),
         ],
     },
-    // 205
+    // 209
     Message {
         name: "io.k8s.api.core.v1.CSIPersistentVolumeSource",
         fields: &[
@@ -2244,19 +2282,19 @@ pub(super) static MESSAGES: &[Message] = &[
             f(3, "readOnly", Bool, One, false),
             f(4, "fsType", Str, One, false),
             f(5, "volumeAttributes", Str, Map, false),
-            f(6, "controllerPublishSecretRef", Object(261), One, false),
-            f(7, "nodeStageSecretRef", Object(261), One, false),
-            f(8, "nodePublishSecretRef", Object(261), One, false),
-            f(9, "controllerExpandSecretRef", Object(261), One, false),
-            f(10, "nodeExpandSecretRef", Object(261), One, false),
+            f(6, "controllerPublishSecretRef", Object(265), One, false),
+            f(7, "nodeStageSecretRef", Object(265), One, false),
+            f(8, "nodePublishSecretRef", Object(265), One, false),
+            f(9, "controllerExpandSecretRef", Object(265), One, false),
+            f(10, "nodeExpandSecretRef", Object(265), One, false),
         ],
     },
-    // 206
+    // 210
     Message {
         name: "io.k8s.api.core.v1.NodeSelector",
-        fields: &[f(1, "nodeSelectorTerms", Object(262), Repeated, true)],
+        fields: &[f(1, "nodeSelectorTerms", Object(266), Repeated, true)],
     },
-    // 207
+    // 211
     Message {
         name: "io.k8s.apimachinery.pkg.apis.meta.v1.LabelSelectorRequirement",
         fields: &[
@@ -2265,43 +2303,43 @@ pub(super) static MESSAGES: &[Message] = &[
             f(3, "values", Str, Repeated, false),
         ],
     },
-    // 208
+    // 212
     Message {
         name: "io.k8s.api.core.v1.VolumeSource",
         fields: &[
-            f(1, "hostPath", Object(186), One, false),
-            f(2, "emptyDir", Object(263), One, false),
-            f(3, "gcePersistentDisk", Object(184), One, false),
-            f(4, "awsElasticBlockStore", Object(185), One, false),
-            f(5, "gitRepo", Object(264), One, false),
-            f(6, "secret", Object(265), One, false),
-            f(7, "nfs", Object(188), One, false),
-            f(8, "iscsi", Object(266), One, false),
-            f(9, "glusterfs", Object(267), One, false),
-            f(10, "persistentVolumeClaim", Object(268), One, false),
-            f(11, "rbd", Object(269), One, false),
-            f(12, "flexVolume", Object(270), One, false),
-            f(13, "cinder", Object(271), One, false),
-            f(14, "cephfs", Object(272), One, false),
-            f(15, "flocker", Object(194), One, false),
-            f(16, "downwardAPI", Object(273), One, false),
-            f(17, "fc", Object(193), One, false),
-            f(18, "azureFile", Object(274), One, false),
-            f(19, "configMap", Object(275), One, false),
-            f(20, "vsphereVolume", Object(197), One, false),
-            f(21, "quobyte", Object(198), One, false),
-            f(22, "azureDisk", Object(199), One, false),
-            f(23, "photonPersistentDisk", Object(200), One, false),
-            f(24, "portworxVolume", Object(201), One, false),
-            f(25, "scaleIO", Object(277), One, false),
-            f(26, "projected", Object(276), One, false),
-            f(27, "storageos", Object(278), One, false),
-            f(28, "csi", Object(279), One, false),
-            f(29, "ephemeral", Object(280), One, false),
-            f(30, "image", Object(281), One, false),
+            f(1, "hostPath", Object(190), One, false),
+            f(2, "emptyDir", Object(267), One, false),
+            f(3, "gcePersistentDisk", Object(188), One, false),
+            f(4, "awsElasticBlockStore", Object(189), One, false),
+            f(5, "gitRepo", Object(268), One, false),
+            f(6, "secret", Object(269), One, false),
+            f(7, "nfs", Object(192), One, false),
+            f(8, "iscsi", Object(270), One, false),
+            f(9, "glusterfs", Object(271), One, false),
+            f(10, "persistentVolumeClaim", Object(272), One, false),
+            f(11, "rbd", Object(273), One, false),
+            f(12, "flexVolume", Object(274), One, false),
+            f(13, "cinder", Object(275), One, false),
+            f(14, "cephfs", Object(276), One, false),
+            f(15, "flocker", Object(198), One, false),
+            f(16, "downwardAPI", Object(277), One, false),
+            f(17, "fc", Object(197), One, false),
+            f(18, "azureFile", Object(278), One, false),
+            f(19, "configMap", Object(279), One, false),
+            f(20, "vsphereVolume", Object(201), One, false),
+            f(21, "quobyte", Object(202), One, false),
+            f(22, "azureDisk", Object(203), One, false),
+            f(23, "photonPersistentDisk", Object(204), One, false),
+            f(24, "portworxVolume", Object(205), One, false),
+            f(25, "scaleIO", Object(281), One, false),
+            f(26, "projected", Object(280), One, false),
+            f(27, "storageos", Object(282), One, false),
+            f(28, "csi", Object(283), One, false),
+            f(29, "ephemeral", Object(284), One, false),
+            f(30, "image", Object(285), One, false),
         ],
     },
-    // 209
+    // 213
     Message {
         name: "io.k8s.api.core.v1.ContainerPort",
         fields: &[
@@ -2312,25 +2350,25 @@ pub(super) static MESSAGES: &[Message] = &[
             f(5, "hostIP", Str, One, false),
         ],
     },
-    // 210
+    // 214
     Message {
         name: "io.k8s.api.core.v1.EnvFromSource",
         fields: &[
             f(1, "prefix", Str, One, false),
-            f(2, "configMapRef", Object(282), One, false),
-            f(3, "secretRef", Object(283), One, false),
+            f(2, "configMapRef", Object(286), One, false),
+            f(3, "secretRef", Object(287), One, false),
         ],
     },
-    // 211
+    // 215
     Message {
         name: "io.k8s.api.core.v1.EnvVar",
         fields: &[
             f(1, "name", Str, One, true),
             f(2, "value", Str, One, false),
-            f(3, "valueFrom", Object(284), One, false),
+            f(3, "valueFrom", Object(288), One, false),
         ],
     },
-    // 212
+    // 216
     Message {
         name: "io.k8s.api.core.v1.ContainerResizePolicy",
         fields: &[
@@ -2338,15 +2376,15 @@ pub(super) static MESSAGES: &[Message] = &[
             f(2, "restartPolicy", Str, One, true),
         ],
     },
-    // 213
+    // 217
     Message {
         name: "io.k8s.api.core.v1.ContainerRestartRule",
         fields: &[
             f(1, "action", Str, One, true),
-            f(2, "exitCodes", Object(285), One, false),
+            f(2, "exitCodes", Object(289), One, false),
         ],
     },
-    // 214
+    // 218
     Message {
         name: "io.k8s.api.core.v1.VolumeMount",
         fields: &[
@@ -2359,7 +2397,7 @@ pub(super) static MESSAGES: &[Message] = &[
             f(7, "recursiveReadOnly", Str, One, false),
         ],
     },
-    // 215
+    // 219
     Message {
         name: "io.k8s.api.core.v1.VolumeDevice",
         fields: &[
@@ -2367,11 +2405,11 @@ pub(super) static MESSAGES: &[Message] = &[
             f(2, "devicePath", Str, One, true),
         ],
     },
-    // 216
+    // 220
     Message {
         name: "io.k8s.api.core.v1.Probe",
         fields: &[
-            f(1, "", Object(286), One, false),
+            f(1, "", Object(290), One, false),
             f(2, "initialDelaySeconds", Int32, One, false),
             f(3, "timeoutSeconds", Int32, One, false),
             f(4, "periodSeconds", Int32, One, false),
@@ -2380,34 +2418,34 @@ pub(super) static MESSAGES: &[Message] = &[
             f(7, "terminationGracePeriodSeconds", Int64, One, false),
         ],
     },
-    // 217
+    // 221
     Message {
         name: "io.k8s.api.core.v1.Lifecycle",
         fields: &[
-            f(1, "postStart", Object(287), One, false),
-            f(2, "preStop", Object(287), One, false),
+            f(1, "postStart", Object(291), One, false),
+            f(2, "preStop", Object(291), One, false),
             f(3, "stopSignal", Str, One, false),
         ],
     },
-    // 218
+    // 222
     Message {
         name: "io.k8s.api.core.v1.SecurityContext",
         fields: &[
-            f(1, "capabilities", Object(288), One, false),
+            f(1, "capabilities", Object(292), One, false),
             f(2, "privileged", Bool, One, false),
-            f(3, "seLinuxOptions", Object(220), One, false),
+            f(3, "seLinuxOptions", Object(224), One, false),
             f(4, "runAsUser", Int64, One, false),
             f(5, "runAsNonRoot", Bool, One, false),
             f(6, "readOnlyRootFilesystem", Bool, One, false),
             f(7, "allowPrivilegeEscalation", Bool, One, false),
             f(8, "runAsGroup", Int64, One, false),
             f(9, "procMount", Str, One, false),
-            f(10, "windowsOptions", Object(221), One, false),
-            f(11, "seccompProfile", Object(223), One, false),
-            f(12, "appArmorProfile", Object(224), One, false),
+            f(10, "windowsOptions", Object(225), One, false),
+            f(11, "seccompProfile", Object(227), One, false),
+            f(12, "appArmorProfile", Object(228), One, false),
         ],
     },
-    // 219
+    // 223
     Message {
         name: "io.k8s.api.core.v1.EphemeralContainerCommon",
         fields: &[
@@ -2416,29 +2454,29 @@ pub(super) static MESSAGES: &[Message] = &[
             f(3, "command", Str, Repeated, false),
             f(4, "args", Str, Repeated, false),
             f(5, "workingDir", Str, One, false),
-            f(6, "ports", Object(209), Repeated, false),
-            f(7, "env", Object(211), Repeated, false),
-            f(8, "resources", Object(137), One, false),
-            f(9, "volumeMounts", Object(214), Repeated, false),
-            f(10, "livenessProbe", Object(216), One, false),
-            f(11, "readinessProbe", Object(216), One, false),
-            f(12, "lifecycle", Object(217), One, false),
+            f(6, "ports", Object(213), Repeated, false),
+            f(7, "env", Object(215), Repeated, false),
+            f(8, "resources", Object(140), One, false),
+            f(9, "volumeMounts", Object(218), Repeated, false),
+            f(10, "livenessProbe", Object(220), One, false),
+            f(11, "readinessProbe", Object(220), One, false),
+            f(12, "lifecycle", Object(221), One, false),
             f(13, "terminationMessagePath", Str, One, false),
             f(14, "imagePullPolicy", Str, One, false),
-            f(15, "securityContext", Object(218), One, false),
+            f(15, "securityContext", Object(222), One, false),
             f(16, "stdin", Bool, One, false),
             f(17, "stdinOnce", Bool, One, false),
             f(18, "tty", Bool, One, false),
-            f(19, "envFrom", Object(210), Repeated, false),
+            f(19, "envFrom", Object(214), Repeated, false),
             f(20, "terminationMessagePolicy", Str, One, false),
-            f(21, "volumeDevices", Object(215), Repeated, false),
-            f(22, "startupProbe", Object(216), One, false),
-            f(23, "resizePolicy", Object(212), Repeated, false),
+            f(21, "volumeDevices", Object(219), Repeated, false),
+            f(22, "startupProbe", Object(220), One, false),
+            f(23, "resizePolicy", Object(216), Repeated, false),
             f(24, "restartPolicy", Str, One, false),
-            f(25, "restartPolicyRules", Object(213), Repeated, false),
+            f(25, "restartPolicyRules", Object(217), Repeated, false),
         ],
     },
-    // 220
+    // 224
     Message {
         name: "io.k8s.api.core.v1.SELinuxOptions",
         fields: &[
@@ -2448,7 +2486,7 @@ pub(super) static MESSAGES: &[Message] = &[
             f(4, "level", Str, One, false),
         ],
     },
-    // 221
+    // 225
     Message {
         name: "io.k8s.api.core.v1.WindowsSecurityContextOptions",
         fields: &[
@@ -2458,12 +2496,12 @@ pub(super) static MESSAGES: &[Message] = &[
             f(4, "hostProcess", Bool, One, false),
         ],
     },
-    // 222
+    // 226
     Message {
         name: "io.k8s.api.core.v1.Sysctl",
         fields: &[f(1, "name", Str, One, true), f(2, "value", Str, One, true)],
     },
-    // 223
+    // 227
     Message {
         name: "io.k8s.api.core.v1.SeccompProfile",
         fields: &[
@@ -2471,7 +2509,7 @@ pub(super) static MESSAGES: &[Message] = &[
             f(2, "localhostProfile", Str, One, false),
         ],
     },
-    // 224
+    // 228
     Message {
         name: "io.k8s.api.core.v1.AppArmorProfile",
         fields: &[
@@ -2479,67 +2517,67 @@ pub(super) static MESSAGES: &[Message] = &[
             f(2, "localhostProfile", Str, One, false),
         ],
     },
-    // 225
+    // 229
     Message {
         name: "io.k8s.api.core.v1.NodeAffinity",
         fields: &[
             f(
                 1,
                 "requiredDuringSchedulingIgnoredDuringExecution",
-                Object(206),
+                Object(210),
                 One,
                 false,
             ),
             f(
                 2,
                 "preferredDuringSchedulingIgnoredDuringExecution",
-                Object(289),
+                Object(293),
                 Repeated,
                 false,
             ),
         ],
     },
-    // 226
+    // 230
     Message {
         name: "io.k8s.api.core.v1.PodAffinity",
         fields: &[
             f(
                 1,
                 "requiredDuringSchedulingIgnoredDuringExecution",
-                Object(290),
+                Object(294),
                 Repeated,
                 false,
             ),
             f(
                 2,
                 "preferredDuringSchedulingIgnoredDuringExecution",
-                Object(291),
+                Object(295),
                 Repeated,
                 false,
             ),
         ],
     },
-    // 227
+    // 231
     Message {
         name: "io.k8s.api.core.v1.PodAntiAffinity",
         fields: &[
             f(
                 1,
                 "requiredDuringSchedulingIgnoredDuringExecution",
-                Object(290),
+                Object(294),
                 Repeated,
                 false,
             ),
             f(
                 2,
                 "preferredDuringSchedulingIgnoredDuringExecution",
-                Object(291),
+                Object(295),
                 Repeated,
                 false,
             ),
         ],
     },
-    // 228
+    // 232
     Message {
         name: "io.k8s.api.core.v1.PodDNSConfigOption",
         fields: &[
@@ -2547,7 +2585,7 @@ pub(super) static MESSAGES: &[Message] = &[
             f(2, "value", Str, One, false),
         ],
     },
-    // 229
+    // 233
     Message {
         name: "io.k8s.api.core.v1.ResourceClaim",
         fields: &[
@@ -2555,16 +2593,16 @@ pub(super) static MESSAGES: &[Message] = &[
             f(2, "request", Str, One, false),
         ],
     },
-    // 230
+    // 234
     Message {
         name: "io.k8s.api.core.v1.ContainerState",
         fields: &[
-            f(1, "waiting", Object(292), One, false),
-            f(2, "running", Object(293), One, false),
-            f(3, "terminated", Object(294), One, false),
+            f(1, "waiting", Object(296), One, false),
+            f(2, "running", Object(297), One, false),
+            f(3, "terminated", Object(298), One, false),
         ],
     },
-    // 231
+    // 235
     Message {
         name: "io.k8s.api.core.v1.VolumeMountStatus",
         fields: &[
@@ -2574,20 +2612,20 @@ pub(super) static MESSAGES: &[Message] = &[
             f(4, "recursiveReadOnly", Str, One, false),
         ],
     },
-    // 232
+    // 236
     Message {
         name: "io.k8s.api.core.v1.ContainerUser",
-        fields: &[f(1, "linux", Object(295), One, false)],
+        fields: &[f(1, "linux", Object(299), One, false)],
     },
-    // 233
+    // 237
     Message {
         name: "io.k8s.api.core.v1.ResourceStatus",
         fields: &[
             f(1, "name", Str, One, true),
-            f(2, "resources", Object(296), Repeated, false),
+            f(2, "resources", Object(300), Repeated, false),
         ],
     },
-    // 234
+    // 238
     Message {
         name: "io.k8s.api.core.v1.ContainerExtendedResourceRequest",
         fields: &[
@@ -2596,7 +2634,7 @@ pub(super) static MESSAGES: &[Message] = &[
             f(3, "requestName", Str, One, true),
         ],
     },
-    // 235
+    // 239
     Message {
         name: "io.k8s.api.core.v1.ScopedResourceSelectorRequirement",
         fields: &[
@@ -2605,22 +2643,22 @@ pub(super) static MESSAGES: &[Message] = &[
             f(3, "values", Str, Repeated, false),
         ],
     },
-    // 236
+    // 240
     Message {
         name: "io.k8s.api.core.v1.ClientIPConfig",
         fields: &[f(1, "timeoutSeconds", Int32, One, false)],
     },
-    // 237
+    // 241
     Message {
         name: "io.k8s.api.core.v1.LoadBalancerIngress",
         fields: &[
             f(1, "ip", Str, One, false),
             f(2, "hostname", Str, One, false),
             f(3, "ipMode", Str, One, false),
-            f(4, "ports", Object(297), Repeated, false),
+            f(4, "ports", Object(301), Repeated, false),
         ],
     },
-    // 238
+    // 242
     Message {
         name: "io.k8s.api.apps.v1.RollingUpdateDaemonSet",
         fields: &[
@@ -2628,7 +2666,7 @@ pub(super) static MESSAGES: &[Message] = &[
             f(2, "maxSurge", IntOrString, One, false),
         ],
     },
-    // 239
+    // 243
     Message {
         name: "io.k8s.api.apps.v1.RollingUpdateDeployment",
         fields: &[
@@ -2636,7 +2674,7 @@ pub(super) static MESSAGES: &[Message] = &[
             f(2, "maxSurge", IntOrString, One, false),
         ],
     },
-    // 240
+    // 244
     Message {
         name: "io.k8s.api.apps.v1.RollingUpdateStatefulSetStrategy",
         fields: &[
@@ -2644,110 +2682,110 @@ pub(super) static MESSAGES: &[Message] = &[
             f(2, "maxUnavailable", IntOrString, One, false),
         ],
     },
-    // 241
+    // 245
     Message {
         name: "io.k8s.api.autoscaling.v2.ObjectMetricSource",
         fields: &[
-            f(1, "describedObject", Object(160), One, true),
-            f(2, "target", Object(298), One, true),
-            f(3, "metric", Object(299), One, true),
-        ],
-    },
-    // 242
-    Message {
-        name: "io.k8s.api.autoscaling.v2.PodsMetricSource",
-        fields: &[
-            f(1, "metric", Object(299), One, true),
-            f(2, "target", Object(298), One, true),
-        ],
-    },
-    // 243
-    Message {
-        name: "io.k8s.api.autoscaling.v2.ResourceMetricSource",
-        fields: &[
-            f(1, "name", Str, One, true),
-            f(2, "target", Object(298), One, true),
-        ],
-    },
-    // 244
-    Message {
-        name: "io.k8s.api.autoscaling.v2.ContainerResourceMetricSource",
-        fields: &[
-            f(1, "name", Str, One, true),
-            f(2, "target", Object(298), One, true),
-            f(3, "container", Str, One, true),
-        ],
-    },
-    // 245
-    Message {
-        name: "io.k8s.api.autoscaling.v2.ExternalMetricSource",
-        fields: &[
-            f(1, "metric", Object(299), One, true),
-            f(2, "target", Object(298), One, true),
+            f(1, "describedObject", Object(164), One, true),
+            f(2, "target", Object(302), One, true),
+            f(3, "metric", Object(303), One, true),
         ],
     },
     // 246
     Message {
-        name: "io.k8s.api.autoscaling.v2.HPAScalingRules",
+        name: "io.k8s.api.autoscaling.v2.PodsMetricSource",
         fields: &[
-            f(1, "selectPolicy", Str, One, false),
-            f(2, "policies", Object(300), Repeated, false),
-            f(3, "stabilizationWindowSeconds", Int32, One, false),
-            f(4, "tolerance", Quantity, One, false),
+            f(1, "metric", Object(303), One, true),
+            f(2, "target", Object(302), One, true),
         ],
     },
     // 247
     Message {
-        name: "io.k8s.api.autoscaling.v2.ObjectMetricStatus",
+        name: "io.k8s.api.autoscaling.v2.ResourceMetricSource",
         fields: &[
-            f(1, "metric", Object(299), One, true),
-            f(2, "current", Object(301), One, true),
-            f(3, "describedObject", Object(160), One, true),
+            f(1, "name", Str, One, true),
+            f(2, "target", Object(302), One, true),
         ],
     },
     // 248
     Message {
-        name: "io.k8s.api.autoscaling.v2.PodsMetricStatus",
+        name: "io.k8s.api.autoscaling.v2.ContainerResourceMetricSource",
         fields: &[
-            f(1, "metric", Object(299), One, true),
-            f(2, "current", Object(301), One, true),
+            f(1, "name", Str, One, true),
+            f(2, "target", Object(302), One, true),
+            f(3, "container", Str, One, true),
         ],
     },
     // 249
     Message {
-        name: "io.k8s.api.autoscaling.v2.ResourceMetricStatus",
+        name: "io.k8s.api.autoscaling.v2.ExternalMetricSource",
         fields: &[
-            f(1, "name", Str, One, true),
-            f(2, "current", Object(301), One, true),
+            f(1, "metric", Object(303), One, true),
+            f(2, "target", Object(302), One, true),
         ],
     },
     // 250
     Message {
-        name: "io.k8s.api.autoscaling.v2.ContainerResourceMetricStatus",
+        name: "io.k8s.api.autoscaling.v2.HPAScalingRules",
         fields: &[
-            f(1, "name", Str, One, true),
-            f(2, "current", Object(301), One, true),
-            f(3, "container", Str, One, true),
+            f(1, "selectPolicy", Str, One, false),
+            f(2, "policies", Object(304), Repeated, false),
+            f(3, "stabilizationWindowSeconds", Int32, One, false),
+            f(4, "tolerance", Quantity, One, false),
         ],
     },
     // 251
     Message {
-        name: "io.k8s.api.autoscaling.v2.ExternalMetricStatus",
+        name: "io.k8s.api.autoscaling.v2.ObjectMetricStatus",
         fields: &[
-            f(1, "metric", Object(299), One, true),
-            f(2, "current", Object(301), One, true),
+            f(1, "metric", Object(303), One, true),
+            f(2, "current", Object(305), One, true),
+            f(3, "describedObject", Object(164), One, true),
         ],
     },
     // 252
     Message {
-        name: "io.k8s.api.batch.v1.PodFailurePolicyRule",
+        name: "io.k8s.api.autoscaling.v2.PodsMetricStatus",
         fields: &[
-            f(1, "action", Str, One, true),
-            f(2, "onExitCodes", Object(302), One, false),
-            f(3, "onPodConditions", Object(303), Repeated, false),
+            f(1, "metric", Object(303), One, true),
+            f(2, "current", Object(305), One, true),
         ],
     },
     // 253
+    Message {
+        name: "io.k8s.api.autoscaling.v2.ResourceMetricStatus",
+        fields: &[
+            f(1, "name", Str, One, true),
+            f(2, "current", Object(305), One, true),
+        ],
+    },
+    // 254
+    Message {
+        name: "io.k8s.api.autoscaling.v2.ContainerResourceMetricStatus",
+        fields: &[
+            f(1, "name", Str, One, true),
+            f(2, "current", Object(305), One, true),
+            f(3, "container", Str, One, true),
+        ],
+    },
+    // 255
+    Message {
+        name: "io.k8s.api.autoscaling.v2.ExternalMetricStatus",
+        fields: &[
+            f(1, "metric", Object(303), One, true),
+            f(2, "current", Object(305), One, true),
+        ],
+    },
+    // 256
+    Message {
+        name: "io.k8s.api.batch.v1.PodFailurePolicyRule",
+        fields: &[
+            f(1, "action", Str, One, true),
+            f(2, "onExitCodes", Object(306), One, false),
+            f(3, "onPodConditions", Object(307), Repeated, false),
+        ],
+    },
+    // 257
     Message {
         name: "io.k8s.api.batch.v1.SuccessPolicyRule",
         fields: &[
@@ -2755,39 +2793,39 @@ pub(super) static MESSAGES: &[Message] = &[
             f(2, "succeededCount", Int32, One, false),
         ],
     },
-    // 254
+    // 258
     Message {
         name: "io.k8s.api.discovery.v1.ForZone",
         fields: &[f(1, "name", Str, One, true)],
     },
-    // 255
+    // 259
     Message {
         name: "io.k8s.api.discovery.v1.ForNode",
         fields: &[f(1, "name", Str, One, true)],
     },
-    // 256
+    // 260
     Message {
         name: "io.k8s.api.networking.v1.IngressServiceBackend",
         fields: &[
             f(1, "name", Str, One, true),
-            f(2, "port", Object(304), One, false),
+            f(2, "port", Object(308), One, false),
         ],
     },
-    // 257
+    // 261
     Message {
         name: "io.k8s.api.networking.v1.IngressRuleValue",
-        fields: &[f(1, "http", Object(305), One, false)],
+        fields: &[f(1, "http", Object(309), One, false)],
     },
-    // 258
+    // 262
     Message {
         name: "io.k8s.api.networking.v1.IngressLoadBalancerIngress",
         fields: &[
             f(1, "ip", Str, One, false),
             f(2, "hostname", Str, One, false),
-            f(4, "ports", Object(306), Repeated, false),
+            f(4, "ports", Object(310), Repeated, false),
         ],
     },
-    // 259
+    // 263
     Message {
         name: "io.k8s.api.networking.v1.NetworkPolicyPort",
         fields: &[
@@ -2796,16 +2834,16 @@ pub(super) static MESSAGES: &[Message] = &[
             f(3, "endPort", Int32, One, false),
         ],
     },
-    // 260
+    // 264
     Message {
         name: "io.k8s.api.networking.v1.NetworkPolicyPeer",
         fields: &[
-            f(1, "podSelector", Object(118), One, false),
-            f(2, "namespaceSelector", Object(118), One, false),
-            f(3, "ipBlock", Object(307), One, false),
+            f(1, "podSelector", Object(121), One, false),
+            f(2, "namespaceSelector", Object(121), One, false),
+            f(3, "ipBlock", Object(311), One, false),
         ],
     },
-    // 261
+    // 265
     Message {
         name: "io.k8s.api.core.v1.SecretReference",
         fields: &[
@@ -2813,15 +2851,15 @@ pub(super) static MESSAGES: &[Message] = &[
             f(2, "namespace", Str, One, false),
         ],
     },
-    // 262
+    // 266
     Message {
         name: "io.k8s.api.core.v1.NodeSelectorTerm",
         fields: &[
-            f(1, "matchExpressions", Object(308), Repeated, false),
-            f(2, "matchFields", Object(308), Repeated, false),
+            f(1, "matchExpressions", Object(312), Repeated, false),
+            f(2, "matchFields", Object(312), Repeated, false),
         ],
     },
-    // 263
+    // 267
     Message {
         name: "io.k8s.api.core.v1.EmptyDirVolumeSource",
         fields: &[
@@ -2829,7 +2867,7 @@ pub(super) static MESSAGES: &[Message] = &[
             f(2, "sizeLimit", Quantity, One, false),
         ],
     },
-    // 264
+    // 268
     Message {
         name: "io.k8s.api.core.v1.GitRepoVolumeSource",
         fields: &[
@@ -2838,17 +2876,17 @@ pub(super) static MESSAGES: &[Message] = &[
             f(3, "directory", Str, One, false),
         ],
     },
-    // 265
+    // 269
     Message {
         name: "io.k8s.api.core.v1.SecretVolumeSource",
         fields: &[
             f(1, "secretName", Str, One, false),
-            f(2, "items", Object(309), Repeated, false),
+            f(2, "items", Object(313), Repeated, false),
             f(3, "defaultMode", Int32, One, false),
             f(4, "optional", Bool, One, false),
         ],
     },
-    // 266
+    // 270
     Message {
         name: "io.k8s.api.core.v1.ISCSIVolumeSource",
         fields: &[
@@ -2860,12 +2898,12 @@ pub(super) static MESSAGES: &[Message] = &[
             f(6, "readOnly", Bool, One, false),
             f(7, "portals", Str, Repeated, false),
             f(8, "chapAuthDiscovery", Bool, One, false),
-            f(10, "secretRef", Object(64), One, false),
+            f(10, "secretRef", Object(65), One, false),
             f(11, "chapAuthSession", Bool, One, false),
             f(12, "initiatorName", Str, One, false),
         ],
     },
-    // 267
+    // 271
     Message {
         name: "io.k8s.api.core.v1.GlusterfsVolumeSource",
         fields: &[
@@ -2874,7 +2912,7 @@ pub(super) static MESSAGES: &[Message] = &[
             f(3, "readOnly", Bool, One, false),
         ],
     },
-    // 268
+    // 272
     Message {
         name: "io.k8s.api.core.v1.PersistentVolumeClaimVolumeSource",
         fields: &[
@@ -2882,7 +2920,7 @@ pub(super) static MESSAGES: &[Message] = &[
             f(2, "readOnly", Bool, One, false),
         ],
     },
-    // 269
+    // 273
     Message {
         name: "io.k8s.api.core.v1.RBDVolumeSource",
         fields: &[
@@ -2892,32 +2930,32 @@ pub(super) static MESSAGES: &[Message] = &[
             f(4, "pool", Str, One, false),
             f(5, "user", Str, One, false),
             f(6, "keyring", Str, One, false),
-            f(7, "secretRef", Object(64), One, false),
+            f(7, "secretRef", Object(65), One, false),
             f(8, "readOnly", Bool, One, false),
         ],
     },
-    // 270
+    // 274
     Message {
         name: "io.k8s.api.core.v1.FlexVolumeSource",
         fields: &[
             f(1, "driver", Str, One, true),
             f(2, "fsType", Str, One, false),
-            f(3, "secretRef", Object(64), One, false),
+            f(3, "secretRef", Object(65), One, false),
             f(4, "readOnly", Bool, One, false),
             f(5, "options", Str, Map, false),
         ],
     },
-    // 271
+    // 275
     Message {
         name: "io.k8s.api.core.v1.CinderVolumeSource",
         fields: &[
             f(1, "volumeID", Str, One, true),
             f(2, "fsType", Str, One, false),
             f(3, "readOnly", Bool, One, false),
-            f(4, "secretRef", Object(64), One, false),
+            f(4, "secretRef", Object(65), One, false),
         ],
     },
-    // 272
+    // 276
     Message {
         name: "io.k8s.api.core.v1.CephFSVolumeSource",
         fields: &[
@@ -2925,19 +2963,19 @@ pub(super) static MESSAGES: &[Message] = &[
             f(2, "path", Str, One, false),
             f(3, "user", Str, One, false),
             f(4, "secretFile", Str, One, false),
-            f(5, "secretRef", Object(64), One, false),
+            f(5, "secretRef", Object(65), One, false),
             f(6, "readOnly", Bool, One, false),
         ],
     },
-    // 273
+    // 277
     Message {
         name: "io.k8s.api.core.v1.DownwardAPIVolumeSource",
         fields: &[
-            f(1, "items", Object(310), Repeated, false),
+            f(1, "items", Object(314), Repeated, false),
             f(2, "defaultMode", Int32, One, false),
         ],
     },
-    // 274
+    // 278
     Message {
         name: "io.k8s.api.core.v1.AzureFileVolumeSource",
         fields: &[
@@ -2946,31 +2984,31 @@ pub(super) static MESSAGES: &[Message] = &[
             f(3, "readOnly", Bool, One, false),
         ],
     },
-    // 275
+    // 279
     Message {
         name: "io.k8s.api.core.v1.ConfigMapVolumeSource",
         fields: &[
-            f(1, "", Object(64), One, false),
-            f(2, "items", Object(309), Repeated, false),
+            f(1, "", Object(65), One, false),
+            f(2, "items", Object(313), Repeated, false),
             f(3, "defaultMode", Int32, One, false),
             f(4, "optional", Bool, One, false),
         ],
     },
-    // 276
+    // 280
     Message {
         name: "io.k8s.api.core.v1.ProjectedVolumeSource",
         fields: &[
-            f(1, "sources", Object(311), Repeated, false),
+            f(1, "sources", Object(315), Repeated, false),
             f(2, "defaultMode", Int32, One, false),
         ],
     },
-    // 277
+    // 281
     Message {
         name: "io.k8s.api.core.v1.ScaleIOVolumeSource",
         fields: &[
             f(1, "gateway", Str, One, true),
             f(2, "system", Str, One, true),
-            f(3, "secretRef", Object(64), One, true),
+            f(3, "secretRef", Object(65), One, true),
             f(4, "sslEnabled", Bool, One, false),
             f(5, "protectionDomain", Str, One, false),
             f(6, "storagePool", Str, One, false),
@@ -2980,7 +3018,7 @@ pub(super) static MESSAGES: &[Message] = &[
             f(10, "readOnly", Bool, One, false),
         ],
     },
-    // 278
+    // 282
     Message {
         name: "io.k8s.api.core.v1.StorageOSVolumeSource",
         fields: &[
@@ -2988,10 +3026,10 @@ pub(super) static MESSAGES: &[Message] = &[
             f(2, "volumeNamespace", Str, One, false),
             f(3, "fsType", Str, One, false),
             f(4, "readOnly", Bool, One, false),
-            f(5, "secretRef", Object(64), One, false),
+            f(5, "secretRef", Object(65), One, false),
         ],
     },
-    // 279
+    // 283
     Message {
         name: "io.k8s.api.core.v1.CSIVolumeSource",
         fields: &[
@@ -2999,15 +3037,15 @@ pub(super) static MESSAGES: &[Message] = &[
             f(2, "readOnly", Bool, One, false),
             f(3, "fsType", Str, One, false),
             f(4, "volumeAttributes", Str, Map, false),
-            f(5, "nodePublishSecretRef", Object(64), One, false),
+            f(5, "nodePublishSecretRef", Object(65), One, false),
         ],
     },
-    // 280
+    // 284
     Message {
         name: "io.k8s.api.core.v1.EphemeralVolumeSource",
-        fields: &[f(1, "volumeClaimTemplate", Object(312), One, false)],
+        fields: &[f(1, "volumeClaimTemplate", Object(316), One, false)],
     },
-    // 281
+    // 285
     Message {
         name: "io.k8s.api.core.v1.ImageVolumeSource",
         fields: &[
@@ -3015,34 +3053,34 @@ pub(super) static MESSAGES: &[Message] = &[
             f(2, "pullPolicy", Str, One, false),
         ],
     },
-    // 282
+    // 286
     Message {
         name: "io.k8s.api.core.v1.ConfigMapEnvSource",
         fields: &[
-            f(1, "", Object(64), One, false),
+            f(1, "", Object(65), One, false),
             f(2, "optional", Bool, One, false),
         ],
     },
-    // 283
+    // 287
     Message {
         name: "io.k8s.api.core.v1.SecretEnvSource",
         fields: &[
-            f(1, "", Object(64), One, false),
+            f(1, "", Object(65), One, false),
             f(2, "optional", Bool, One, false),
         ],
     },
-    // 284
+    // 288
     Message {
         name: "io.k8s.api.core.v1.EnvVarSource",
         fields: &[
-            f(1, "fieldRef", Object(313), One, false),
-            f(2, "resourceFieldRef", Object(314), One, false),
-            f(3, "configMapKeyRef", Object(315), One, false),
-            f(4, "secretKeyRef", Object(316), One, false),
-            f(5, "fileKeyRef", Object(317), One, false),
+            f(1, "fieldRef", Object(317), One, false),
+            f(2, "resourceFieldRef", Object(318), One, false),
+            f(3, "configMapKeyRef", Object(319), One, false),
+            f(4, "secretKeyRef", Object(320), One, false),
+            f(5, "fileKeyRef", Object(321), One, false),
         ],
     },
-    // 285
+    // 289
     Message {
         name: "io.k8s.api.core.v1.ContainerRestartRuleOnExitCodes",
         fields: &[
@@ -3050,27 +3088,27 @@ pub(super) static MESSAGES: &[Message] = &[
             f(2, "values", Int32, Repeated, false),
         ],
     },
-    // 286
+    // 290
     Message {
         name: "io.k8s.api.core.v1.ProbeHandler",
         fields: &[
-            f(1, "exec", Object(318), One, false),
-            f(2, "httpGet", Object(319), One, false),
-            f(3, "tcpSocket", Object(320), One, false),
-            f(4, "grpc", Object(321), One, false),
+            f(1, "exec", Object(322), One, false),
+            f(2, "httpGet", Object(323), One, false),
+            f(3, "tcpSocket", Object(324), One, false),
+            f(4, "grpc", Object(325), One, false),
         ],
     },
-    // 287
+    // 291
     Message {
         name: "io.k8s.api.core.v1.LifecycleHandler",
         fields: &[
-            f(1, "exec", Object(318), One, false),
-            f(2, "httpGet", Object(319), One, false),
-            f(3, "tcpSocket", Object(320), One, false),
-            f(4, "sleep", Object(322), One, false),
+            f(1, "exec", Object(322), One, false),
+            f(2, "httpGet", Object(323), One, false),
+            f(3, "tcpSocket", Object(324), One, false),
+            f(4, "sleep", Object(326), One, false),
         ],
     },
-    // 288
+    // 292
     Message {
         name: "io.k8s.api.core.v1.Capabilities",
         fields: &[
@@ -3078,35 +3116,35 @@ pub(super) static MESSAGES: &[Message] = &[
             f(2, "drop", Str, Repeated, false),
         ],
     },
-    // 289
+    // 293
     Message {
         name: "io.k8s.api.core.v1.PreferredSchedulingTerm",
         fields: &[
             f(1, "weight", Int32, One, true),
-            f(2, "preference", Object(262), One, true),
+            f(2, "preference", Object(266), One, true),
         ],
     },
-    // 290
+    // 294
     Message {
         name: "io.k8s.api.core.v1.PodAffinityTerm",
         fields: &[
-            f(1, "labelSelector", Object(118), One, false),
+            f(1, "labelSelector", Object(121), One, false),
             f(2, "namespaces", Str, Repeated, false),
             f(3, "topologyKey", Str, One, true),
-            f(4, "namespaceSelector", Object(118), One, false),
+            f(4, "namespaceSelector", Object(121), One, false),
             f(5, "matchLabelKeys", Str, Repeated, false),
             f(6, "mismatchLabelKeys", Str, Repeated, false),
         ],
     },
-    // 291
+    // 295
     Message {
         name: "io.k8s.api.core.v1.WeightedPodAffinityTerm",
         fields: &[
             f(1, "weight", Int32, One, true),
-            f(2, "podAffinityTerm", Object(290), One, true),
+            f(2, "podAffinityTerm", Object(294), One, true),
         ],
     },
-    // 292
+    // 296
     Message {
         name: "io.k8s.api.core.v1.ContainerStateWaiting",
         fields: &[
@@ -3114,12 +3152,12 @@ pub(super) static MESSAGES: &[Message] = &[
             f(2, "message", Str, One, false),
         ],
     },
-    // 293
+    // 297
     Message {
         name: "io.k8s.api.core.v1.ContainerStateRunning",
         fields: &[f(1, "startedAt", Time, One, false)],
     },
-    // 294
+    // 298
     Message {
         name: "io.k8s.api.core.v1.ContainerStateTerminated",
         fields: &[
@@ -3132,7 +3170,7 @@ pub(super) static MESSAGES: &[Message] = &[
             f(7, "containerID", Str, One, false),
         ],
     },
-    // 295
+    // 299
     Message {
         name: "io.k8s.api.core.v1.LinuxContainerUser",
         fields: &[
@@ -3141,7 +3179,7 @@ pub(super) static MESSAGES: &[Message] = &[
             f(3, "supplementalGroups", Int64, Repeated, false),
         ],
     },
-    // 296
+    // 300
     Message {
         name: "io.k8s.api.core.v1.ResourceHealth",
         fields: &[
@@ -3149,7 +3187,7 @@ pub(super) static MESSAGES: &[Message] = &[
             f(2, "health", Str, One, false),
         ],
     },
-    // 297
+    // 301
     Message {
         name: "io.k8s.api.core.v1.PortStatus",
         fields: &[
@@ -3158,7 +3196,7 @@ pub(super) static MESSAGES: &[Message] = &[
             f(3, "error", Str, One, false),
         ],
     },
-    // 298
+    // 302
     Message {
         name: "io.k8s.api.autoscaling.v2.MetricTarget",
         fields: &[
@@ -3168,15 +3206,15 @@ pub(super) static MESSAGES: &[Message] = &[
             f(4, "averageUtilization", Int32, One, false),
         ],
     },
-    // 299
+    // 303
     Message {
         name: "io.k8s.api.autoscaling.v2.MetricIdentifier",
         fields: &[
             f(1, "name", Str, One, true),
-            f(2, "selector", Object(118), One, false),
+            f(2, "selector", Object(121), One, false),
         ],
     },
-    // 300
+    // 304
     Message {
         name: "io.k8s.api.autoscaling.v2.HPAScalingPolicy",
         fields: &[
@@ -3185,7 +3223,7 @@ pub(super) static MESSAGES: &[Message] = &[
             f(3, "periodSeconds", Int32, One, true),
         ],
     },
-    // 301
+    // 305
     Message {
         name: "io.k8s.api.autoscaling.v2.MetricValueStatus",
         fields: &[
@@ -3194,7 +3232,7 @@ pub(super) static MESSAGES: &[Message] = &[
             f(3, "averageUtilization", Int32, One, false),
         ],
     },
-    // 302
+    // 306
     Message {
         name: "io.k8s.api.batch.v1.PodFailurePolicyOnExitCodesRequirement",
         fields: &[
@@ -3203,7 +3241,7 @@ pub(super) static MESSAGES: &[Message] = &[
             f(3, "values", Int32, Repeated, true),
         ],
     },
-    // 303
+    // 307
     Message {
         name: "io.k8s.api.batch.v1.PodFailurePolicyOnPodConditionsPattern",
         fields: &[
@@ -3211,7 +3249,7 @@ pub(super) static MESSAGES: &[Message] = &[
             f(2, "status", Str, One, false),
         ],
     },
-    // 304
+    // 308
     Message {
         name: "io.k8s.api.networking.v1.ServiceBackendPort",
         fields: &[
@@ -3219,12 +3257,12 @@ pub(super) static MESSAGES: &[Message] = &[
             f(2, "number", Int32, One, false),
         ],
     },
-    // 305
+    // 309
     Message {
         name: "io.k8s.api.networking.v1.HTTPIngressRuleValue",
-        fields: &[f(1, "paths", Object(323), Repeated, true)],
+        fields: &[f(1, "paths", Object(327), Repeated, true)],
     },
-    // 306
+    // 310
     Message {
         name: "io.k8s.api.networking.v1.IngressPortStatus",
         fields: &[
@@ -3233,7 +3271,7 @@ pub(super) static MESSAGES: &[Message] = &[
             f(3, "error", Str, One, false),
         ],
     },
-    // 307
+    // 311
     Message {
         name: "io.k8s.api.networking.v1.IPBlock",
         fields: &[
@@ -3241,7 +3279,7 @@ pub(super) static MESSAGES: &[Message] = &[
             f(2, "except", Str, Repeated, false),
         ],
     },
-    // 308
+    // 312
     Message {
         name: "io.k8s.api.core.v1.NodeSelectorRequirement",
         fields: &[
@@ -3250,7 +3288,7 @@ pub(super) static MESSAGES: &[Message] = &[
             f(3, "values", Str, Repeated, false),
         ],
     },
-    // 309
+    // 313
     Message {
         name: "io.k8s.api.core.v1.KeyToPath",
         fields: &[
@@ -3259,37 +3297,37 @@ pub(super) static MESSAGES: &[Message] = &[
             f(3, "mode", Int32, One, false),
         ],
     },
-    // 310
+    // 314
     Message {
         name: "io.k8s.api.core.v1.DownwardAPIVolumeFile",
         fields: &[
             f(1, "path", Str, One, true),
-            f(2, "fieldRef", Object(313), One, false),
-            f(3, "resourceFieldRef", Object(314), One, false),
+            f(2, "fieldRef", Object(317), One, false),
+            f(3, "resourceFieldRef", Object(318), One, false),
             f(4, "mode", Int32, One, false),
         ],
     },
-    // 311
+    // 315
     Message {
         name: "io.k8s.api.core.v1.VolumeProjection",
         fields: &[
-            f(1, "secret", Object(324), One, false),
-            f(2, "downwardAPI", Object(325), One, false),
-            f(3, "configMap", Object(326), One, false),
-            f(4, "serviceAccountToken", Object(327), One, false),
-            f(5, "clusterTrustBundle", Object(328), One, false),
-            f(6, "podCertificate", Object(329), One, false),
+            f(1, "secret", Object(328), One, false),
+            f(2, "downwardAPI", Object(329), One, false),
+            f(3, "configMap", Object(330), One, false),
+            f(4, "serviceAccountToken", Object(331), One, false),
+            f(5, "clusterTrustBundle", Object(332), One, false),
+            f(6, "podCertificate", Object(333), One, false),
         ],
     },
-    // 312
+    // 316
     Message {
         name: "io.k8s.api.core.v1.PersistentVolumeClaimTemplate",
         fields: &[
-            f(1, "metadata", Object(41), One, false),
-            f(2, "spec", Object(53), One, true),
+            f(1, "metadata", Object(42), One, false),
+            f(2, "spec", Object(54), One, true),
         ],
     },
-    // 313
+    // 317
     Message {
         name: "io.k8s.api.core.v1.ObjectFieldSelector",
         fields: &[
@@ -3297,7 +3335,7 @@ pub(super) static MESSAGES: &[Message] = &[
             f(2, "fieldPath", Str, One, true),
         ],
     },
-    // 314
+    // 318
     Message {
         name: "io.k8s.api.core.v1.ResourceFieldSelector",
         fields: &[
@@ -3306,25 +3344,25 @@ pub(super) static MESSAGES: &[Message] = &[
             f(3, "divisor", Quantity, One, false),
         ],
     },
-    // 315
+    // 319
     Message {
         name: "io.k8s.api.core.v1.ConfigMapKeySelector",
         fields: &[
-            f(1, "", Object(64), One, false),
+            f(1, "", Object(65), One, false),
             f(2, "key", Str, One, true),
             f(3, "optional", Bool, One, false),
         ],
     },
-    // 316
+    // 320
     Message {
         name: "io.k8s.api.core.v1.SecretKeySelector",
         fields: &[
-            f(1, "", Object(64), One, false),
+            f(1, "", Object(65), One, false),
             f(2, "key", Str, One, true),
             f(3, "optional", Bool, One, false),
         ],
     },
-    // 317
+    // 321
     Message {
         name: "io.k8s.api.core.v1.FileKeySelector",
         fields: &[
@@ -3334,12 +3372,12 @@ pub(super) static MESSAGES: &[Message] = &[
             f(4, "optional", Bool, One, false),
         ],
     },
-    // 318
+    // 322
     Message {
         name: "io.k8s.api.core.v1.ExecAction",
         fields: &[f(1, "command", Str, Repeated, false)],
     },
-    // 319
+    // 323
     Message {
         name: "io.k8s.api.core.v1.HTTPGetAction",
         fields: &[
@@ -3347,10 +3385,10 @@ pub(super) static MESSAGES: &[Message] = &[
             f(2, "port", IntOrString, One, true),
             f(3, "host", Str, One, false),
             f(4, "scheme", Str, One, false),
-            f(5, "httpHeaders", Object(330), Repeated, false),
+            f(5, "httpHeaders", Object(334), Repeated, false),
         ],
     },
-    // 320
+    // 324
     Message {
         name: "io.k8s.api.core.v1.TCPSocketAction",
         fields: &[
@@ -3358,7 +3396,7 @@ pub(super) static MESSAGES: &[Message] = &[
             f(2, "host", Str, One, false),
         ],
     },
-    // 321
+    // 325
     Message {
         name: "io.k8s.api.core.v1.GRPCAction",
         fields: &[
@@ -3366,44 +3404,44 @@ pub(super) static MESSAGES: &[Message] = &[
             f(2, "service", Str, One, false),
         ],
     },
-    // 322
+    // 326
     Message {
         name: "io.k8s.api.core.v1.SleepAction",
         fields: &[f(1, "seconds", Int64, One, true)],
     },
-    // 323
+    // 327
     Message {
         name: "io.k8s.api.networking.v1.HTTPIngressPath",
         fields: &[
             f(1, "path", Str, One, false),
-            f(2, "backend", Object(172), One, true),
+            f(2, "backend", Object(176), One, true),
             f(3, "pathType", Str, One, true),
         ],
     },
-    // 324
+    // 328
     Message {
         name: "io.k8s.api.core.v1.SecretProjection",
         fields: &[
-            f(1, "", Object(64), One, false),
-            f(2, "items", Object(309), Repeated, false),
+            f(1, "", Object(65), One, false),
+            f(2, "items", Object(313), Repeated, false),
             f(4, "optional", Bool, One, false),
         ],
     },
-    // 325
+    // 329
     Message {
         name: "io.k8s.api.core.v1.DownwardAPIProjection",
-        fields: &[f(1, "items", Object(310), Repeated, false)],
+        fields: &[f(1, "items", Object(314), Repeated, false)],
     },
-    // 326
+    // 330
     Message {
         name: "io.k8s.api.core.v1.ConfigMapProjection",
         fields: &[
-            f(1, "", Object(64), One, false),
-            f(2, "items", Object(309), Repeated, false),
+            f(1, "", Object(65), One, false),
+            f(2, "items", Object(313), Repeated, false),
             f(4, "optional", Bool, One, false),
         ],
     },
-    // 327
+    // 331
     Message {
         name: "io.k8s.api.core.v1.ServiceAccountTokenProjection",
         fields: &[
@@ -3412,18 +3450,18 @@ pub(super) static MESSAGES: &[Message] = &[
             f(3, "path", Str, One, true),
         ],
     },
-    // 328
+    // 332
     Message {
         name: "io.k8s.api.core.v1.ClusterTrustBundleProjection",
         fields: &[
             f(1, "name", Str, One, false),
             f(2, "signerName", Str, One, false),
-            f(3, "labelSelector", Object(118), One, false),
+            f(3, "labelSelector", Object(121), One, false),
             f(4, "path", Str, One, true),
             f(5, "optional", Bool, One, false),
         ],
     },
-    // 329
+    // 333
     Message {
         name: "io.k8s.api.core.v1.PodCertificateProjection",
         fields: &[
@@ -3436,7 +3474,7 @@ pub(super) static MESSAGES: &[Message] = &[
             f(7, "userAnnotations", Str, Map, false),
         ],
     },
-    // 330
+    // 334
     Message {
         name: "io.k8s.api.core.v1.HTTPHeader",
         fields: &[f(1, "name", Str, One, true), f(2, "value", Str, One, true)],
