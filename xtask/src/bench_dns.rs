@@ -10,7 +10,8 @@
 //! upstream for the external name and the yardstick.
 //!
 //! From threads in the client pod's network namespace, for each server (the cluster DNS at
-//! the `kube-dns` ClusterIP 10.96.0.10, through the node's datapath; dnsmasq at its address)
+//! the `kube-dns` ClusterIP 10.96.0.10; dnsmasq at the ClusterIP of a Service `dnsmasq` whose
+//! EndpointSlice is its address: both through the node's datapath)
 //! and each kind of name (a cluster name picked at random among the 10,000 for each query; the
 //! external name, which the cluster DNS answers from its cache after the first query):
 //!
@@ -379,9 +380,13 @@ fn measure(cluster: &LocalCluster) -> Result<Report> {
     }
     let _ = writeln!(hosts, "{} {}", EXTERNAL.1, EXTERNAL.0);
     let _dnsmasq = Dnsmasq::start(&format!("skiff-{}-ext", cluster.name), &hosts)?;
+    // dnsmasq is reached the way the cluster DNS is: through a ClusterIP of the node's datapath
+    // (a Service without selector, its EndpointSlice dnsmasq's address), so that both answers
+    // take the same path.
+    let dnsmasq = runtime.block_on(yardstick_service(&tls, addr))?;
     // Both answer every kind of name before anything is measured (the cluster DNS's first
     // external answer fills its cache).
-    for server in [CLUSTER_DNS, DNSMASQ] {
+    for server in [CLUSTER_DNS, dnsmasq] {
         for names in [Names::Cluster, Names::External] {
             let deadline = Instant::now() + Duration::from_secs(30);
             loop {
@@ -397,7 +402,7 @@ fn measure(cluster: &LocalCluster) -> Result<Report> {
         }
     }
     let mut rows = Vec::new();
-    for (server, label) in [(CLUSTER_DNS, "skiff"), (DNSMASQ, "dnsmasq")] {
+    for (server, label) in [(CLUSTER_DNS, "skiff"), (dnsmasq, "dnsmasq")] {
         for names in [Names::Cluster, Names::External] {
             crate::bench_services::wait_idle()?;
             say(format!("{label}: {names:?} names, {RATE}/s"));
@@ -435,6 +440,49 @@ fn measure(cluster: &LocalCluster) -> Result<Report> {
         rss_kib,
         synced_after,
     })
+}
+
+/// The Service `dnsmasq` (no selector; port 53/UDP; its EndpointSlice [`DNSMASQ`]): its
+/// ClusterIP and port.
+async fn yardstick_service(
+    tls: &Arc<rustls::ClientConfig>,
+    addr: SocketAddr,
+) -> Result<SocketAddrV4> {
+    use http::{Method, StatusCode};
+    let mut api = crate::bench::Client::tls(tls, addr).await?;
+    let (status, body) = api
+        .send(
+            Method::POST,
+            &format!("/api/v1/namespaces/{NAMESPACE}/services"),
+            Some(
+                serde_json::json!({"apiVersion": "v1", "kind": "Service",
+                    "metadata": {"name": "dnsmasq", "namespace": NAMESPACE},
+                    "spec": {"ports": [{"name": "dns", "port": 53, "protocol": "UDP"}]}})
+                .to_string(),
+            ),
+        )
+        .await?;
+    ensure!(status == StatusCode::CREATED, "service dnsmasq: {status}");
+    let ip: Ipv4Addr = serde_json::from_slice::<serde_json::Value>(&body)?["spec"]["clusterIP"]
+        .as_str()
+        .context("no clusterIP")?
+        .parse()?;
+    api.expect(
+        Method::POST,
+        &format!("/apis/discovery.k8s.io/v1/namespaces/{NAMESPACE}/endpointslices"),
+        Some(
+            serde_json::json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                "metadata": {"name": "dnsmasq-1", "namespace": NAMESPACE,
+                             "labels": {"kubernetes.io/service-name": "dnsmasq"}},
+                "addressType": "IPv4",
+                "ports": [{"name": "dns", "port": DNSMASQ.port(), "protocol": "UDP"}],
+                "endpoints": [{"addresses": [DNSMASQ.ip().to_string()], "conditions": {"ready": true}}]})
+            .to_string(),
+        ),
+        StatusCode::CREATED,
+    )
+    .await?;
+    Ok(SocketAddrV4::new(ip, 53))
 }
 
 /// Whether `server` answers one query for `name`, asked from the network namespace `netns`.
@@ -505,7 +553,7 @@ impl Report {
              queries (A, recursion desired, no EDNS) over UDP from threads in a client pod's \
              network namespace: to the cluster DNS at the `kube-dns` ClusterIP {} (through the \
              node's eBPF datapath to `skiff-control dns` in the fabric), and to Debian's dnsmasq \
-             at {} in `skiff-ext`, serving the same {SERVICES} names and the external name \
+             at {} in `skiff-ext` through a ClusterIP of its own (the same datapath), serving the same {SERVICES} names and the external name \
              `{}` from a hosts file (and the cluster DNS's upstream for that name). A cluster \
              name is one of the {SERVICES} picked at random per query; the external name is \
              always the same (the cluster DNS answers it from its cache). Paced: {RATE} \

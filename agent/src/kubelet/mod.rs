@@ -326,9 +326,7 @@ pub async fn run(
 /// it cannot be read).
 fn node_dns(args: &KubeletArgs) -> dns::NodeDns {
     let cluster_dns = if args.dns.cluster_dns.is_empty() {
-        let range = args.services.service_cidr;
-        (range.size() > 10)
-            .then(|| Ipv4Addr::from(u32::from(range.network()) + 10))
+        skiff_common::service::cluster_dns_ip(args.services.service_cidr)
             .into_iter()
             .collect()
     } else {

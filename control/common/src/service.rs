@@ -20,3 +20,9 @@ pub fn status_ingress_ips(status: Option<&ServiceStatus>) -> Vec<IpAddr> {
         .filter_map(|i| i.ip.as_deref()?.parse().ok())
         .collect()
 }
+
+/// The cluster DNS Service's ClusterIP in the service range `range`: its tenth address
+/// (`10.96.0.10` in `10.96.0.0/12`), as kubeadm picks it; `None` in a range too small.
+pub fn cluster_dns_ip(range: ipnetwork::Ipv4Network) -> Option<std::net::Ipv4Addr> {
+    (range.size() > 10).then(|| std::net::Ipv4Addr::from(u32::from(range.network()) + 10))
+}

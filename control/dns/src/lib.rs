@@ -94,7 +94,7 @@ impl DnsArgs {
     /// The DNS Service's ClusterIP.
     pub fn cluster_dns_ip(&self) -> Option<Ipv4Addr> {
         self.cluster_dns
-            .or_else(|| tenth_address(self.service_cluster_ip_range))
+            .or_else(|| skiff_common::service::cluster_dns_ip(self.service_cluster_ip_range))
     }
 
     /// The address published for this server.
@@ -104,12 +104,6 @@ impl DnsArgs {
             _ => None,
         })
     }
-}
-
-/// The tenth address of `range` (`10.96.0.10` in `10.96.0.0/12`), the DNS Service's, as
-/// kubeadm picks it.
-pub fn tenth_address(range: Ipv4Network) -> Option<Ipv4Addr> {
-    (range.size() > 10).then(|| Ipv4Addr::from(u32::from(range.network()) + 10))
 }
 
 /// Why the DNS server stopped.
@@ -130,7 +124,7 @@ pub enum DnsError {
         /// The range.
         range: Ipv4Network,
     },
-    /// No upstream resolver is given or found.
+    /// The resolver configuration cannot be read.
     #[error("cannot read the upstream resolvers from {path}")]
     ResolvConf {
         /// The file.
@@ -138,6 +132,15 @@ pub enum DnsError {
         /// Why.
         #[source]
         source: std::io::Error,
+    },
+    /// The resolver configuration does not parse.
+    #[error("cannot parse the resolver configuration {path}")]
+    ResolvConfSyntax {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: hickory_resolver::ResolveError,
     },
     /// The sockets could not be bound.
     #[error("cannot listen on {addr}")]
@@ -166,12 +169,13 @@ pub fn upstreams(args: &DnsArgs) -> Result<Vec<SocketAddr>, DnsError> {
         path: args.resolv_conf.clone(),
         source,
     })?;
-    let (config, _) = hickory_resolver::system_conf::parse_resolv_conf(&text).map_err(|e| {
-        DnsError::ResolvConf {
-            path: args.resolv_conf.clone(),
-            source: std::io::Error::other(e.to_string()),
-        }
-    })?;
+    let (config, _) =
+        hickory_resolver::system_conf::parse_resolv_conf(&text).map_err(|source| {
+            DnsError::ResolvConfSyntax {
+                path: args.resolv_conf.clone(),
+                source,
+            }
+        })?;
     let mut out: Vec<SocketAddr> = config
         .name_servers()
         .iter()

@@ -6,13 +6,33 @@
 use std::net::Ipv4Addr;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
+
+/// The metadata DNS keeps: the name, the namespace and the resourceVersion (the watch resumes
+/// from it); labels, annotations, uid and the rest are skipped (at 10,000 EndpointSlices a
+/// one-label map alone was 5 MB).
+fn lean_meta<'de, D: Deserializer<'de>>(deserializer: D) -> Result<ObjectMeta, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Lean {
+        name: Option<String>,
+        namespace: Option<String>,
+        resource_version: Option<String>,
+    }
+    let lean = Option::<Lean>::deserialize(deserializer)?;
+    Ok(lean.map_or_else(ObjectMeta::default, |l| ObjectMeta {
+        name: l.name,
+        namespace: l.namespace,
+        resource_version: l.resource_version,
+        ..ObjectMeta::default()
+    }))
+}
 
 /// A Service (`v1`), as far as DNS reads it.
 #[derive(Clone, Debug, Default, Deserialize)]
 pub struct DnsService {
-    /// Its metadata.
-    #[serde(default)]
+    /// Its metadata (name, namespace, resourceVersion).
+    #[serde(default, deserialize_with = "lean_meta")]
     pub metadata: ObjectMeta,
     /// Its spec.
     #[serde(default)]
@@ -91,33 +111,76 @@ impl DnsService {
 }
 
 /// An EndpointSlice (`discovery.k8s.io/v1`), as far as DNS reads it.
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[derive(Clone, Debug, Default)]
 pub struct DnsSlice {
-    /// Its metadata (the `kubernetes.io/service-name` label).
-    #[serde(default)]
+    /// Its metadata (name, namespace, resourceVersion).
     pub metadata: ObjectMeta,
+    /// Its Service's name (the `kubernetes.io/service-name` label).
+    pub service: Option<Box<str>>,
     /// `addressType`.
-    #[serde(default)]
-    pub address_type: String,
+    pub address_type: Box<str>,
     /// `endpoints`.
-    #[serde(default)]
-    pub endpoints: Vec<DnsEndpoint>,
+    pub endpoints: Box<[DnsEndpoint]>,
     /// `ports`.
-    #[serde(default)]
-    pub ports: Vec<DnsPort>,
+    pub ports: Box<[DnsPort]>,
 }
 
 /// The label naming an EndpointSlice's Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
+impl<'de> Deserialize<'de> for DnsSlice {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Meta {
+            name: Option<String>,
+            namespace: Option<String>,
+            resource_version: Option<String>,
+            #[serde(default)]
+            labels: std::collections::BTreeMap<String, String>,
+        }
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Raw {
+            metadata: Option<Meta>,
+            #[serde(default)]
+            address_type: String,
+            #[serde(default)]
+            endpoints: Option<Vec<DnsEndpoint>>,
+            #[serde(default)]
+            ports: Option<Vec<DnsPort>>,
+        }
+        let raw = Raw::deserialize(deserializer)?;
+        let mut service = None;
+        let metadata = raw.metadata.map_or_else(ObjectMeta::default, |mut m| {
+            service = m
+                .labels
+                .remove(SERVICE_NAME_LABEL)
+                .map(String::into_boxed_str);
+            ObjectMeta {
+                name: m.name,
+                namespace: m.namespace,
+                resource_version: m.resource_version,
+                ..ObjectMeta::default()
+            }
+        });
+        Ok(DnsSlice {
+            metadata,
+            service,
+            address_type: raw.address_type.into_boxed_str(),
+            endpoints: raw.endpoints.unwrap_or_default().into_boxed_slice(),
+            ports: raw.ports.unwrap_or_default().into_boxed_slice(),
+        })
+    }
+}
+
 impl DnsSlice {
     /// The `namespace/name` key of its Service, when it names one and holds IPv4 addresses.
     pub fn service_key(&self) -> Option<String> {
-        if self.address_type != "IPv4" {
+        if &*self.address_type != "IPv4" {
             return None;
         }
-        let name = self.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
+        let name = self.service.as_deref()?;
         Some(format!(
             "{}/{name}",
             self.metadata.namespace.as_deref().unwrap_or_default()
@@ -125,44 +188,66 @@ impl DnsSlice {
     }
 }
 
-/// The parts of an `Endpoint` DNS reads.
-#[derive(Clone, Debug, Default, Deserialize)]
+/// The parts of an `Endpoint` DNS reads: its IPv4 addresses, hostname and readiness.
+#[derive(Clone, Debug, Default)]
 pub struct DnsEndpoint {
-    /// `addresses`.
-    #[serde(default)]
-    pub addresses: Vec<String>,
+    /// `addresses` that are IPv4 addresses.
+    pub addresses: Box<[Ipv4Addr]>,
     /// `hostname`.
-    pub hostname: Option<String>,
-    /// `conditions`.
-    #[serde(default)]
-    pub conditions: DnsConditions,
+    pub hostname: Option<Box<str>>,
+    /// `conditions.ready` (absent means ready, as the API says consumers should read it; a
+    /// Service with `publishNotReadyAddresses` has its endpoints marked ready by the
+    /// EndpointSlice controller).
+    pub ready: bool,
 }
 
-/// The endpoint's conditions DNS reads.
-#[derive(Clone, Debug, Default, Deserialize)]
-pub struct DnsConditions {
-    /// `ready` (absent means ready, as the API says consumers should read it).
-    pub ready: Option<bool>,
+impl<'de> Deserialize<'de> for DnsEndpoint {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize, Default)]
+        struct Conditions {
+            ready: Option<bool>,
+        }
+        #[derive(Deserialize)]
+        struct Raw {
+            #[serde(default)]
+            addresses: Vec<std::borrow::Cow<'static, str>>,
+            hostname: Option<String>,
+            #[serde(default)]
+            conditions: Option<Conditions>,
+        }
+        let raw = Raw::deserialize(deserializer)?;
+        Ok(DnsEndpoint {
+            addresses: raw
+                .addresses
+                .iter()
+                .filter_map(|a| a.parse().ok())
+                .collect(),
+            hostname: raw
+                .hostname
+                .filter(|h| !h.is_empty())
+                .map(String::into_boxed_str),
+            ready: raw.conditions.unwrap_or_default().ready != Some(false),
+        })
+    }
 }
 
 impl DnsEndpoint {
-    /// Whether it is published: ready, or of unknown readiness. (A Service with
-    /// `publishNotReadyAddresses` has its endpoints marked ready by the EndpointSlice controller.)
+    /// Whether it is published.
     pub fn ready(&self) -> bool {
-        self.conditions.ready != Some(false)
+        self.ready
     }
 
     /// Its IPv4 addresses.
     pub fn ipv4s(&self) -> impl Iterator<Item = Ipv4Addr> + '_ {
-        self.addresses.iter().filter_map(|a| a.parse().ok())
+        self.addresses.iter().copied()
     }
 }
 
 /// A Pod (`v1`), as far as DNS reads it: its name, namespace and addresses.
 #[derive(Clone, Debug, Default, Deserialize)]
 pub struct DnsPod {
-    /// Its metadata.
-    #[serde(default)]
+    /// Its metadata (name, namespace, resourceVersion).
+    #[serde(default, deserialize_with = "lean_meta")]
     pub metadata: ObjectMeta,
     /// Its spec.
     #[serde(default)]

@@ -137,8 +137,48 @@ impl Handler {
         }
     }
 
+    /// The answer from the zone alone, when it needs nothing from upstream: `None` for a name
+    /// to forward, or a CNAME whose target is not the zone's.
+    fn answer_local(&self, query: &Query) -> Option<Sections> {
+        let zone = self.zone.read().unwrap_or_else(|e| e.into_inner());
+        match zone.lookup(query.name(), query.query_type()) {
+            Answer::Forward => None,
+            Answer::NxDomain => Some(Sections {
+                code: ResponseCode::NXDomain,
+                authoritative: true,
+                answers: Vec::new(),
+                authority: vec![zone.soa()],
+                additionals: Vec::new(),
+            }),
+            Answer::Found {
+                answers,
+                additionals,
+            } => {
+                if answers.iter().any(|r| r.record_type() == RecordType::CNAME)
+                    && query.query_type() != RecordType::CNAME
+                {
+                    return None;
+                }
+                Some(Sections {
+                    code: ResponseCode::NoError,
+                    authoritative: true,
+                    authority: if answers.is_empty() {
+                        vec![zone.soa()]
+                    } else {
+                        Vec::new()
+                    },
+                    answers,
+                    additionals,
+                })
+            }
+        }
+    }
+
     /// The response code and sections for `query` from `client`.
     async fn answer(&self, query: &Query, client: IpAddr) -> Sections {
+        if let Some(local) = self.answer_local(query) {
+            return local;
+        }
         let name = query.name();
         let answer = {
             let zone = self.zone.read().unwrap_or_else(|e| e.into_inner());
@@ -228,8 +268,35 @@ impl Sections {
         }
     }
 
-    /// Whether the response, encoded, fits in `limit` bytes.
+    /// Whether the response, encoded, fits in `limit` bytes: sure when an upper bound of its
+    /// size (no name compression) does, else encoded to know.
     fn fits(&self, header: &Header, query: &Query, limit: usize) -> bool {
+        let name = |n: &Name| n.len() + 2;
+        let bound = 12
+            + name(query.name())
+            + 4
+            + self
+                .answers
+                .iter()
+                .chain(&self.authority)
+                .chain(&self.additionals)
+                .map(|r| {
+                    name(r.name())
+                        + 10
+                        + match r.data() {
+                            RData::A(_) => 4,
+                            RData::AAAA(_) => 16,
+                            RData::CNAME(n) => name(&n.0),
+                            RData::PTR(n) => name(&n.0),
+                            RData::SRV(srv) => 6 + name(srv.target()),
+                            RData::SOA(soa) => name(soa.mname()) + name(soa.rname()) + 20,
+                            _ => limit,
+                        }
+                })
+                .sum::<usize>();
+        if bound <= limit {
+            return true;
+        }
         let mut message = Message::new();
         message.set_header(*header);
         message.add_query(query.clone());
@@ -321,20 +388,142 @@ async fn send<'a, R: ResponseHandler>(
     }
 }
 
-/// Serves `handler` on `udp` and `tcp` until `shutdown`.
+/// The UDP response to `request` with `sections`: the request's id, flags and question, EDNS
+/// echoed with its payload size; larger than the client takes (512 bytes without EDNS), it goes
+/// out truncated and empty, and the client asks again over TCP.
+fn udp_response(
+    request: &Message,
+    query: &Query,
+    mut sections: Sections,
+    recursion: bool,
+) -> Vec<u8> {
+    let mut header = Header::response_from_request(request.header());
+    header.set_recursion_available(recursion);
+    header.set_response_code(sections.code);
+    header.set_authoritative(sections.authoritative);
+    let limit = request
+        .extensions()
+        .as_ref()
+        .map_or(UDP_PLAIN_MAX, |e| usize::from(e.max_payload().max(512)));
+    if !sections.fits(&header, query, limit) {
+        header.set_truncated(true);
+        sections.answers.clear();
+        sections.authority.clear();
+        sections.additionals.clear();
+    }
+    let mut message = Message::new();
+    message.set_header(header);
+    message.add_query(query.clone());
+    message.insert_answers(sections.answers);
+    message.insert_name_servers(sections.authority);
+    message.insert_additionals(sections.additionals);
+    if let Some(asked) = request.extensions() {
+        let mut edns = Edns::new();
+        edns.set_max_payload(asked.max_payload().max(512));
+        message.set_edns(edns);
+    }
+    message.to_vec().unwrap_or_default()
+}
+
+/// A response with only a header: `code` for `request`.
+fn udp_error(request: &Message, code: ResponseCode) -> Vec<u8> {
+    let mut header = Header::response_from_request(request.header());
+    header.set_response_code(code);
+    let mut message = Message::new();
+    message.set_header(header);
+    message.to_vec().unwrap_or_default()
+}
+
+/// One UDP receiver: each query the zone can answer is answered on the spot (no task, no
+/// channel: the cost of a cluster name is the lookup and two syscalls, as in dnsmasq); a query
+/// that needs upstream gets a task of its own.
+async fn serve_udp(handler: Arc<Handler>, socket: Arc<tokio::net::UdpSocket>) {
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let (n, src) = match socket.recv_from(&mut buf).await {
+            Ok(got) => got,
+            Err(error) => {
+                tracing::debug!(%error, "UDP receive failed");
+                continue;
+            }
+        };
+        let Ok(request) = Message::from_vec(&buf[..n]) else {
+            continue;
+        };
+        if request.message_type() != MessageType::Query {
+            continue;
+        }
+        let query = match request.queries() {
+            [query] if request.op_code() == OpCode::Query => query.clone(),
+            [_] => {
+                let _ = socket
+                    .send_to(&udp_error(&request, ResponseCode::NotImp), src)
+                    .await;
+                continue;
+            }
+            _ => {
+                let _ = socket
+                    .send_to(&udp_error(&request, ResponseCode::FormErr), src)
+                    .await;
+                continue;
+            }
+        };
+        let recursion = handler.forwarder.is_some();
+        match handler.answer_local(&query) {
+            Some(sections) => {
+                let bytes = udp_response(&request, &query, sections, recursion);
+                let _ = socket.send_to(&bytes, src).await;
+            }
+            None => {
+                let (handler, socket) = (handler.clone(), socket.clone());
+                tokio::spawn(async move {
+                    let sections = handler.answer(&query, src.ip()).await;
+                    let bytes = udp_response(&request, &query, sections, recursion);
+                    let _ = socket.send_to(&bytes, src).await;
+                });
+            }
+        }
+    }
+}
+
+/// The handler as hickory-server takes it (TCP).
+struct Shared(Arc<Handler>);
+
+#[async_trait::async_trait]
+impl RequestHandler for Shared {
+    async fn handle_request<R: ResponseHandler>(
+        &self,
+        request: &Request,
+        response_handle: R,
+    ) -> ResponseInfo {
+        self.0.handle_request(request, response_handle).await
+    }
+}
+
+/// UDP receivers per socket (each answers zone queries inline).
+const UDP_RECEIVERS: usize = 4;
+
+/// Serves `handler` on `udp` (its own receivers) and `tcp` (hickory-server) until `shutdown`.
 pub async fn serve(
     handler: Handler,
     udp: tokio::net::UdpSocket,
     tcp: tokio::net::TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), hickory_proto::ProtoError> {
-    let mut server = ServerFuture::new(handler);
-    server.register_socket(udp);
+    let handler = Arc::new(handler);
+    let udp = Arc::new(udp);
+    let mut receivers = tokio::task::JoinSet::new();
+    for _ in 0..UDP_RECEIVERS {
+        receivers.spawn(serve_udp(handler.clone(), udp.clone()));
+    }
+    let mut server = ServerFuture::new(Shared(handler));
     server.register_listener(tcp, TCP_TIMEOUT);
-    tokio::select! {
+    let result = tokio::select! {
         result = server.block_until_done() => result,
         () = shutdown.cancelled() => server.shutdown_gracefully().await,
-    }
+    };
+    receivers.abort_all();
+    result
 }
 
 #[cfg(test)]

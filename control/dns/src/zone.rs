@@ -321,7 +321,7 @@ impl Zone {
                 .map(|l| String::from_utf8_lossy(l).into_owned())
                 .collect();
             let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
-            return match self.node(&labels, qtype) {
+            return match self.node(&labels, qtype, &name) {
                 Some(node) => select(node, qtype),
                 None => Answer::NxDomain,
             };
@@ -334,12 +334,12 @@ impl Zone {
 
     /// The records at the name of `labels` (below the domain, leftmost first) that a question of
     /// `qtype` may need; `None` when the name does not exist.
-    fn node(&self, labels: &[&str], qtype: RecordType) -> Option<Node> {
+    fn node(&self, labels: &[&str], qtype: RecordType, owner: &Name) -> Option<Node> {
         match labels {
             [] => Some(Node::of(vec![self.soa()])),
             ["svc"] | ["pod"] | [_, "pod"] => Some(Node::default()),
             [namespace, "svc"] => self.namespaces.contains_key(*namespace).then(Node::default),
-            [service, namespace, "svc"] => self.service_node(namespace, service, qtype),
+            [service, namespace, "svc"] => self.service_node(namespace, service, qtype, owner),
             [proto, service, namespace, "svc"] if proto.starts_with('_') => {
                 let found = self.service(namespace, service)?;
                 let exists = found.external_name().is_none()
@@ -349,13 +349,13 @@ impl Zone {
                 exists.then(Node::default)
             }
             [endpoint, service, namespace, "svc"] => {
-                self.endpoint_node(namespace, service, endpoint)
+                self.endpoint_node(namespace, service, endpoint, owner)
             }
             [port, proto, service, namespace, "svc"]
                 if port.starts_with('_') && proto.starts_with('_') =>
             {
                 let (records, additionals) =
-                    self.srv(namespace, service, Some((&port[1..], &proto[1..])));
+                    self.srv(namespace, service, Some((&port[1..], &proto[1..])), owner);
                 (!records.is_empty()).then_some(Node {
                     records,
                     additionals,
@@ -363,9 +363,8 @@ impl Zone {
             }
             [dashed, _namespace, "pod"] => {
                 let ip = undash(dashed)?;
-                let name = self.name(labels)?;
                 Some(Node::of(vec![Record::from_rdata(
-                    name,
+                    owner.clone(),
                     self.ttl,
                     RData::A(A(ip)),
                 )]))
@@ -423,14 +422,19 @@ impl Zone {
         Some(name)
     }
 
-    fn service_node(&self, namespace: &str, service: &str, qtype: RecordType) -> Option<Node> {
+    fn service_node(
+        &self,
+        namespace: &str,
+        service: &str,
+        qtype: RecordType,
+        name: &Name,
+    ) -> Option<Node> {
         let found = self.service(namespace, service)?;
-        let name = self.name(&[service, namespace, "svc"])?;
         if let Some(external) = found.external_name() {
             let mut target = Name::from_ascii(external).ok()?;
             target.set_fqdn(true);
             return Some(Node::of(vec![Record::from_rdata(
-                name,
+                name.clone(),
                 self.ttl,
                 RData::CNAME(CNAME(target)),
             )]));
@@ -444,7 +448,7 @@ impl Zone {
             );
         }
         if matches!(qtype, RecordType::SRV | RecordType::ANY) {
-            let (records, additionals) = self.srv(namespace, service, None);
+            let (records, additionals) = self.srv(namespace, service, None, name);
             node.records.extend(records);
             node.additionals = additionals;
         }
@@ -486,12 +490,17 @@ impl Zone {
         out
     }
 
-    fn endpoint_node(&self, namespace: &str, service: &str, endpoint: &str) -> Option<Node> {
+    fn endpoint_node(
+        &self,
+        namespace: &str,
+        service: &str,
+        endpoint: &str,
+        name: &Name,
+    ) -> Option<Node> {
         let found = self.service(namespace, service)?;
         if found.external_name().is_some() {
             return None;
         }
-        let name = self.name(&[endpoint, service, namespace, "svc"])?;
         let addresses = self.addresses(namespace, service, Some(endpoint));
         if addresses.is_empty() {
             return None;
@@ -504,13 +513,14 @@ impl Zone {
         ))
     }
 
-    /// The SRV records of a Service's ports (only `(port, protocol)` when given), and the A
-    /// records of their targets.
+    /// The SRV records, owned by `owner`, of a Service's ports (only `(port, protocol)` when
+    /// given), and the A records of their targets.
     fn srv(
         &self,
         namespace: &str,
         service: &str,
         only: Option<(&str, &str)>,
+        owner: &Name,
     ) -> (Vec<Record>, Vec<Record>) {
         let (mut answers, mut additionals) = (Vec::new(), Vec::new());
         let Some(found) = self.service(namespace, service) else {
@@ -519,22 +529,6 @@ impl Zone {
         if found.external_name().is_some() {
             return (answers, additionals);
         }
-        let Some(owner) = self.name(&[service, namespace, "svc"]) else {
-            return (answers, additionals);
-        };
-        let owner = match only {
-            Some((port, proto)) => match self.name(&[
-                &format!("_{port}"),
-                &format!("_{proto}"),
-                service,
-                namespace,
-                "svc",
-            ]) {
-                Some(name) => name,
-                None => return (answers, additionals),
-            },
-            None => owner,
-        };
         let wanted = |name: Option<&str>, proto: &str| match only {
             Some((port, want)) => name == Some(port) && proto == want,
             None => true,
