@@ -410,6 +410,11 @@ impl Worker {
                 }
             }
         }
+        // Containers adopted still mount the projected volumes a previous agent wrote: their
+        // token is renewed at the first sync (this agent does not know when it was written).
+        if self.ctrs.iter().any(|c| c.id.is_some()) {
+            self.projected_due = Some(Instant::now());
+        }
     }
 
     /// Move the pod towards its spec: sandbox, volumes, init containers,
