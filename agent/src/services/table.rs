@@ -122,6 +122,9 @@ struct Retired {
     service: u32,
     rev: u32,
     count: u32,
+    /// The Service is gone: its id goes back to the pool with these slots, not before (a new
+    /// Service with the id would program the same slot keys, and lose them here).
+    release: bool,
 }
 
 /// The programmed state of one node's service ports, over a map writer.
@@ -299,6 +302,7 @@ impl<M: LbMaps> LbTable<M> {
                         service: programmed.id,
                         rev,
                         count,
+                        release: false,
                     });
                 }
             }
@@ -526,6 +530,7 @@ impl<M: LbMaps> LbTable<M> {
                 service: programmed.id,
                 rev,
                 count,
+                release: false,
             });
         }
     }
@@ -553,7 +558,13 @@ impl<M: LbMaps> LbTable<M> {
             return Err(e);
         }
         self.maps.remove_service(programmed.id)?;
-        self.service_ids.release(programmed.id);
+        self.retired.push_back(Retired {
+            at: now + RETIRE_AFTER,
+            service: programmed.id,
+            rev: 0,
+            count: 0,
+            release: true,
+        });
         Ok(())
     }
 
@@ -592,6 +603,9 @@ impl<M: LbMaps> LbTable<M> {
                     rev: retired.rev,
                     ordinal,
                 })?;
+            }
+            if retired.release {
+                self.service_ids.release(retired.service);
             }
             self.retired.pop_front();
         }
@@ -930,6 +944,48 @@ mod tests {
             now,
         );
         assert_eq!(table.maps().backends.len(), 1);
+    }
+
+    /// A Service removed and another created at once (a `kubectl delete` then `apply`): the
+    /// new one must not get the old one's id while the old one's slots wait to be deleted, or
+    /// their deletion takes the new one's slots of the same revision with them (found by
+    /// cluster_e2e: the new Service answered nothing).
+    #[test]
+    fn a_removed_services_id_is_not_reused_before_its_slots_are_gone() {
+        let now = Instant::now();
+        let mut table = LbTable::restore(FakeLbMaps::new(1024), now).expect("restore");
+        let old = svc("ClusterIP", json!({}));
+        sync(&mut table, &old, &[], now);
+        sync(&mut table, &old, &[eps(&[("10.244.2.5", "n2", true)])], now);
+        for port in desired(&old, &[], "n1") {
+            table.reconcile(&port.key, None, now).expect("removed");
+        }
+        let new = service(
+            json!({"metadata": {"namespace": "default", "name": "names"},
+            "spec": {"type": "ClusterIP", "clusterIP": "10.96.0.30",
+                     "ports": [{"name": "http", "port": 80}]}}),
+        );
+        let mut names = eps(&[("10.244.3.7", "n3", true)]);
+        names.metadata.name = Some("names-1".into());
+        names
+            .metadata
+            .labels
+            .as_mut()
+            .expect("labels")
+            .insert("kubernetes.io/service-name".into(), "names".into());
+        sync(&mut table, &new, &[], now);
+        sync(&mut table, &new, &[names], now);
+        table.collect(now + RETIRE_AFTER).expect("collect");
+        assert_eq!(
+            dump(&table),
+            "10.96.0.30:80/TCP ClusterIP default/names:http rev=2 Cluster -> 10.244.3.7:8080(active)\n"
+        );
+        // Once the old slots are gone, the id is free again.
+        assert_eq!(table.collect(now + RETIRE_AFTER * 2).expect("collect"), 0);
+        assert!(
+            table.service_ids.take() < 3,
+            "the old id came back to the pool"
+        );
     }
 
     #[test]
