@@ -1331,6 +1331,15 @@ pub(crate) struct Machine {
 }
 
 impl Machine {
+    /// The opening of every bench section: `Last run: <date> at commit `<commit>`, on <n> cores
+    /// (<cpu>), <memory>, <kernel>.`
+    pub(crate) fn last_run(&self) -> String {
+        format!(
+            "Last run: {} at commit `{}`, on {} cores ({}), {}, {}.",
+            self.date, self.commit, self.cores, self.cpu, self.memory, self.kernel
+        )
+    }
+
     pub(crate) fn describe(ws: &Path) -> Machine {
         let git = |args: &[&str]| {
             Command::new("git")
@@ -1389,6 +1398,23 @@ impl Machine {
 
 /// Met/missed, for the goals table.
 /// The goals as a markdown table: goal, measured, status.
+/// The results of load threads, in order; the first that panicked or failed is the error
+/// (`what` names the threads).
+pub(crate) fn join_threads<T>(
+    threads: Vec<std::thread::JoinHandle<std::io::Result<T>>>,
+    what: &str,
+) -> Result<Vec<T>> {
+    threads
+        .into_iter()
+        .map(|thread| {
+            thread
+                .join()
+                .map_err(|_| anyhow::anyhow!("a {what} thread panicked"))?
+                .with_context(|| format!("a {what} thread failed"))
+        })
+        .collect()
+}
+
 pub(crate) fn goals_table(goals: &[(String, String, bool)]) -> String {
     let mut md = String::from("| goal | measured | status |\n|---|---|---|\n");
     for (goal, measured, met) in goals {
@@ -1516,17 +1542,12 @@ impl Report {
         let _ = writeln!(md, "## API server (`cargo xtask bench apiserver`)\n");
         let _ = writeln!(
             md,
-            "Last run: {} at commit `{}`, on {} cores ({}), {}, {}. Release build; \
+            "{} Release build; \
              `skiff-control apiserver` with its own etcd child (Debian etcd 3.4, data in a fresh \
              temporary directory on the local disk); the load generator runs on the same machine \
              and talks HTTPS over loopback with the admin client certificate, one HTTP/1.1 \
              keep-alive connection per client. Each level runs up to {} requests or {} s.\n",
-            machine.date,
-            machine.commit,
-            machine.cores,
-            machine.cpu,
-            machine.memory,
-            machine.kernel,
+            machine.last_run(),
             self.requests,
             self.seconds,
         );

@@ -304,11 +304,7 @@ fn flat_out(netns: &Path, server: SocketAddrV4, names: Names) -> Result<Run> {
         })
         .collect();
     let (mut all, mut failed) = (Vec::new(), 0);
-    for thread in threads {
-        let (latencies, lost) = thread
-            .join()
-            .map_err(|_| anyhow::anyhow!("a query thread panicked"))?
-            .context("a query thread failed")?;
+    for (latencies, lost) in crate::bench::join_threads(threads, "query")? {
         all.extend(latencies);
         failed += lost;
     }
@@ -548,7 +544,7 @@ impl Report {
         let _ = writeln!(md, "## DNS (`cargo xtask bench dns`)\n");
         let _ = writeln!(
             md,
-            "Last run: {} at commit `{}`, on {} cores ({}), {}, {}. Release build. `skiffctl up \
+            "{} Release build. `skiffctl up \
              --nodes 1 --dns-upstream {}`; {SERVICES} Services of 10 endpoints in the cluster; \
              queries (A, recursion desired, no EDNS) over UDP from threads in a client pod's \
              network namespace: to the cluster DNS at the `kube-dns` ClusterIP {} (through the \
@@ -560,12 +556,7 @@ impl Report {
              queries/s for {} s, sent on schedule, each timed from its send to its answer. Flat \
              out: {THREADS} threads, one query outstanding each, for {} s. Each run starts once \
              the machine is idle.\n",
-            machine.date,
-            machine.commit,
-            machine.cores,
-            machine.cpu,
-            machine.memory,
-            machine.kernel,
+            machine.last_run(),
             DNSMASQ.ip(),
             CLUSTER_DNS.ip(),
             DNSMASQ.ip(),

@@ -1029,7 +1029,7 @@ impl Report {
         let _ = writeln!(md, "## Pods (`cargo xtask bench pods`)\n");
         let _ = writeln!(
             md,
-            "Last run: {} at commit `{}`, on {} cores ({}), {}, {}. Release build. CNI: the \
+            "{} Release build. CNI: the \
              `skiff-cni` binary run as a runtime runs it (exec, `CNI_*` environment, configuration \
              on stdin) from a thread in a node network namespace, {CNI_ITERATIONS} ADDs into \
              fresh pod namespaces, then their DELs, each timed from spawn to exit. Pods: `skiffctl \
@@ -1038,12 +1038,7 @@ impl Report {
              pulled), three phases of {PODS} `sleep` pods, deleted between phases: created one at a \
              time (paced), at {STEADY_RATE} pods/s (steady), and back to back (burst); each pod \
              timed from just before its POST to the watch event with phase Running.\n",
-            machine.date,
-            machine.commit,
-            machine.cores,
-            machine.cpu,
-            machine.memory,
-            machine.kernel,
+            machine.last_run(),
         );
         let _ = writeln!(md, "### Goals\n");
         md.push_str(&crate::bench::goals_table(&self.goals()));

@@ -1311,19 +1311,14 @@ impl Report {
         let _ = writeln!(md, "## Scheduler (`cargo xtask bench scheduler`)\n");
         let _ = writeln!(
             md,
-            "Last run: {} at commit `{}`, on {} cores ({}), {}, {}; load average before the \
+            "{} Load average before the \
              run {}. Release build; `skiff-control all` (API server with its own etcd child, \
              controller manager and scheduler in one process, `--cluster-cidr {CLUSTER_CIDR}`) \
              and {} hollow nodes in {} `skiff-agent --hollow` process(es) (4 CPU, 16 GiB, 110 \
              pods each; Leases renewed every 10 s), all on this machine together with the load \
              generator, which watches the bench namespace's pods over one HTTPS connection. The \
              nodes were Ready with a pod CIDR {:.1} s after the agent started.\n",
-            machine.date,
-            machine.commit,
-            machine.cores,
-            machine.cpu,
-            machine.memory,
-            machine.kernel,
+            machine.last_run(),
             self.load_before,
             self.nodes,
             self.agents,

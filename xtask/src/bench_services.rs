@@ -320,11 +320,7 @@ fn load(netns: &Path, targets: &[SocketAddrV4]) -> Result<LoadFigures> {
         })
         .collect();
     let (mut all, mut errors) = (Vec::new(), 0);
-    for thread in threads {
-        let (latencies, failed) = thread
-            .join()
-            .map_err(|_| anyhow::anyhow!("a load thread panicked"))?
-            .context("a load thread could not enter the client's network namespace")?;
+    for (latencies, failed) in crate::bench::join_threads(threads, "load")? {
         all.extend(latencies);
         errors += failed;
     }
@@ -1148,7 +1144,7 @@ impl Report {
         let _ = writeln!(md, "## Services (`cargo xtask bench services`)\n");
         let _ = writeln!(
             md,
-            "Last run: {} at commit `{}`, on {} cores ({}), {}, {}. Release build. `skiffctl up \
+            "{} Release build. `skiffctl up \
              --nodes 1`; {BACKENDS} backend pods, each with the bench's TCP server on :{BACKEND_PORT} \
              in its network namespace, and a client pod whose network namespace runs \
              {CLIENT_THREADS} load threads: one connection after the other to a target picked at \
@@ -1164,12 +1160,7 @@ impl Report {
              nat tables turn it on for theirs. The change probe: {PROBE_THREADS} threads in the \
              client pod, each connecting to the probe Service every {} ms with {} ms timeouts; its \
              two backends answer on :{PROBE_PORT} from a task per connection.\n",
-            machine.date,
-            machine.commit,
-            machine.cores,
-            machine.cpu,
-            machine.memory,
-            machine.kernel,
+            machine.last_run(),
             LOAD.as_secs(),
             IDLE_BUSY.as_millis(),
             PROBE_PAUSE.as_millis(),

@@ -179,28 +179,26 @@ pub async fn write(
             renew = Some(renew.map_or(due, |r: Duration| r.min(due)));
         }
         if let Some(source) = &source.config_map {
-            let data =
-                read_keys::<ConfigMap>(client, &namespace, &source.name, source.optional).await?;
-            files.extend(keys(
-                "configmap",
+            let found = key_files::<ConfigMap>(
+                client,
+                &namespace,
                 &source.name,
-                &data,
                 source.items.as_deref(),
                 source.optional,
                 &mode,
-            )?);
+            );
+            files.extend(found.await?);
         }
         if let Some(source) = &source.secret {
-            let data =
-                read_keys::<Secret>(client, &namespace, &source.name, source.optional).await?;
-            files.extend(keys(
-                "secret",
+            let found = key_files::<Secret>(
+                client,
+                &namespace,
                 &source.name,
-                &data,
                 source.items.as_deref(),
                 source.optional,
                 &mode,
-            )?);
+            );
+            files.extend(found.await?);
         }
         if let Some(source) = &source.downward_api {
             for item in source.items.iter().flatten() {
@@ -293,6 +291,20 @@ async fn read_keys<K: KeyValues>(
             source,
         }),
     }
+}
+
+/// The files of the keys of the ConfigMap or Secret `namespace/name`: [`read_keys`], then
+/// [`keys`].
+async fn key_files<K: KeyValues>(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+    items: Option<&[k8s_openapi::api::core::v1::KeyToPath]>,
+    optional: Option<bool>,
+    mode: &(dyn Fn(Option<i32>) -> u32 + Sync),
+) -> Result<Vec<File>, ProjectedError> {
+    let data = read_keys::<K>(client, namespace, name, optional).await?;
+    keys(K::KIND, name, &data, items, optional, mode)
 }
 
 /// The files of a ConfigMap's or Secret's keys: those `items` names (each must exist unless the

@@ -108,42 +108,28 @@ impl Handler {
         }
     }
 
-    /// The records of a CNAME's target: from the zone, or from upstream for an allowed client
-    /// (a target that is a CNAME again is not followed further here; upstream follows its own).
-    async fn answer_name(&self, name: &Name, qtype: RecordType, client: IpAddr) -> Sections {
-        let local = {
-            let zone = self.zone.read().unwrap_or_else(|e| e.into_inner());
-            match zone.lookup(name, qtype) {
-                Answer::Found { answers, .. } => Some(answers),
-                Answer::NxDomain => Some(Vec::new()),
-                Answer::Forward => None,
-            }
-        };
-        if let Some(answers) = local {
-            return Sections {
-                answers,
-                ..Sections::code(ResponseCode::NoError)
-            };
-        }
+    /// What upstream says of `name`, for a client in `--recursion-from`; REFUSED for others and
+    /// without upstream resolvers.
+    async fn upstream(
+        &self,
+        name: &Name,
+        qtype: RecordType,
+        client: IpAddr,
+    ) -> (ResponseCode, Vec<Record>, Vec<Record>) {
         match &self.forwarder {
             Some(forwarder) if self.recursion_from.iter().any(|n| n.contains(client)) => {
-                let (code, answers, _) = forwarder.ask(name.clone(), qtype).await;
-                Sections {
-                    answers,
-                    ..Sections::code(code)
-                }
+                forwarder.ask(name.clone(), qtype).await
             }
-            _ => Sections::code(ResponseCode::Refused),
+            _ => (ResponseCode::Refused, Vec::new(), Vec::new()),
         }
     }
 
-    /// The answer from the zone alone, when it needs nothing from upstream: `None` for a name
-    /// to forward, or a CNAME whose target is not the zone's.
-    fn answer_local(&self, query: &Query) -> Option<Sections> {
+    /// What the zone says of `query`, before anything is asked upstream.
+    fn local(&self, query: &Query) -> Local {
         let zone = self.zone.read().unwrap_or_else(|e| e.into_inner());
         match zone.lookup(query.name(), query.query_type()) {
-            Answer::Forward => None,
-            Answer::NxDomain => Some(Sections {
+            Answer::Forward => Local::Forward,
+            Answer::NxDomain => Local::Answered(Sections {
                 code: ResponseCode::NXDomain,
                 authoritative: true,
                 answers: Vec::new(),
@@ -154,47 +140,6 @@ impl Handler {
                 answers,
                 additionals,
             } => {
-                if answers.iter().any(|r| r.record_type() == RecordType::CNAME)
-                    && query.query_type() != RecordType::CNAME
-                {
-                    return None;
-                }
-                Some(Sections {
-                    code: ResponseCode::NoError,
-                    authoritative: true,
-                    authority: if answers.is_empty() {
-                        vec![zone.soa()]
-                    } else {
-                        Vec::new()
-                    },
-                    answers,
-                    additionals,
-                })
-            }
-        }
-    }
-
-    /// The response code and sections for `query` from `client`.
-    async fn answer(&self, query: &Query, client: IpAddr) -> Sections {
-        if let Some(local) = self.answer_local(query) {
-            return local;
-        }
-        let name = query.name();
-        let answer = {
-            let zone = self.zone.read().unwrap_or_else(|e| e.into_inner());
-            match zone.lookup(name, query.query_type()) {
-                Answer::Forward => None,
-                other => Some((other, zone.soa())),
-            }
-        };
-        match answer {
-            Some((
-                Answer::Found {
-                    mut answers,
-                    additionals,
-                },
-                soa,
-            )) => {
                 // An ExternalName's CNAME comes with its target's records, as CoreDNS gives
                 // them: stub resolvers do not follow a chain themselves.
                 let target = match answers.as_slice() {
@@ -204,48 +149,76 @@ impl Handler {
                     },
                     _ => None,
                 };
-                if let Some(target) = target {
-                    let followed = self.answer_name(&target, query.query_type(), client).await;
-                    answers.extend(followed.answers);
-                }
-                Sections {
+                let sections = Sections {
                     code: ResponseCode::NoError,
                     authoritative: true,
                     authority: if answers.is_empty() {
-                        vec![soa]
+                        vec![zone.soa()]
                     } else {
                         Vec::new()
                     },
                     answers,
                     additionals,
-                }
-            }
-            Some((_, soa)) => Sections {
-                code: ResponseCode::NXDomain,
-                authoritative: true,
-                answers: Vec::new(),
-                authority: vec![soa],
-                additionals: Vec::new(),
-            },
-            None => {
-                let allowed = self.recursion_from.iter().any(|n| n.contains(client));
-                match (&self.forwarder, allowed) {
-                    (Some(forwarder), true) => {
-                        let (code, answers, authority) =
-                            forwarder.ask(name.clone(), query.query_type()).await;
-                        Sections {
-                            code,
-                            authoritative: false,
-                            answers,
-                            authority,
-                            additionals: Vec::new(),
-                        }
-                    }
-                    _ => Sections::code(ResponseCode::Refused),
+                };
+                match target {
+                    Some(target) => Local::Follow(sections, target),
+                    None => Local::Answered(sections),
                 }
             }
         }
     }
+
+    /// The answer once `local` is known: a CNAME's target's records added (from the zone, or
+    /// from upstream; a target that is a CNAME again is not followed further, upstream follows
+    /// its own), or the question forwarded.
+    async fn finish(&self, local: Local, query: &Query, client: IpAddr) -> Sections {
+        match local {
+            Local::Answered(sections) => sections,
+            Local::Follow(mut sections, target) => {
+                let found = {
+                    let zone = self.zone.read().unwrap_or_else(|e| e.into_inner());
+                    match zone.lookup(&target, query.query_type()) {
+                        Answer::Found { answers, .. } => Some(answers),
+                        Answer::NxDomain => Some(Vec::new()),
+                        Answer::Forward => None,
+                    }
+                };
+                let records = match found {
+                    Some(records) => records,
+                    None => self.upstream(&target, query.query_type(), client).await.1,
+                };
+                sections.answers.extend(records);
+                sections
+            }
+            Local::Forward => {
+                let (code, answers, authority) = self
+                    .upstream(query.name(), query.query_type(), client)
+                    .await;
+                Sections {
+                    code,
+                    authoritative: false,
+                    answers,
+                    authority,
+                    additionals: Vec::new(),
+                }
+            }
+        }
+    }
+
+    /// The response code and sections for `query` from `client`.
+    async fn answer(&self, query: &Query, client: IpAddr) -> Sections {
+        self.finish(self.local(query), query, client).await
+    }
+}
+
+/// What the zone says of a question, before anything is asked upstream.
+enum Local {
+    /// Answered from the zone.
+    Answered(Sections),
+    /// An ExternalName's CNAME, to come with the records of its target.
+    Follow(Sections, Name),
+    /// Not the zone's: for upstream.
+    Forward,
 }
 
 /// A response's code and records.
@@ -258,16 +231,6 @@ struct Sections {
 }
 
 impl Sections {
-    fn code(code: ResponseCode) -> Sections {
-        Sections {
-            code,
-            authoritative: false,
-            answers: Vec::new(),
-            authority: Vec::new(),
-            additionals: Vec::new(),
-        }
-    }
-
     /// Whether the response, encoded, fits in `limit` bytes: sure when an upper bound of its
     /// size (no name compression) does, else encoded to know.
     fn fits(&self, header: &Header, query: &Query, limit: usize) -> bool {
@@ -341,20 +304,10 @@ impl RequestHandler for Handler {
                 return send(&mut response_handle, builder.build_no_records(header)).await;
             }
         };
-        let mut sections = self.answer(&query, request.src().ip()).await;
+        // TCP only (UDP has its own receivers): no size limit to keep.
+        let sections = self.answer(&query, request.src().ip()).await;
         header.set_response_code(sections.code);
         header.set_authoritative(sections.authoritative);
-        // Without EDNS a UDP answer is at most 512 bytes: too large, it goes out truncated and
-        // empty, and the client asks again over TCP. (hickory-server would send up to 4,096.)
-        if request.protocol() == Protocol::Udp
-            && edns.is_none()
-            && !sections.fits(&header, &query, UDP_PLAIN_MAX)
-        {
-            header.set_truncated(true);
-            sections.answers.clear();
-            sections.authority.clear();
-            sections.additionals.clear();
-        }
         let response = builder.build(
             header,
             sections.answers.iter(),
@@ -469,15 +422,15 @@ async fn serve_udp(handler: Arc<Handler>, socket: Arc<tokio::net::UdpSocket>) {
             }
         };
         let recursion = handler.forwarder.is_some();
-        match handler.answer_local(&query) {
-            Some(sections) => {
+        match handler.local(&query) {
+            Local::Answered(sections) => {
                 let bytes = udp_response(&request, &query, sections, recursion);
                 let _ = socket.send_to(&bytes, src).await;
             }
-            None => {
+            local => {
                 let (handler, socket) = (handler.clone(), socket.clone());
                 tokio::spawn(async move {
-                    let sections = handler.answer(&query, src.ip()).await;
+                    let sections = handler.finish(local, &query, src.ip()).await;
                     let bytes = udp_response(&request, &query, sections, recursion);
                     let _ = socket.send_to(&bytes, src).await;
                 });

@@ -315,12 +315,15 @@ impl Zone {
         name.set_fqdn(true);
         if self.domain.zone_of(&name) {
             let depth = usize::from(name.num_labels() - self.domain.num_labels());
-            let labels: Vec<String> = name
+            // Borrowed from the name: a label that is not UTF-8 names nothing here.
+            let Some(labels) = name
                 .iter()
                 .take(depth)
-                .map(|l| String::from_utf8_lossy(l).into_owned())
-                .collect();
-            let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
+                .map(|l| std::str::from_utf8(l).ok())
+                .collect::<Option<Vec<&str>>>()
+            else {
+                return Answer::NxDomain;
+            };
             return match self.node(&labels, qtype, &name) {
                 Some(node) => select(node, qtype),
                 None => Answer::NxDomain,

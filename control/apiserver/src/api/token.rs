@@ -201,16 +201,22 @@ impl Request<'_> {
                 let namespace = self.target.namespace.as_deref();
                 let info = registry::find("", "v1", "serviceaccounts").expect("served");
                 let key = meta::key(info, namespace, &account);
-                let stored = self
-                    .state
-                    .store
-                    .get(&key)
-                    .await
-                    .map_err(|e| self.storage_error(e))?;
+                // The watch cache's copy when it has one (the token controller watches every
+                // account): no etcd read per pod created.
+                let root = meta::collection_prefix(info, None);
+                let stored = match self.state.watches.latest(&root, &key) {
+                    Some((text, _)) => serde_json::from_slice::<Value>(&text).ok(),
+                    None => self
+                        .state
+                        .store
+                        .get(&key)
+                        .await
+                        .map_err(|e| self.storage_error(e))?
+                        .map(|s| s.value),
+                };
                 stored
-                    .and_then(|s| {
-                        s.value
-                            .get("automountServiceAccountToken")
+                    .and_then(|a| {
+                        a.get("automountServiceAccountToken")
                             .and_then(Value::as_bool)
                     })
                     .unwrap_or(true)
